@@ -1,0 +1,217 @@
+//! `reelhouse bench`: system figures, each beside DuckDB doing the same work on the same data
+//! in the same run. Results go to `bench/results/*.json`; `docs/performance.md` summarises.
+//!
+//! `bench ingest`: HTTP ingest with durable acks from several concurrent clients on loopback
+//! (events/s, ack latency percentiles), the Delta commit of what was sent, bytes per event
+//! stored in `events`; then DuckDB `read_ndjson` loading the same NDJSON file (and writing
+//! it as zstd Parquet, for a bytes-per-event reference).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use reelhouse_server::ServerConfig;
+use reelhouse_workload::WorkloadConfig;
+use serde_json::json;
+
+use crate::send::{percentile, send_all};
+use crate::DataArgs;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchCommand,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// HTTP ingest throughput and ack latency with durable acks, beside DuckDB read_ndjson.
+    Ingest(IngestBench),
+}
+
+#[derive(Args)]
+struct IngestBench {
+    /// Events to send.
+    #[arg(long, default_value_t = 2_000_000)]
+    events: usize,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 5_000)]
+    batch: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Where to write the JSON result.
+    #[arg(long, default_value = "bench/results/ingest.json")]
+    out: PathBuf,
+    /// Skip the DuckDB comparison.
+    #[arg(long)]
+    no_duckdb: bool,
+}
+
+pub async fn run(a: BenchArgs) -> Result<()> {
+    match a.what {
+        BenchCommand::Ingest(b) => ingest(b).await,
+    }
+}
+
+async fn ingest(b: IngestBench) -> Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; benchmark figures need `cargo run --release`");
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("reelhouse-bench-")
+        .tempdir()?;
+    let cfg = WorkloadConfig::new(b.events, b.seed, chrono::Utc::now().timestamp_millis());
+    let w = reelhouse_workload::generate(&cfg);
+    let ndjson = dir.path().join("events.ndjson");
+    std::fs::write(&ndjson, w.lines.join("\n") + "\n")?;
+    let ndjson_bytes = std::fs::metadata(&ndjson)?.len();
+    let bodies: Vec<(Bytes, usize)> = w
+        .bodies(b.batch)
+        .into_iter()
+        .zip(w.lines.chunks(b.batch.max(1)).map(|c| c.len()))
+        .map(|(body, n)| (Bytes::from(body), n))
+        .collect();
+    let m = w.manifest.clone();
+    drop(w);
+    eprintln!(
+        "generated {} events ({:.0} MB NDJSON)",
+        m.lines,
+        ndjson_bytes as f64 / 1e6
+    );
+
+    let data = DataArgs {
+        data_dir: dir.path().join("data"),
+        flush_rows: 1_000_000,
+        flush_interval_ms: 10_000,
+        allowed_lateness_days: 7,
+    };
+    let listen: SocketAddr = "127.0.0.1:0".parse()?;
+    let server = reelhouse_server::start(ServerConfig::new(data.ingest_config(), listen)).await?;
+    let url = format!("http://{}", server.addr);
+    let report = send_all(&url, bodies, b.clients, Arc::new(|_| {})).await?;
+    let fsyncs = server.ingestor.stats().wal_fsyncs;
+    let t = Instant::now();
+    server.ingestor.flush().await?;
+    let final_flush_s = t.elapsed().as_secs_f64();
+    let table = reelhouse_lake::Lake::open(&data.data_dir)?
+        .load(reelhouse_lake::RawTable::Events)
+        .await?
+        .context("events table missing after flush")?;
+    let stored_bytes = reelhouse_lake::live_bytes(&table).await?;
+    server.shutdown().await?;
+
+    let secs = report.elapsed.as_secs_f64();
+    let eps = m.lines as f64 / secs;
+    let ms = |p| percentile(&report.latencies_us, p) as f64 / 1000.0;
+    let bytes_per_event = stored_bytes as f64 / m.valid_unique.max(1) as f64;
+    println!(
+        "reelhouse HTTP ingest ({} clients × {} events/request, durable acks):",
+        b.clients, b.batch
+    );
+    println!(
+        "  {} events in {:.2}s = {:.0} events/s; ack latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} fsyncs for {} requests; 429 retries {}",
+        m.lines, secs, eps, ms(50.0), ms(99.0), ms(100.0), fsyncs, report.requests, report.retries_429
+    );
+    println!(
+        "  final Delta commit {:.2}s; events table {:.1} MB = {:.1} bytes/event (NDJSON {:.0} bytes/event)",
+        final_flush_s,
+        stored_bytes as f64 / 1e6,
+        bytes_per_event,
+        ndjson_bytes as f64 / m.lines as f64
+    );
+
+    let duckdb = if b.no_duckdb {
+        None
+    } else {
+        duckdb_load(&ndjson, dir.path())
+    };
+    if let Some(d) = &duckdb {
+        println!(
+            "DuckDB {} read_ndjson (2 threads, same file): {:.2}s = {:.0} events/s; zstd Parquet {:.1} bytes/event",
+            d["version"].as_str().unwrap_or("?"),
+            d["load_s"].as_f64().unwrap_or(0.0),
+            d["events_per_s"].as_f64().unwrap_or(0.0),
+            d["parquet_bytes_per_event"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let result = json!({
+        "benchmark": "ingest",
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "events": m.lines,
+        "valid_unique": m.valid_unique,
+        "clients": b.clients,
+        "events_per_request": b.batch,
+        "reelhouse": {
+            "elapsed_s": secs,
+            "events_per_s": eps,
+            "ack_ms": {"p50": ms(50.0), "p90": ms(90.0), "p99": ms(99.0), "max": ms(100.0)},
+            "requests": report.requests,
+            "wal_fsyncs": fsyncs,
+            "retries_429": report.retries_429,
+            "final_flush_s": final_flush_s,
+            "events_table_bytes": stored_bytes,
+            "bytes_per_event": bytes_per_event,
+            "accepted": report.accepted,
+            "duplicates": report.duplicates,
+            "rejected": report.rejected,
+        },
+        "ndjson_bytes_per_event": ndjson_bytes as f64 / m.lines as f64,
+        "duckdb": duckdb,
+        "at": chrono::Utc::now().to_rfc3339(),
+    });
+    if let Some(parent) = b.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&b.out, serde_json::to_string_pretty(&result)? + "\n")?;
+    println!("wrote {}", b.out.display());
+    Ok(())
+}
+
+/// Runs DuckDB (Python package) on the same NDJSON; `None` with a note when unavailable.
+fn duckdb_load(ndjson: &std::path::Path, dir: &std::path::Path) -> Option<serde_json::Value> {
+    let script = r#"
+import duckdb, json, os, sys, time
+src, out = sys.argv[1], sys.argv[2]
+con = duckdb.connect()
+con.execute("SET threads=2")
+t = time.time()
+con.execute(f"CREATE TABLE t AS SELECT * FROM read_ndjson('{src}')")
+load = time.time() - t
+n = con.execute("SELECT count(*) FROM t").fetchone()[0]
+con.execute(f"COPY t TO '{out}' (FORMAT parquet, COMPRESSION zstd)")
+print(json.dumps({"version": duckdb.__version__, "load_s": load, "rows": n,
+                  "events_per_s": n / load, "parquet_bytes_per_event": os.path.getsize(out) / n}))
+"#;
+    let out = dir.join("duckdb.parquet");
+    let run = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(ndjson)
+        .arg(&out)
+        .output();
+    match run {
+        Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).ok(),
+        Ok(o) => {
+            eprintln!(
+                "DuckDB comparison skipped: {} (install with `pip install duckdb`)",
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("python3 failed")
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("DuckDB comparison skipped: cannot run python3 ({e})");
+            None
+        }
+    }
+}

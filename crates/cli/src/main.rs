@@ -1,0 +1,449 @@
+//! The `reelhouse` binary: clap commands over the library crates.
+//!
+//! `serve` runs the HTTP API; `demo` generates traffic, sends it over HTTP to an in-process
+//! server and shows what landed; `generate`, `ingest` and `sql` are the building blocks;
+//! `bench` measures. Every flag also reads a `REELHOUSE_…` environment variable.
+
+mod bench;
+mod demo;
+mod send;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use reelhouse_event::SystemClock;
+use reelhouse_server::{IngestConfig, IngestError, IngestPath, Ingestor, ServerConfig};
+use reelhouse_workload::WorkloadConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "reelhouse",
+    version,
+    about = "Analytics warehouse and real-time feature store for short-video events"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP API (ingest, SQL, health) on a data directory.
+    Serve(ServeArgs),
+    /// Generate ≥ 1M realistic events, send them over HTTP to an in-process server, show results.
+    Demo(demo::DemoArgs),
+    /// Write a seeded synthetic workload as NDJSON (plus FILE.manifest.json).
+    Generate(GenerateArgs),
+    /// Bulk-load NDJSON files (optionally .gz/.zst) through validation, dedup and quarantine.
+    Ingest(IngestArgs),
+    /// Run one read-only SQL statement and print the result as a table.
+    Sql(SqlArgs),
+    /// Measure system figures and write them to bench/results/.
+    Bench(bench::BenchArgs),
+}
+
+/// Settings shared by everything that opens a data directory for writing.
+#[derive(Args, Clone)]
+pub struct DataArgs {
+    /// Data directory holding the Delta tables and the write-ahead log.
+    #[arg(long, env = "REELHOUSE_DATA_DIR", default_value = "./reelhouse-data")]
+    pub data_dir: PathBuf,
+    /// Flush to Delta when this many acknowledged rows are waiting.
+    #[arg(long, env = "REELHOUSE_FLUSH_ROWS", default_value_t = 1_000_000)]
+    pub flush_rows: usize,
+    /// Flush to Delta at least this often (milliseconds) while rows are waiting.
+    #[arg(long, env = "REELHOUSE_FLUSH_INTERVAL_MS", default_value_t = 10_000)]
+    pub flush_interval_ms: u64,
+    /// Allowed lateness in days; event ids are deduplicated for at least this long.
+    #[arg(long, env = "REELHOUSE_ALLOWED_LATENESS_DAYS", default_value_t = 7)]
+    pub allowed_lateness_days: u64,
+}
+
+impl DataArgs {
+    pub fn ingest_config(&self) -> IngestConfig {
+        let mut c = IngestConfig::new(&self.data_dir, Arc::new(SystemClock));
+        c.flush_rows = self.flush_rows;
+        c.flush_interval = Duration::from_millis(self.flush_interval_ms);
+        c.dedup_window = Duration::from_secs(self.allowed_lateness_days * 86_400);
+        c
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Address to listen on (loopback only until API tokens are configured).
+    #[arg(long, env = "REELHOUSE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Largest request body in bytes (larger → 413).
+    #[arg(long, env = "REELHOUSE_MAX_BODY_BYTES", default_value_t = 16 << 20)]
+    max_body_bytes: usize,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Total lines to write (duplicates and malformed lines included).
+    #[arg(long, env = "REELHOUSE_EVENTS", default_value_t = 1_000_000)]
+    events: usize,
+    /// Random seed; the same seed and --end give the same file.
+    #[arg(long, env = "REELHOUSE_SEED", default_value_t = 42)]
+    seed: u64,
+    /// Output file (`.gz` or `.zst` compresses).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Days of event time covered.
+    #[arg(long, default_value_t = 3)]
+    days: u32,
+    /// Latest event time, RFC 3339 (default: now).
+    #[arg(long)]
+    end: Option<String>,
+    /// Share of valid events that arrive 1 h – 3 d late.
+    #[arg(long, default_value_t = 0.02)]
+    late_fraction: f64,
+    /// Share of lines that re-send an earlier event (same event_id).
+    #[arg(long, default_value_t = 0.01)]
+    duplicate_fraction: f64,
+    /// Share of views whose end arrives before their start.
+    #[arg(long, default_value_t = 0.02)]
+    out_of_order_fraction: f64,
+    /// Share of lines that break the contract.
+    #[arg(long, default_value_t = 0.005)]
+    malformed_fraction: f64,
+}
+
+#[derive(Args)]
+struct IngestArgs {
+    /// NDJSON files (plain, .gz or .zst).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Lines per internal batch.
+    #[arg(long, default_value_t = 10_000)]
+    batch_lines: usize,
+}
+
+#[derive(Args)]
+struct SqlArgs {
+    /// The statement (SELECT, WITH, EXPLAIN or SHOW).
+    sql: String,
+    /// Data directory to read (ignored with --url).
+    #[arg(long, env = "REELHOUSE_DATA_DIR", default_value = "./reelhouse-data")]
+    data_dir: PathBuf,
+    /// Query a running server instead, e.g. http://127.0.0.1:8080.
+    #[arg(long, env = "REELHOUSE_URL")]
+    url: Option<String>,
+    /// Output as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => serve(a).await,
+            Command::Demo(a) => demo::run(a).await,
+            Command::Generate(a) => generate(a),
+            Command::Ingest(a) => ingest(a).await,
+            Command::Sql(a) => sql(a).await,
+            Command::Bench(a) => bench::run(a).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let mut config = ServerConfig::new(a.data.ingest_config(), a.listen);
+    config.max_body_bytes = a.max_body_bytes;
+    let server = reelhouse_server::start(config).await?;
+    println!(
+        "reelhouse serving http://{} (data dir {})",
+        server.addr,
+        a.data.data_dir.display()
+    );
+    println!("open mode: no API tokens configured; listening on loopback only");
+    wait_for_signal().await;
+    eprintln!("shutting down: flushing acknowledged events to Delta…");
+    let rows = server.shutdown().await?;
+    eprintln!("flushed {rows} rows; bye");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn parse_end(end: Option<&str>) -> Result<i64> {
+    match end {
+        None => Ok(chrono::Utc::now().timestamp_millis()),
+        Some(s) => Ok(chrono::DateTime::parse_from_rfc3339(s)
+            .with_context(|| "--end must be an RFC 3339 time such as 2026-11-25T00:00:00Z")?
+            .timestamp_millis()),
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    for (name, v) in [
+        ("--late-fraction", a.late_fraction),
+        ("--duplicate-fraction", a.duplicate_fraction),
+        ("--out-of-order-fraction", a.out_of_order_fraction),
+        ("--malformed-fraction", a.malformed_fraction),
+    ] {
+        if !(0.0..=1.0).contains(&v) {
+            bail!("{name} must be between 0 and 1");
+        }
+    }
+    let mut cfg = WorkloadConfig::new(a.events, a.seed, parse_end(a.end.as_deref())?);
+    cfg.days = a.days;
+    cfg.late_fraction = a.late_fraction;
+    cfg.duplicate_fraction = a.duplicate_fraction;
+    cfg.out_of_order_fraction = a.out_of_order_fraction;
+    cfg.malformed_fraction = a.malformed_fraction;
+    let spinner =
+        ProgressBar::new_spinner().with_message(format!("generating {} events…", a.events));
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let w = reelhouse_workload::generate(&cfg);
+    spinner.set_message(format!("writing {}…", a.out.display()));
+    let file =
+        std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let mut out = writer_for(&a.out, file)?;
+    for l in &w.lines {
+        out.write_all(l.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    drop(out);
+    let manifest_path = PathBuf::from(format!("{}.manifest.json", a.out.display()));
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&w.manifest)?)?;
+    spinner.finish_and_clear();
+    let m = &w.manifest;
+    println!(
+        "wrote {} lines to {}: {} valid events, {} duplicates, {} malformed ({} late, {} out of order)",
+        m.lines,
+        a.out.display(),
+        m.valid_unique,
+        m.duplicates,
+        m.malformed,
+        m.late,
+        m.out_of_order
+    );
+    println!("manifest: {}", manifest_path.display());
+    Ok(())
+}
+
+fn writer_for(path: &Path, file: std::fs::File) -> Result<Box<dyn Write>> {
+    let buf = std::io::BufWriter::with_capacity(1 << 20, file);
+    Ok(match path.extension().and_then(|e| e.to_str()) {
+        Some("gz") => Box::new(flate2::write::GzEncoder::new(
+            buf,
+            flate2::Compression::fast(),
+        )),
+        Some("zst") => Box::new(zstd::Encoder::new(buf, 3)?.auto_finish()),
+        _ => Box::new(buf),
+    })
+}
+
+fn reader_for(path: &Path) -> Result<Box<dyn BufRead>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let inner: Box<dyn Read> = match path.extension().and_then(|e| e.to_str()) {
+        Some("gz") => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file))),
+        Some("zst") => Box::new(zstd::Decoder::new(file)?),
+        _ => Box::new(file),
+    };
+    Ok(Box::new(BufReader::with_capacity(1 << 20, inner)))
+}
+
+async fn ingest(a: IngestArgs) -> Result<()> {
+    let total_bytes: u64 = a
+        .files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .map(|m| m.len())
+                .with_context(|| format!("reading {}", f.display()))
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .sum();
+    let ingestor = Ingestor::open(a.data.ingest_config()).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let flusher = tokio::spawn(Arc::clone(&ingestor).run_flusher(stop_rx));
+    let bar = ProgressBar::new(total_bytes).with_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let (mut accepted, mut duplicates, mut rejected) = (0u64, 0u64, 0u64);
+    for path in &a.files {
+        let compressed = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("gz" | "zst")
+        );
+        let file_len = std::fs::metadata(path)?.len();
+        let mut reader = reader_for(path)?;
+        let mut body = Vec::with_capacity(4 << 20);
+        let mut lines = 0;
+        let mut read_in_file = 0u64;
+        loop {
+            let n = reader.read_until(b'\n', &mut body)?;
+            if n > 0 {
+                lines += 1;
+                if body.last() != Some(&b'\n') {
+                    body.push(b'\n');
+                }
+            }
+            if (n == 0 && !body.is_empty()) || lines >= a.batch_lines {
+                let out = ingest_retrying(&ingestor, &body).await?;
+                accepted += out.accepted as u64;
+                duplicates += out.duplicates as u64;
+                rejected += out.rejected as u64;
+                if !compressed {
+                    read_in_file += body.len() as u64;
+                    bar.set_position(bar.position() + body.len() as u64);
+                }
+                bar.set_message(format!("{accepted} accepted"));
+                body.clear();
+                lines = 0;
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        if compressed {
+            bar.inc(file_len);
+        } else {
+            bar.inc(file_len.saturating_sub(read_in_file));
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = flusher.await;
+    bar.set_message("committing to Delta…");
+    ingestor.flush().await?;
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let lines = accepted + duplicates + rejected;
+    println!(
+        "ingested {} lines in {:.1}s ({:.0} lines/s): {} accepted, {} duplicates, {} rejected (see the quarantine table)",
+        lines,
+        secs,
+        lines as f64 / secs.max(1e-9),
+        accepted,
+        duplicates,
+        rejected
+    );
+    Ok(())
+}
+
+async fn ingest_retrying(
+    ingestor: &Ingestor,
+    body: &[u8],
+) -> Result<reelhouse_server::BatchOutcome> {
+    loop {
+        match ingestor.ingest(body, IngestPath::Bulk).await {
+            Err(IngestError::Overloaded) => {
+                // The flusher is behind: let it catch up rather than queue without bound.
+                if ingestor.pending_rows() > 0 {
+                    ingestor.flush().await?;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+async fn sql(a: SqlArgs) -> Result<()> {
+    let result: serde_json::Value = match &a.url {
+        Some(url) => {
+            let resp = reqwest::Client::new()
+                .post(format!("{}/v1/sql", url.trim_end_matches('/')))
+                .json(&serde_json::json!({"sql": a.sql}))
+                .send()
+                .await
+                .with_context(|| format!("connecting to {url}"))?;
+            let status = resp.status();
+            let v: serde_json::Value = resp.json().await?;
+            if !status.is_success() {
+                bail!(
+                    "{}",
+                    v["error"]["message"].as_str().unwrap_or("query failed")
+                );
+            }
+            v
+        }
+        None => {
+            if !a.data_dir.exists() {
+                bail!(
+                    "data directory {} does not exist (set --data-dir)",
+                    a.data_dir.display()
+                );
+            }
+            let catalog = reelhouse_server::ingest::read_only_view(&a.data_dir).await?;
+            let r = catalog
+                .query_json(&a.sql, usize::MAX)
+                .await
+                .map_err(|e| match e {
+                    reelhouse_lake::Error::ReadOnly(m) => anyhow::anyhow!(m),
+                    other => anyhow::anyhow!(other),
+                })?;
+            serde_json::to_value(r)?
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    let columns: Vec<String> = serde_json::from_value(result["columns"].clone())?;
+    let rows: Vec<Vec<serde_json::Value>> = serde_json::from_value(result["rows"].clone())?;
+    print!("{}", send::print_table(&columns, &rows));
+    Ok(())
+}

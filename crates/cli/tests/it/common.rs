@@ -1,0 +1,66 @@
+//! Helpers shared by the end-to-end tests.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reelhouse_event::SystemClock;
+use reelhouse_server::{IngestConfig, RunningServer, ServerConfig};
+use serde_json::Value;
+
+/// Starts an in-process server on an ephemeral loopback port.
+pub async fn start(dir: &Path, flush_rows: usize) -> RunningServer {
+    let mut ingest = IngestConfig::new(dir, Arc::new(SystemClock));
+    ingest.flush_rows = flush_rows;
+    ingest.flush_interval = Duration::from_millis(500);
+    let mut config = ServerConfig::new(ingest, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
+    config.max_body_bytes = 1 << 20;
+    reelhouse_server::start(config)
+        .await
+        .expect("server starts")
+}
+
+pub fn url(s: &RunningServer) -> String {
+    format!("http://{}", s.addr)
+}
+
+/// POSTs a body; returns (status, JSON body).
+pub async fn post(
+    url: &str,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+    ctype: &str,
+) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .header("content-type", ctype)
+        .body(body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Runs SQL over HTTP and returns the rows.
+pub async fn sql(url: &str, q: &str) -> Vec<Vec<Value>> {
+    let (status, v) = post(
+        url,
+        "/v1/sql",
+        serde_json::json!({ "sql": q }).to_string(),
+        "application/json",
+    )
+    .await;
+    assert_eq!(status, 200, "{q}: {v}");
+    serde_json::from_value(v["rows"].clone()).unwrap()
+}
+
+/// A single integer from a one-cell query.
+pub async fn scalar(url: &str, q: &str) -> i64 {
+    sql(url, q).await[0][0].as_i64().expect("integer cell")
+}

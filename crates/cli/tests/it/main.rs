@@ -1,0 +1,8 @@
+//! End-to-end tests: the real server on 127.0.0.1 with a temp data dir, real Delta files,
+//! real fsync. One binary for the crate (link time); modules by concern.
+
+mod common;
+mod crash;
+mod ingest_http;
+mod outside_reader;
+mod workload_counts;

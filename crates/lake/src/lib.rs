@@ -1,0 +1,235 @@
+//! Delta Lake tables under one data directory: schemas, writers and the read-only SQL catalog.
+//!
+//! Batches enter through [`Lake::append`] (one Delta commit per call, tagged with the
+//! write-ahead-log segment it covers, so a replay after a crash can tell what is already in the
+//! table) and leave through [`query::Catalog`], which serves SQL over the Delta tables plus the
+//! batches that are durable in the log but not yet committed:
+//!
+//! ```text
+//!  RecordBatch ─▶ sort (partition, sort keys) ─▶ Delta write (zstd Parquet, one commit,
+//!                                                 txn "reelhouse-wal" = segment)
+//!  SQL ─▶ Catalog: events = Delta scan ∪ in-memory buffered batches ─▶ DataFusion
+//! ```
+
+pub mod query;
+
+pub mod schema;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use deltalake::arrow::array::RecordBatch;
+use deltalake::arrow::compute::{
+    concat_batches, lexsort_to_indices, take_record_batch, SortColumn,
+};
+use deltalake::arrow::datatypes::SchemaRef;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::Transaction;
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::protocol::SaveMode;
+use deltalake::DeltaTable;
+
+pub use deltalake;
+pub use schema::{events_batch, quarantine_batch, QuarantineRow};
+
+/// Errors of the lake.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Delta table error: {0}")]
+    Delta(#[from] deltalake::DeltaTableError),
+    #[error("Arrow error: {0}")]
+    Arrow(#[from] deltalake::arrow::error::ArrowError),
+    #[error("query error: {0}")]
+    DataFusion(#[from] deltalake::datafusion::error::DataFusionError),
+    #[error("{0}")]
+    ReadOnly(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid data directory: {0}")]
+    Path(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Application id of the Delta transaction that records the last WAL segment in a table.
+pub const WAL_APP_ID: &str = "reelhouse-wal";
+
+/// The raw tables this crate writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RawTable {
+    Events,
+    Quarantine,
+}
+
+impl RawTable {
+    pub const ALL: [RawTable; 2] = [RawTable::Events, RawTable::Quarantine];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RawTable::Events => "events",
+            RawTable::Quarantine => "quarantine",
+        }
+    }
+
+    pub fn schema(self) -> SchemaRef {
+        match self {
+            RawTable::Events => schema::events_schema(),
+            RawTable::Quarantine => schema::quarantine_schema(),
+        }
+    }
+
+    fn partition_column(self) -> &'static str {
+        match self {
+            RawTable::Events => "event_date",
+            RawTable::Quarantine => "received_date",
+        }
+    }
+
+    /// Sort keys inside a partition. For `events`, grouping a user's session together puts the
+    /// repeating ids (user, session, view) next to each other, which is what makes zstd pages
+    /// small, and keeps per-file min/max of `user_id` tight for erasure lookups; `event_type`
+    /// leads so that type-filtered scans skip pages. See docs/data-model.md.
+    fn sort_columns(self) -> &'static [&'static str] {
+        match self {
+            RawTable::Events => &["event_type", "user_id", "session_id", "event_time"],
+            RawTable::Quarantine => &["received_at"],
+        }
+    }
+}
+
+/// The data directory's Delta tables. Stateless apart from the path: callers own the table
+/// handles (snapshots), so they can swap a new version in atomically with whatever else
+/// their view of the data holds.
+#[derive(Debug, Clone)]
+pub struct Lake {
+    root: PathBuf,
+}
+
+impl Lake {
+    /// Opens the data directory, creating it if missing. Tables are created on first write.
+    pub fn open(root: impl AsRef<Path>) -> Result<Lake> {
+        let root = root.as_ref();
+        std::fs::create_dir_all(root)?;
+        Ok(Lake {
+            root: root.canonicalize()?,
+        })
+    }
+
+    /// The data directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory of one table.
+    pub fn table_dir(&self, t: RawTable) -> PathBuf {
+        self.root.join(t.name())
+    }
+
+    fn table_url(&self, t: RawTable) -> Result<url::Url> {
+        let dir = self.table_dir(t);
+        url::Url::from_directory_path(&dir).map_err(|_| Error::Path(dir.display().to_string()))
+    }
+
+    /// The latest version of a table, or `None` if it has never been written.
+    pub async fn load(&self, t: RawTable) -> Result<Option<DeltaTable>> {
+        if !self.table_dir(t).join("_delta_log").exists() {
+            return Ok(None);
+        }
+        Ok(Some(deltalake::open_table(self.table_url(t)?).await?))
+    }
+
+    /// Handles of every raw table (for read-only use, e.g. the `sql` command).
+    pub async fn load_all(&self) -> Result<HashMap<RawTable, DeltaTable>> {
+        let mut out = HashMap::new();
+        for t in RawTable::ALL {
+            if let Some(table) = self.load(t).await? {
+                out.insert(t, table);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends `batches` to `t` (whose current handle is `current`) in one Delta commit that
+    /// records `segment` as the WAL segment it covers. Rows are sorted by partition and sort
+    /// keys first. Returns the new table version's handle; nothing is published anywhere.
+    pub async fn append(
+        &self,
+        t: RawTable,
+        current: Option<DeltaTable>,
+        batches: &[RecordBatch],
+        segment: u64,
+    ) -> Result<DeltaTable> {
+        let batch = concat_batches(&t.schema(), batches)?;
+        let batch = sort_batch(&batch, t)?;
+        let table = match current {
+            Some(t) => t,
+            None => {
+                std::fs::create_dir_all(self.table_dir(t))?;
+                DeltaTable::try_from_url(self.table_url(t)?).await?
+            }
+        };
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(3).map_err(Error::from_parquet)?,
+            ))
+            .set_max_row_group_row_count(Some(1 << 20))
+            .build();
+        let commit = CommitProperties::default()
+            .with_application_transaction(Transaction::new(WAL_APP_ID, segment as i64));
+        Ok(table
+            .write(vec![batch])
+            .with_save_mode(SaveMode::Append)
+            .with_partition_columns(vec![t.partition_column().to_string()])
+            .with_writer_properties(props)
+            .with_commit_properties(commit)
+            .with_table_name(t.name())
+            .await?)
+    }
+}
+
+/// The last WAL segment committed into a table (`None` before the first commit).
+pub async fn committed_segment(table: &DeltaTable) -> Result<Option<u64>> {
+    let v = table
+        .snapshot()?
+        .transaction_version(table.log_store().as_ref(), WAL_APP_ID)
+        .await?;
+    Ok(v.map(|v| v as u64))
+}
+
+impl Error {
+    fn from_parquet(e: deltalake::parquet::errors::ParquetError) -> Error {
+        Error::Arrow(deltalake::arrow::error::ArrowError::ExternalError(
+            Box::new(e),
+        ))
+    }
+}
+
+fn sort_batch(batch: &RecordBatch, t: RawTable) -> Result<RecordBatch> {
+    if batch.num_rows() < 2 {
+        return Ok(batch.clone());
+    }
+    let mut keys = vec![t.partition_column()];
+    keys.extend_from_slice(t.sort_columns());
+    let cols: Vec<SortColumn> = keys
+        .iter()
+        .filter_map(|k| batch.column_by_name(k))
+        .map(|c| SortColumn {
+            values: Arc::clone(c),
+            options: None,
+        })
+        .collect();
+    let idx = lexsort_to_indices(&cols, None)?;
+    Ok(take_record_batch(batch, &idx)?)
+}
+
+/// Sum of the sizes of a table's live Parquet files, in bytes.
+pub async fn live_bytes(table: &DeltaTable) -> Result<u64> {
+    let snapshot = table.snapshot()?;
+    let mut total = 0u64;
+    for f in snapshot.log_data() {
+        total += f.size() as u64;
+    }
+    Ok(total)
+}

@@ -1,0 +1,665 @@
+//! The ingest pipeline shared by `POST /v1/events` and `reelhouse ingest`.
+//!
+//! ```text
+//!  body ─split─▶ items ─parse+validate─▶ events ─stamp(received_at)─▶ dedup (event_id hash)
+//!                   └─▶ rejections ───────────────────────────────┐        │
+//!                                                                 ▼        ▼
+//!             one WAL record = [events IPC][quarantine IPC] ─▶ group commit + fdatasync
+//!                                                                 │ callback (writer thread)
+//!                                                                 ▼
+//!             view.pending (visible to SQL at once) ─▶ ack to the client
+//!  flusher: rotate WAL → segment S ─▶ Delta commit of pending ≤ S (txn = S) ─▶ swap view
+//!           ─▶ delete WAL segments ≤ S
+//! ```
+//!
+//! A batch is acknowledged only after its record is fsynced. On start, records of segments
+//! newer than the segment recorded in each Delta table are replayed into `pending`, so an
+//! acknowledged event is never lost nor stored twice, even if the process died between the
+//! Delta commit and the WAL truncation.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::array::RecordBatch;
+use deltalake::DeltaTable;
+use reelhouse_event::{parse_event, split_body, stamp, Clock, StoredEvent};
+use reelhouse_lake::deltalake;
+use reelhouse_lake::query::Catalog;
+use reelhouse_lake::schema::{decode_ipc, encode_ipc};
+use reelhouse_lake::{
+    committed_segment, events_batch, quarantine_batch, Lake, QuarantineRow, RawTable,
+};
+use reelhouse_wal::{SegmentId, Wal};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+/// Tuning of the pipeline; the defaults suit one node.
+#[derive(Clone)]
+pub struct IngestConfig {
+    pub data_dir: PathBuf,
+    /// Requests that may wait for the WAL writer before new ones get 429.
+    pub wal_queue: usize,
+    /// Rows durable in the WAL but not yet in Delta before new batches get 429.
+    pub max_pending_rows: usize,
+    /// Flush to Delta once this many rows are pending…
+    pub flush_rows: usize,
+    /// …or once the oldest pending row is this old.
+    pub flush_interval: Duration,
+    /// Event ids are remembered for dedup for at least this long (the allowed lateness).
+    pub dedup_window: Duration,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl IngestConfig {
+    pub fn new(data_dir: impl Into<PathBuf>, clock: Arc<dyn Clock>) -> Self {
+        IngestConfig {
+            data_dir: data_dir.into(),
+            wal_queue: 256,
+            max_pending_rows: 8_000_000,
+            flush_rows: 1_000_000,
+            flush_interval: Duration::from_secs(10),
+            dedup_window: Duration::from_secs(7 * 86_400),
+            clock,
+        }
+    }
+}
+
+/// Errors of the pipeline; the HTTP layer maps each to one status.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    BadBody(String),
+    #[error("ingest is at capacity; retry after a short wait")]
+    Overloaded,
+    #[error("the write-ahead log could not persist the batch")]
+    Wal(#[from] reelhouse_wal::Error),
+    #[error("table storage error: {0}")]
+    Lake(#[from] reelhouse_lake::Error),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error(
+        "data directory {0} is in use by another reelhouse process (serve or ingest); \
+         stop it, send the data over HTTP instead, or use another --data-dir"
+    )]
+    Locked(PathBuf),
+    #[error("cannot open data directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where a batch came from (stored in `quarantine.ingest_path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestPath {
+    Http,
+    Bulk,
+}
+
+impl IngestPath {
+    fn as_str(self) -> &'static str {
+        match self {
+            IngestPath::Http => "http",
+            IngestPath::Bulk => "bulk",
+        }
+    }
+}
+
+/// One rejected item of a batch, as reported to the client.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ItemError {
+    pub index: usize,
+    pub event_id: Option<String>,
+    pub reason: String,
+}
+
+/// The SPEC §2 response of one batch.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub rejected: usize,
+    /// At most the first [`MAX_ERRORS`] rejections.
+    pub errors: Vec<ItemError>,
+}
+
+/// Errors listed per response.
+pub const MAX_ERRORS: usize = 100;
+
+/// Counters since start.
+#[derive(Debug, Default, Serialize, Clone)]
+pub struct IngestStats {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub pending_rows: u64,
+    pub flushes: u64,
+    pub replayed_rows: u64,
+    pub wal_segment: u64,
+    pub wal_fsyncs: u64,
+}
+
+/// The u128 is already a good hash; use its low bits directly.
+#[derive(Default)]
+struct IdHasher(u64);
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | *b as u64;
+        }
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
+}
+type IdSet = HashSet<u128, BuildHasherDefault<IdHasher>>;
+
+/// Event-id hashes by the UTC day they were received; whole days expire at once.
+#[derive(Default)]
+struct Dedup {
+    days: Vec<(i32, IdSet)>,
+}
+
+impl Dedup {
+    fn contains(&self, h: u128) -> bool {
+        self.days.iter().any(|(_, s)| s.contains(&h))
+    }
+
+    fn insert(&mut self, day: i32, h: u128) -> bool {
+        if self.contains(h) {
+            return false;
+        }
+        match self.days.iter_mut().find(|(d, _)| *d == day) {
+            Some((_, s)) => s.insert(h),
+            None => {
+                let mut s = IdSet::default();
+                s.insert(h);
+                self.days.push((day, s));
+                true
+            }
+        }
+    }
+
+    fn remove(&mut self, h: u128) {
+        for (_, s) in &mut self.days {
+            s.remove(&h);
+        }
+    }
+
+    fn expire(&mut self, oldest_kept_day: i32) {
+        self.days.retain(|(d, _)| *d >= oldest_kept_day);
+    }
+}
+
+fn id_hash(event_id: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(event_id.as_bytes())
+}
+
+/// Batches durable in the WAL, not yet committed to Delta.
+#[derive(Default)]
+struct Pending {
+    events: Vec<(SegmentId, RecordBatch)>,
+    quarantine: Vec<(SegmentId, RecordBatch)>,
+    rows: usize,
+    oldest: Option<Instant>,
+}
+
+impl Pending {
+    fn push(
+        &mut self,
+        seg: SegmentId,
+        events: Option<RecordBatch>,
+        quarantine: Option<RecordBatch>,
+    ) {
+        for (list, b) in [
+            (&mut self.events, events),
+            (&mut self.quarantine, quarantine),
+        ] {
+            if let Some(b) = b {
+                self.rows += b.num_rows();
+                list.push((seg, b));
+            }
+        }
+        self.oldest.get_or_insert_with(Instant::now);
+    }
+
+    fn batches(&self, t: RawTable, through: Option<SegmentId>) -> Vec<RecordBatch> {
+        let list = match t {
+            RawTable::Events => &self.events,
+            RawTable::Quarantine => &self.quarantine,
+        };
+        list.iter()
+            .filter(|(s, _)| through.is_none_or(|t| *s <= t))
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+
+    fn remove_through(&mut self, t: RawTable, through: SegmentId) {
+        let list = match t {
+            RawTable::Events => &mut self.events,
+            RawTable::Quarantine => &mut self.quarantine,
+        };
+        list.retain(|(s, _)| *s > through);
+        self.rows = self
+            .events
+            .iter()
+            .chain(&self.quarantine)
+            .map(|(_, b)| b.num_rows())
+            .sum();
+        if self.rows == 0 {
+            self.oldest = None;
+        }
+    }
+}
+
+/// What SQL sees: committed table versions plus pending batches, swapped together.
+struct View {
+    tables: HashMap<RawTable, DeltaTable>,
+    pending: Pending,
+}
+
+/// The running pipeline. Cheap to share (`Arc`).
+pub struct Ingestor {
+    config: IngestConfig,
+    lake: Lake,
+    wal: Wal,
+    dedup: Mutex<Dedup>,
+    view: Arc<Mutex<View>>,
+    flush_lock: tokio::sync::Mutex<()>,
+    accepted: AtomicU64,
+    duplicates: AtomicU64,
+    rejected: AtomicU64,
+    flushes: AtomicU64,
+    replayed: u64,
+    /// Held for the life of the ingestor: one writer per data directory.
+    _lock: std::fs::File,
+}
+
+fn wal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("_wal")
+}
+
+/// Encodes one WAL record: `[u32 len][events IPC][u32 len][quarantine IPC]` (len 0 = none).
+fn encode_record(
+    events: Option<&RecordBatch>,
+    quarantine: Option<&RecordBatch>,
+) -> Result<Vec<u8>, IngestError> {
+    let mut out = Vec::new();
+    for b in [events, quarantine] {
+        let bytes = match b {
+            Some(b) => encode_ipc(b)?,
+            None => Vec::new(),
+        };
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    Ok(out)
+}
+
+type Parts = (Option<RecordBatch>, Option<RecordBatch>);
+
+fn decode_record(mut bytes: &[u8]) -> Result<Parts, IngestError> {
+    let mut parts = Vec::with_capacity(2);
+    for _ in 0..2 {
+        let corrupt = || IngestError::BadBody("write-ahead log record is malformed".into());
+        if bytes.len() < 4 {
+            return Err(corrupt());
+        }
+        let len = u32::from_le_bytes(bytes[..4].try_into().map_err(|_| corrupt())?) as usize;
+        let body = bytes.get(4..4 + len).ok_or_else(corrupt)?;
+        parts.push(if len == 0 {
+            None
+        } else {
+            decode_ipc(body)?.into_iter().next()
+        });
+        bytes = &bytes[4 + len..];
+    }
+    let q = parts.pop().flatten();
+    let e = parts.pop().flatten();
+    Ok((e, q))
+}
+
+/// Reads the committed tables plus the WAL records not yet in them, without taking the data
+/// directory over (for read-only tools such as `reelhouse sql`).
+pub async fn read_only_view(data_dir: &Path) -> Result<Catalog, IngestError> {
+    let lake = Lake::open(data_dir)?;
+    let tables = lake.load_all().await?;
+    let pending = replay(&tables, &wal_dir(data_dir), false).await?;
+    let parts = RawTable::ALL
+        .iter()
+        .map(|t| (*t, tables.get(t).cloned(), pending.batches(*t, None)))
+        .collect();
+    Ok(Catalog::new(parts).await?)
+}
+
+async fn replay(
+    tables: &HashMap<RawTable, DeltaTable>,
+    dir: &Path,
+    repair: bool,
+) -> Result<Pending, IngestError> {
+    let mut committed = HashMap::new();
+    for t in RawTable::ALL {
+        let c = match tables.get(&t) {
+            Some(table) => committed_segment(table).await?,
+            None => None,
+        };
+        committed.insert(t, c.unwrap_or(0));
+    }
+    let mut pending = Pending::default();
+    for rec in reelhouse_wal::read_dir(dir, repair)? {
+        let (e, q) = decode_record(&rec.payload)?;
+        let e = e.filter(|_| rec.segment > committed[&RawTable::Events]);
+        let q = q.filter(|_| rec.segment > committed[&RawTable::Quarantine]);
+        pending.push(rec.segment, e, q);
+    }
+    Ok(pending)
+}
+
+impl Ingestor {
+    /// Opens the data directory: loads the tables, replays the WAL, rebuilds the dedup set
+    /// from the last `dedup_window` of received events, and opens a new WAL segment.
+    pub async fn open(config: IngestConfig) -> Result<Arc<Ingestor>, IngestError> {
+        let lake = Lake::open(&config.data_dir)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(lake.root().join(".lock"))?;
+        if lock.try_lock().is_err() {
+            return Err(IngestError::Locked(lake.root().to_path_buf()));
+        }
+        let tables = lake.load_all().await?;
+        let dir = wal_dir(lake.root());
+        let pending = replay(&tables, &dir, true).await?;
+        let replayed = pending.rows as u64;
+        let view = View { tables, pending };
+        let now = config.clock.now_ms();
+        let since = now - config.dedup_window.as_millis() as i64;
+        let dedup = restore_dedup(&view, since, reelhouse_event::time::day_of(now)).await?;
+        let wal = Wal::open(&dir, config.wal_queue)?;
+        if replayed > 0 {
+            tracing::info!(rows = replayed, "replayed write-ahead log");
+        }
+        Ok(Arc::new(Ingestor {
+            config,
+            lake,
+            wal,
+            dedup: Mutex::new(dedup),
+            view: Arc::new(Mutex::new(view)),
+            flush_lock: tokio::sync::Mutex::new(()),
+            accepted: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            replayed,
+            _lock: lock,
+        }))
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.lake.root()
+    }
+
+    /// Validates, dedups and durably logs one body of events (NDJSON or a JSON array).
+    pub async fn ingest(&self, body: &[u8], path: IngestPath) -> Result<BatchOutcome, IngestError> {
+        let items = split_body(body).map_err(IngestError::BadBody)?;
+        let received_at = self.config.clock.now_ms();
+        let mut outcome = BatchOutcome::default();
+        let mut events: Vec<StoredEvent> = Vec::with_capacity(items.len());
+        let mut rejects: Vec<QuarantineRow> = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            match parse_event(item) {
+                Ok(e) => events.push(stamp(e, received_at)),
+                Err(r) => {
+                    if outcome.errors.len() < MAX_ERRORS {
+                        outcome.errors.push(ItemError {
+                            index,
+                            event_id: r.event_id.clone(),
+                            reason: r.reason.clone(),
+                        });
+                    }
+                    rejects.push(QuarantineRow {
+                        received_at_ms: received_at,
+                        event_id: r.event_id,
+                        reason: r.reason,
+                        raw: String::from_utf8_lossy(item).into_owned(),
+                        ingest_path: path.as_str(),
+                    });
+                }
+            }
+        }
+        outcome.rejected = rejects.len();
+
+        // Dedup: claim each id before logging so concurrent batches cannot both store it.
+        let mut claimed = Vec::with_capacity(events.len());
+        {
+            let today = reelhouse_event::time::day_of(received_at);
+            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            events.retain(|e| {
+                let h = id_hash(&e.event.event_id);
+                let fresh = dedup.insert(today, h);
+                if fresh {
+                    claimed.push(h);
+                }
+                fresh
+            });
+        }
+        outcome.accepted = events.len();
+        outcome.duplicates = items.len() - outcome.accepted - outcome.rejected;
+
+        let result = self.log(&events, &rejects).await;
+        if let Err(e) = result {
+            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            for h in claimed {
+                dedup.remove(h);
+            }
+            return Err(e);
+        }
+        self.accepted
+            .fetch_add(outcome.accepted as u64, Ordering::Relaxed);
+        self.duplicates
+            .fetch_add(outcome.duplicates as u64, Ordering::Relaxed);
+        self.rejected
+            .fetch_add(outcome.rejected as u64, Ordering::Relaxed);
+        Ok(outcome)
+    }
+
+    async fn log(
+        &self,
+        events: &[StoredEvent],
+        rejects: &[QuarantineRow],
+    ) -> Result<(), IngestError> {
+        if events.is_empty() && rejects.is_empty() {
+            return Ok(());
+        }
+        if self.pending_rows() >= self.config.max_pending_rows {
+            return Err(IngestError::Overloaded);
+        }
+        let e = (!events.is_empty())
+            .then(|| events_batch(events))
+            .transpose()?;
+        let q = (!rejects.is_empty())
+            .then(|| quarantine_batch(rejects))
+            .transpose()?;
+        let payload = encode_record(e.as_ref(), q.as_ref())?;
+        let (tx, rx) = oneshot::channel();
+        let view = Arc::clone(&self.view);
+        let done = Box::new(move |r: reelhouse_wal::Result<SegmentId>| {
+            // Runs on the WAL thread after fsync, before any later rotation is handled.
+            let r = r.map(|seg| {
+                view.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pending
+                    .push(seg, e, q);
+            });
+            let _ = tx.send(r);
+        });
+        self.wal.try_append(payload, done).map_err(|e| match e {
+            reelhouse_wal::Error::Full => IngestError::Overloaded,
+            reelhouse_wal::Error::Closed => IngestError::ShuttingDown,
+            other => IngestError::Wal(other),
+        })?;
+        rx.await.map_err(|_| IngestError::ShuttingDown)??;
+        Ok(())
+    }
+
+    /// Rows durable in the WAL but not yet in Delta.
+    pub fn pending_rows(&self) -> usize {
+        self.view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pending
+            .rows
+    }
+
+    fn flush_due(&self) -> bool {
+        let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        v.pending.rows >= self.config.flush_rows
+            || v.pending
+                .oldest
+                .is_some_and(|t| t.elapsed() >= self.config.flush_interval)
+    }
+
+    /// Commits everything acknowledged so far to Delta and truncates the WAL behind it.
+    /// Returns the number of rows committed.
+    pub async fn flush(&self) -> Result<usize, IngestError> {
+        let _guard = self.flush_lock.lock().await;
+        let seg = self.wal.rotate()?;
+        let mut committed_rows = 0;
+        for t in RawTable::ALL {
+            let (current, batches) = {
+                let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+                (v.tables.get(&t).cloned(), v.pending.batches(t, Some(seg)))
+            };
+            if batches.is_empty() {
+                continue;
+            }
+            committed_rows += batches.iter().map(|b| b.num_rows()).sum::<usize>();
+            let table = self.lake.append(t, current, &batches, seg).await?;
+            let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+            v.tables.insert(t, table);
+            v.pending.remove_through(t, seg);
+        }
+        self.wal.remove_through(seg)?;
+        let now = self.config.clock.now_ms();
+        let window = self.config.dedup_window.as_millis() as i64;
+        let keep_from = reelhouse_event::time::day_of(now - window) - 1;
+        self.dedup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expire(keep_from);
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(committed_rows)
+    }
+
+    /// Runs until `stop` resolves: flushes whenever enough rows or time have accumulated.
+    pub async fn run_flusher(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.changed() => return,
+            }
+            if self.flush_due() {
+                match self.flush().await {
+                    Ok(rows) => tracing::debug!(rows, "flushed to Delta"),
+                    Err(e) => tracing::error!(error = %e, "flush to Delta failed; will retry"),
+                }
+            }
+        }
+    }
+
+    /// A SQL catalog over exactly what has been acknowledged so far.
+    pub async fn catalog(&self) -> Result<Catalog, IngestError> {
+        let parts = {
+            let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+            RawTable::ALL
+                .iter()
+                .map(|t| (*t, v.tables.get(t).cloned(), v.pending.batches(*t, None)))
+                .collect()
+        };
+        Ok(Catalog::new(parts).await?)
+    }
+
+    /// Counters for health and the demo.
+    pub fn stats(&self) -> IngestStats {
+        let wal = self.wal.stats().unwrap_or_default();
+        IngestStats {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            pending_rows: self.pending_rows() as u64,
+            flushes: self.flushes.load(Ordering::Relaxed),
+            replayed_rows: self.replayed,
+            wal_segment: wal.current_segment,
+            wal_fsyncs: wal.fsyncs,
+        }
+    }
+}
+
+/// Rebuilds the dedup set from events received since `since_ms` (committed or pending).
+async fn restore_dedup(view: &View, since_ms: i64, today: i32) -> Result<Dedup, IngestError> {
+    let mut dedup = Dedup::default();
+    let parts = RawTable::ALL
+        .iter()
+        .map(|t| {
+            (
+                *t,
+                view.tables.get(t).cloned(),
+                view.pending.batches(*t, None),
+            )
+        })
+        .collect();
+    let catalog = Catalog::new(parts).await?;
+    let sql =
+        format!("SELECT event_id FROM events WHERE received_at >= to_timestamp_millis({since_ms})");
+    use deltalake::arrow::array::AsArray;
+    for b in catalog.query(&sql).await? {
+        let col = b.column(0);
+        let ids =
+            deltalake::arrow::compute::cast(col, &deltalake::arrow::datatypes::DataType::Utf8)
+                .map_err(reelhouse_lake::Error::from)?;
+        for id in ids.as_string::<i32>().iter().flatten() {
+            dedup.insert(today, id_hash(id));
+        }
+    }
+    Ok(dedup)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_days_expire_whole() {
+        let mut d = Dedup::default();
+        assert!(d.insert(10, 1));
+        assert!(!d.insert(11, 1));
+        assert!(d.insert(11, 2));
+        d.expire(11);
+        assert!(!d.contains(1));
+        assert!(d.contains(2));
+        d.remove(2);
+        assert!(d.insert(12, 2));
+    }
+
+    #[test]
+    fn record_round_trip() {
+        let rows = vec![QuarantineRow {
+            received_at_ms: 1_700_000_000_000,
+            event_id: None,
+            reason: "r".into(),
+            raw: "{".into(),
+            ingest_path: "http",
+        }];
+        let q = quarantine_batch(&rows).unwrap();
+        let bytes = encode_record(None, Some(&q)).unwrap();
+        let (e, q2) = decode_record(&bytes).unwrap();
+        assert!(e.is_none());
+        assert_eq!(q2.unwrap(), q);
+    }
+}

@@ -1,0 +1,293 @@
+//! The HTTP API of reelhouse (axum): durable ingest, read-only SQL and health.
+//!
+//! Requests enter through [`router`]; the ingest pipeline itself lives in [`ingest`] and is
+//! shared with the bulk loader. Every error leaves through the one `IntoResponse` impl of
+//! [`ApiError`], which picks the status code and writes `{"error":{"code","message"}}` without
+//! payloads or internal details.
+//!
+//! ```text
+//!  POST /v1/events ─▶ body limit (413) ─▶ in-flight limit (429) ─▶ Ingestor::ingest ─▶ 200
+//!  POST /v1/sql    ─▶ read-only gate (400) ─▶ Catalog (Delta ∪ pending) ─▶ {"columns","rows"}
+//!  GET  /v1/health ─▶ counters
+//! ```
+
+pub mod ingest;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::sync::{watch, Semaphore};
+
+pub use ingest::{BatchOutcome, IngestConfig, IngestError, IngestPath, Ingestor};
+
+/// Server settings.
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub ingest: IngestConfig,
+    pub listen: SocketAddr,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Ingest requests processed at once; more get 429.
+    pub max_inflight: usize,
+    /// Rows returned by `/v1/sql` at most.
+    pub max_sql_rows: usize,
+}
+
+impl ServerConfig {
+    pub fn new(ingest: IngestConfig, listen: SocketAddr) -> Self {
+        ServerConfig {
+            ingest,
+            listen,
+            max_body_bytes: 16 << 20,
+            max_inflight: 64,
+            max_sql_rows: 100_000,
+        }
+    }
+}
+
+/// Errors of the API, each with one status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("request body exceeds {0} bytes; split the batch")]
+    TooLarge(usize),
+    #[error("server is at capacity; retry after the Retry-After delay")]
+    Overloaded,
+    #[error("{0}")]
+    Sql(String),
+    #[error("the server is shutting down")]
+    Unavailable,
+    #[error("internal error; see the server log")]
+    Internal,
+    #[error("no such endpoint")]
+    NotFound,
+}
+
+impl ApiError {
+    fn status_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+            ApiError::Sql(_) => (StatusCode::BAD_REQUEST, "invalid_sql"),
+            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+        }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::BadBody(m) => ApiError::BadRequest(m),
+            IngestError::Overloaded => ApiError::Overloaded,
+            IngestError::ShuttingDown => ApiError::Unavailable,
+            other => {
+                tracing::error!(error = %other, "ingest failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<reelhouse_lake::Error> for ApiError {
+    fn from(e: reelhouse_lake::Error) -> Self {
+        use reelhouse_lake::Error as E;
+        match e {
+            E::ReadOnly(m) => ApiError::Sql(m),
+            // Planning errors (unknown table or column, bad syntax) help the analyst and hold
+            // no internals; execution errors are logged, not returned.
+            E::DataFusion(d) => {
+                use reelhouse_lake::deltalake::datafusion::error::DataFusionError as D;
+                match d.find_root() {
+                    D::Plan(_) | D::SQL(..) | D::SchemaError(..) | D::NotImplemented(_) => {
+                        ApiError::Sql(d.find_root().to_string())
+                    }
+                    _ => {
+                        tracing::error!(error = %d, "query failed");
+                        ApiError::Sql("the query failed during execution".into())
+                    }
+                }
+            }
+            other => {
+                tracing::error!(error = %other, "query failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_code();
+        let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
+        let mut resp = (status, body).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub ingestor: Arc<Ingestor>,
+    inflight: Arc<Semaphore>,
+    max_body_bytes: usize,
+    max_sql_rows: usize,
+}
+
+/// The API routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .route("/v1/sql", post(post_sql))
+        .route("/v1/health", get(health))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // to_bytes reports the limit through a boxed LengthLimitError.
+        let mut src: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(s) = src {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return ApiError::TooLarge(limit);
+            }
+            src = s.source();
+        }
+        ApiError::BadRequest("could not read the request body".into())
+    })
+}
+
+async fn post_events(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
+        if len
+            .to_str()
+            .ok()
+            .and_then(|l| l.parse::<usize>().ok())
+            .is_some_and(|l| l > s.max_body_bytes)
+        {
+            return Err(ApiError::TooLarge(s.max_body_bytes));
+        }
+    }
+    let _permit = s.inflight.try_acquire().map_err(|_| ApiError::Overloaded)?;
+    let body = read_body(req.into_body(), s.max_body_bytes).await?;
+    let outcome = s.ingestor.ingest(&body, IngestPath::Http).await?;
+    Ok(Json(outcome).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct SqlRequest {
+    sql: String,
+}
+
+async fn post_sql(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let body = read_body(req.into_body(), 1 << 20).await?;
+    let q: SqlRequest = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::BadRequest("body must be a JSON object {\"sql\": \"…\"}".into()))?;
+    let catalog = s.ingestor.catalog().await?;
+    let result = catalog.query_json(&q.sql, s.max_sql_rows).await?;
+    Ok(Json(result).into_response())
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    Json(
+        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "ingest": s.ingestor.stats()}),
+    )
+    .into_response()
+}
+
+/// A server running in this process (for `serve`, the demo and tests).
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub ingestor: Arc<Ingestor>,
+    stop: watch::Sender<bool>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+/// Errors of starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "refusing to listen on non-loopback address {0} without API tokens; \
+         bind to 127.0.0.1 (token auth is described in SPEC §8)"
+    )]
+    NotLoopback(SocketAddr),
+}
+
+/// Opens the data directory (replaying the WAL) and starts serving on `config.listen`.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
+    if !config.listen.ip().is_loopback() {
+        return Err(StartError::NotLoopback(config.listen));
+    }
+    let ingestor = Ingestor::open(config.ingest.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let state = AppState {
+        ingestor: Arc::clone(&ingestor),
+        inflight: Arc::new(Semaphore::new(config.max_inflight)),
+        max_body_bytes: config.max_body_bytes,
+        max_sql_rows: config.max_sql_rows,
+    };
+    let (stop, rx) = watch::channel(false);
+    let mut http_stop = rx.clone();
+    let app = router(state);
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.changed().await;
+            })
+            .await
+    });
+    let flusher = tokio::spawn(Arc::clone(&ingestor).run_flusher(rx));
+    tracing::info!(%addr, "reelhouse listening (open: no API tokens, loopback only)");
+    Ok(RunningServer {
+        addr,
+        ingestor,
+        stop,
+        http,
+        flusher,
+    })
+}
+
+impl RunningServer {
+    /// Stops accepting requests, lets in-flight ones finish, and flushes everything
+    /// acknowledged to Delta.
+    pub async fn shutdown(self) -> Result<usize, IngestError> {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.http).await;
+        let _ = self.flusher.await;
+        self.ingestor.flush().await
+    }
+}
