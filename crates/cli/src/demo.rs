@@ -156,10 +156,10 @@ pub async fn run(a: DemoArgs) -> Result<()> {
 
     let catalog = server.ingestor.catalog().await?;
     for (title, q) in [
-        ("rows per table", "SELECT 'events' AS table_name, count(*) AS rows FROM events UNION ALL SELECT 'quarantine', count(*) FROM quarantine"),
+        ("rows per table", "SELECT 'events' AS table_name, count(*) AS rows FROM events UNION ALL SELECT 'quarantine', count(*) FROM quarantine ORDER BY 1"),
         ("events per type per day", "SELECT event_date, event_type, count(*) AS events FROM events GROUP BY event_date, event_type ORDER BY event_date, event_type"),
         ("top videos by views", "SELECT video_id, creator_id, count(DISTINCT view_id) AS views, round(avg(CASE WHEN watch_ms IS NOT NULL THEN least(watch_ms * 1.0 / video_duration_ms, 1.0) END) * 100, 1) AS avg_pct_viewed FROM events WHERE event_type IN ('video_view_start', 'video_view_end') GROUP BY video_id, creator_id ORDER BY views DESC LIMIT 10"),
-        ("why events were rejected", "SELECT reason, count(*) AS n FROM quarantine GROUP BY reason ORDER BY n DESC"),
+        ("why events were rejected", "SELECT regexp_replace(reason, ' at line [0-9]+ column [0-9]+', '') AS reason, count(*) AS n FROM quarantine GROUP BY 1 ORDER BY n DESC, reason"),
     ] {
         let r = catalog.query_json(q, 1000).await?;
         println!("{title}:\n{}", print_table(&r.columns, &r.rows));

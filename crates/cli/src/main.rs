@@ -147,16 +147,19 @@ struct SqlArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve(_)) {
-        "info"
+    // Our own events at info for the server; the Delta kernel's per-snapshot chatter only
+    // when asked for with RUST_LOG.
+    let default_filter = if matches!(cli.command, Command::Serve(_)) {
+        "info,buoyant_kernel=warn,deltalake_core=warn,datafusion=warn"
     } else {
         "warn"
     };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -26,8 +26,9 @@ use deltalake::arrow::compute::{
 use deltalake::arrow::datatypes::SchemaRef;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
-use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::basic::{Compression, Encoding, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::parquet::schema::types::ColumnPath;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 
@@ -87,15 +88,38 @@ impl RawTable {
         }
     }
 
-    /// Sort keys inside a partition. For `events`, grouping a user's session together puts the
-    /// repeating ids (user, session, view) next to each other, which is what makes zstd pages
-    /// small, and keeps per-file min/max of `user_id` tight for erasure lookups; `event_type`
-    /// leads so that type-filtered scans skip pages. See docs/data-model.md.
+    /// Sort keys inside a partition. Clustering by user and session puts the repeating ids
+    /// (user, session, view) and the close-together times of one session next to each other,
+    /// which is what makes the pages small (measured in `examples/layout.rs`, see
+    /// docs/storage.md), and keeps per-file min/max of `user_id` tight for erasure lookups.
     fn sort_columns(self) -> &'static [&'static str] {
         match self {
-            RawTable::Events => &["event_type", "user_id", "session_id", "event_time"],
+            RawTable::Events => &["user_id", "session_id", "event_time"],
             RawTable::Quarantine => &["received_at"],
         }
+    }
+
+    /// Parquet settings: zstd everywhere; for `events`, delta-packed integers for times and
+    /// plain length-delta strings (no dictionary) for the random ids. All are Parquet 2.0
+    /// encodings that Spark, Trino, DuckDB and pyarrow read.
+    fn writer_properties(self) -> Result<WriterProperties> {
+        let zstd = ZstdLevel::try_new(3).map_err(Error::from_parquet)?;
+        let mut b = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(zstd))
+            .set_max_row_group_row_count(Some(1 << 20));
+        if self == RawTable::Events {
+            for c in ["event_time", "received_at", "lateness_ms"] {
+                b = b
+                    .set_column_dictionary_enabled(ColumnPath::from(c), false)
+                    .set_column_encoding(ColumnPath::from(c), Encoding::DELTA_BINARY_PACKED);
+            }
+            for c in ["event_id", "view_id"] {
+                b = b
+                    .set_column_dictionary_enabled(ColumnPath::from(c), false)
+                    .set_column_encoding(ColumnPath::from(c), Encoding::DELTA_LENGTH_BYTE_ARRAY);
+            }
+        }
+        Ok(b.build())
     }
 }
 
@@ -167,15 +191,11 @@ impl Lake {
             Some(t) => t,
             None => {
                 std::fs::create_dir_all(self.table_dir(t))?;
-                DeltaTable::try_from_url(self.table_url(t)?).await?
+                // A handle to the empty location; the write creates the table.
+                deltalake::DeltaTableBuilder::from_url(self.table_url(t)?)?.build()?
             }
         };
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(
-                ZstdLevel::try_new(3).map_err(Error::from_parquet)?,
-            ))
-            .set_max_row_group_row_count(Some(1 << 20))
-            .build();
+        let props = t.writer_properties()?;
         let commit = CommitProperties::default()
             .with_application_transaction(Transaction::new(WAL_APP_ID, segment as i64));
         Ok(table

@@ -65,7 +65,7 @@ async fn mixed_batch_gets_exact_per_event_results() {
     let expect = vec![
         (2, json!("bad-watch"), "props.watch_ms must be an integer ≥ 0"),
         (3, json!("bad-nowatch"), "video_view_end requires props.watch_ms ≥ 0"),
-        (4, Value::Null, "malformed JSON: unexpected end of input at line 1 column 29"),
+        (4, Value::Null, "malformed JSON: unexpected end of input at line 1 column 35"),
         (6, json!("bad-type"), "unknown event_type; expected one of video_view_start, video_view_end, like, unlike, comment, share, session_start, session_end, follow_creator, unfollow_creator"),
         (7, json!("bad-user"), "user_id must be a non-negative integer ≤ 9223372036854775807, as a JSON number or decimal string"),
         (8, json!("bad-time"), "event_time must be an RFC 3339 string or integer epoch milliseconds"),

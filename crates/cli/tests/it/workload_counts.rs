@@ -75,7 +75,7 @@ async fn generated_counts_match_manifest_and_dedup_survives_restart() {
 
     // Restart on the same directory: every re-sent valid event is a duplicate now.
     let server = start(dir.path(), 7_000).await;
-    let url = url(&server);
+    let url = crate::common::url(&server);
     let again = send(&url, &bodies).await;
     assert_eq!(
         again,
