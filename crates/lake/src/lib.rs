@@ -99,20 +99,17 @@ impl RawTable {
         }
     }
 
-    /// Parquet settings: zstd everywhere; for `events`, delta-packed integers for times and
-    /// plain length-delta strings (no dictionary) for the random ids. All are Parquet 2.0
-    /// encodings that Spark, Trino, DuckDB and pyarrow read.
+    /// Parquet settings: zstd everywhere; for `events`, plain length-delta strings without a
+    /// dictionary for the random ids (a dictionary never pays off for unique values). Times
+    /// keep the default encoding: delta-packing them measured larger once sessions are
+    /// clustered. DELTA_LENGTH_BYTE_ARRAY is a Parquet 2.0 encoding that Spark, Trino, DuckDB
+    /// and pyarrow read.
     fn writer_properties(self) -> Result<WriterProperties> {
         let zstd = ZstdLevel::try_new(3).map_err(Error::from_parquet)?;
         let mut b = WriterProperties::builder()
             .set_compression(Compression::ZSTD(zstd))
             .set_max_row_group_row_count(Some(1 << 20));
         if self == RawTable::Events {
-            for c in ["event_time", "received_at", "lateness_ms"] {
-                b = b
-                    .set_column_dictionary_enabled(ColumnPath::from(c), false)
-                    .set_column_encoding(ColumnPath::from(c), Encoding::DELTA_BINARY_PACKED);
-            }
             for c in ["event_id", "view_id"] {
                 b = b
                     .set_column_dictionary_enabled(ColumnPath::from(c), false)

@@ -110,7 +110,7 @@ impl TableProvider for BufferedTable {
         }
         if !self.buffered.is_empty() {
             inputs.push(MemorySourceConfig::try_new_exec(
-                &[self.buffered.clone()],
+                std::slice::from_ref(&self.buffered),
                 self.schema.clone(),
                 projection.cloned(),
             )?);
