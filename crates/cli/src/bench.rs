@@ -215,7 +215,10 @@ print(json.dumps({"version": duckdb.__version__, "load_s": load, "rows": n,
     match run {
         Ok(o) if o.status.success() => {
             let text = String::from_utf8_lossy(&o.stdout);
-            let parsed = text.lines().last().and_then(|l| serde_json::from_str(l).ok());
+            let parsed = text
+                .lines()
+                .last()
+                .and_then(|l| serde_json::from_str(l).ok());
             if parsed.is_none() {
                 eprintln!("DuckDB comparison skipped: unreadable output from the DuckDB step");
             }

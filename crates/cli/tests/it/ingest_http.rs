@@ -194,3 +194,55 @@ async fn limits_and_bad_bodies_are_refused_cleanly() {
     assert_eq!(status, 200, "{body}");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_times_follow_the_skew_and_future_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 1_000_000).await;
+    let url = url(&server);
+    let now = chrono::Utc::now().timestamp_millis();
+    // Device clock 10 minutes fast: it says the event happened 1 minute before it sent.
+    let skewed = ev(
+        "skew",
+        "like",
+        json!({"event_time": now + 600_000 - 60_000, "sent_at": now + 600_000}),
+    );
+    // Device clock an hour fast, no sent_at: clamped to received_at.
+    let future = ev("future", "like", json!({"event_time": now + 3_600_000}));
+    let plain = ev("plain", "like", json!({"event_time": now - 5_000}));
+    let body = ndjson(&[skewed.to_string(), future.to_string(), plain.to_string()]);
+    let (status, v) = post(&url, "/v1/events", body, "application/x-ndjson").await;
+    assert_eq!((status, v["accepted"].as_u64()), (200, Some(3)), "{v}");
+    let rows = sql(
+        &url,
+        "SELECT event_id, lateness_ms, time_corrected, \
+         (CAST(received_at AS BIGINT) - CAST(event_time AS BIGINT)) / 1000, \
+         CAST(client_event_time AS BIGINT) / 1000, \
+         event_date = CAST(event_time AS DATE) \
+         FROM events ORDER BY event_id",
+    )
+    .await;
+    // future: clamped to received_at, flagged, device time kept.
+    assert_eq!(rows[0][0], "future");
+    assert_eq!(rows[0][1], 0);
+    assert_eq!(rows[0][2], true);
+    assert_eq!(rows[0][4].as_i64(), Some(now + 3_600_000));
+    // plain: untouched, lateness = received_at − event_time ≥ 5 s.
+    assert_eq!(rows[1][0], "plain");
+    assert_eq!(rows[1][2], false);
+    assert!(rows[1][4].is_null());
+    assert!(rows[1][1].as_i64().unwrap() >= 5_000);
+    // skew: exactly one minute before received_at.
+    assert_eq!(rows[2][0], "skew");
+    assert_eq!(rows[2][1], 60_000);
+    assert_eq!(rows[2][3], 60_000);
+    assert_eq!(rows[2][2], true);
+    for r in &rows {
+        assert_eq!(
+            r[5], true,
+            "event_date is the UTC date of the stored event_time"
+        );
+        assert_eq!(r[1], r[3], "lateness_ms = received_at − event_time");
+    }
+    server.shutdown().await.unwrap();
+}
