@@ -206,6 +206,59 @@ impl Lake {
     }
 }
 
+impl Lake {
+    /// Directory of a derived (warehouse) table.
+    pub fn derived_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// The latest version of a derived table, or `None` if it has never been written.
+    pub async fn load_derived(&self, name: &str) -> Result<Option<DeltaTable>> {
+        let dir = self.derived_dir(name);
+        if !dir.join("_delta_log").exists() {
+            return Ok(None);
+        }
+        let url = url::Url::from_directory_path(&dir)
+            .map_err(|_| Error::Path(dir.display().to_string()))?;
+        Ok(Some(deltalake::open_table(url).await?))
+    }
+
+    /// Replaces the whole content of a derived table in one Delta commit (readers see the old
+    /// or the new version, never a mix). Old files stay until vacuum.
+    pub async fn overwrite_derived(
+        &self,
+        name: &str,
+        current: Option<DeltaTable>,
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+        partition_columns: &[&str],
+    ) -> Result<DeltaTable> {
+        let batch = concat_batches(&schema, &batches)?;
+        let table = match current {
+            Some(t) => t,
+            None => {
+                let dir = self.derived_dir(name);
+                std::fs::create_dir_all(&dir)?;
+                let url = url::Url::from_directory_path(&dir)
+                    .map_err(|_| Error::Path(dir.display().to_string()))?;
+                deltalake::DeltaTableBuilder::from_url(url)?.build()?
+            }
+        };
+        let zstd = ZstdLevel::try_new(3).map_err(Error::from_parquet)?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(zstd))
+            .build();
+        Ok(table
+            .write(vec![batch])
+            .with_save_mode(SaveMode::Overwrite)
+            .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
+            .with_partition_columns(partition_columns.iter().map(|c| c.to_string()))
+            .with_writer_properties(props)
+            .with_table_name(name)
+            .await?)
+    }
+}
+
 /// The last WAL segment committed into a table (`None` before the first commit).
 pub async fn committed_segment(table: &DeltaTable) -> Result<Option<u64>> {
     let v = table

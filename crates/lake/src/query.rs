@@ -142,9 +142,17 @@ pub struct JsonResult {
 }
 
 impl Catalog {
-    /// A catalog over the given table versions plus their not-yet-committed batches.
+    /// A catalog over the given raw table versions plus their not-yet-committed batches.
     pub async fn new(
         tables: Vec<(RawTable, Option<DeltaTable>, Vec<RecordBatch>)>,
+    ) -> Result<Self> {
+        Self::with_derived(tables, Vec::new()).await
+    }
+
+    /// As [`Catalog::new`], plus derived (warehouse) tables by name.
+    pub async fn with_derived(
+        tables: Vec<(RawTable, Option<DeltaTable>, Vec<RecordBatch>)>,
+        derived: Vec<(String, DeltaTable)>,
     ) -> Result<Self> {
         let config = SessionConfig::new()
             .with_information_schema(true)
@@ -161,24 +169,41 @@ impl Catalog {
             let provider = BufferedTable::try_new(t.schema(), base, buffered)?;
             ctx.register_table(t.name(), Arc::new(provider))?;
         }
+        for (name, table) in derived {
+            table.update_datafusion_session(&ctx.state())?;
+            ctx.register_table(name.as_str(), table.table_provider().await?)?;
+        }
         Ok(Catalog { ctx })
+    }
+
+    /// The DataFusion context (the warehouse registers intermediate results in it).
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
     }
 
     /// Runs one read-only statement.
     pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        Ok(self.query_with_schema(sql).await?.1)
+    }
+
+    /// Runs one read-only statement; also returns the result schema (known even for 0 rows).
+    pub async fn query_with_schema(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         check_read_only(sql)?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
         let df = self.ctx.sql_with_options(sql, options).await?;
-        Ok(df.collect().await?)
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        Ok((schema, df.collect().await?))
     }
 
     /// Runs one read-only statement and renders at most `max_rows` rows as JSON.
     pub async fn query_json(&self, sql: &str, max_rows: usize) -> Result<JsonResult> {
-        let batches = self.query(sql).await?;
-        to_json(&batches, max_rows)
+        let (schema, batches) = self.query_with_schema(sql).await?;
+        let mut r = to_json(&batches, max_rows)?;
+        r.columns = schema.fields().iter().map(|f| f.name().clone()).collect();
+        Ok(r)
     }
 }
 

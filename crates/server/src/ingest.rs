@@ -88,6 +88,8 @@ pub enum IngestError {
     Locked(PathBuf),
     #[error("cannot open data directory: {0}")]
     Io(#[from] std::io::Error),
+    #[error("materialization failed: {0}")]
+    Warehouse(#[from] reelhouse_warehouse::Error),
 }
 
 /// Where a batch came from (stored in `quarantine.ingest_path`).
@@ -260,6 +262,8 @@ impl Pending {
 struct View {
     tables: HashMap<RawTable, DeltaTable>,
     pending: Pending,
+    /// Warehouse tables by name (latest materialized version).
+    derived: HashMap<String, DeltaTable>,
 }
 
 /// The running pipeline. Cheap to share (`Arc`).
@@ -275,6 +279,9 @@ pub struct Ingestor {
     rejected: AtomicU64,
     flushes: AtomicU64,
     replayed: u64,
+    /// Accepted-event count at the start of the last materialization (dirty check).
+    materialized_at: AtomicU64,
+    materialize_lock: tokio::sync::Mutex<()>,
     /// Held for the life of the ingestor: one writer per data directory.
     _lock: std::fs::File,
 }
@@ -376,7 +383,17 @@ impl Ingestor {
         let dir = wal_dir(lake.root());
         let pending = replay(&tables, &dir, true).await?;
         let replayed = pending.rows as u64;
-        let view = View { tables, pending };
+        let mut derived = HashMap::new();
+        for name in reelhouse_warehouse::table_names() {
+            if let Some(t) = lake.load_derived(name).await? {
+                derived.insert(name.to_string(), t);
+            }
+        }
+        let view = View {
+            tables,
+            pending,
+            derived,
+        };
         let now = config.clock.now_ms();
         let since = now - config.dedup_window.as_millis() as i64;
         let dedup = restore_dedup(&view, since, reelhouse_event::time::day_of(now)).await?;
@@ -396,6 +413,8 @@ impl Ingestor {
             rejected: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             replayed,
+            materialized_at: AtomicU64::new(0),
+            materialize_lock: tokio::sync::Mutex::new(()),
             _lock: lock,
         }))
     }
@@ -573,16 +592,70 @@ impl Ingestor {
         }
     }
 
-    /// A SQL catalog over exactly what has been acknowledged so far.
+    /// A SQL catalog over exactly what has been acknowledged so far, plus the latest
+    /// materialized warehouse tables.
     pub async fn catalog(&self) -> Result<Catalog, IngestError> {
-        let parts = {
+        let (parts, derived) = {
             let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
-            RawTable::ALL
+            let parts = RawTable::ALL
                 .iter()
                 .map(|t| (*t, v.tables.get(t).cloned(), v.pending.batches(*t, None)))
-                .collect()
+                .collect();
+            let derived = v
+                .derived
+                .iter()
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect();
+            (parts, derived)
         };
-        Ok(Catalog::new(parts).await?)
+        Ok(Catalog::with_derived(parts, derived).await?)
+    }
+
+    /// True when events were accepted since the last materialization started.
+    pub fn materialization_due(&self) -> bool {
+        self.accepted.load(Ordering::Relaxed) + self.replayed
+            != self.materialized_at.load(Ordering::Relaxed)
+    }
+
+    /// Rebuilds the warehouse tables from every acknowledged event and publishes the new
+    /// versions to SQL at once.
+    pub async fn materialize(&self) -> Result<reelhouse_warehouse::Report, IngestError> {
+        let _guard = self.materialize_lock.lock().await;
+        let seen = self.accepted.load(Ordering::Relaxed) + self.replayed;
+        let catalog = self.catalog().await?;
+        let current = {
+            let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+            v.derived.clone()
+        };
+        let now = self.config.clock.now_ms();
+        let (report, handles) =
+            reelhouse_warehouse::materialize(&catalog, &self.lake, &current, now).await?;
+        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, table) in handles {
+            v.derived.insert(name, table);
+        }
+        self.materialized_at.store(seen, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    /// Runs until `stop` changes: materializes every `interval` while new events arrived.
+    pub async fn run_materializer(
+        self: Arc<Self>,
+        interval: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.changed() => return,
+            }
+            if self.materialization_due() {
+                match self.materialize().await {
+                    Ok(r) => tracing::info!(elapsed_ms = r.elapsed_ms, "materialized warehouse"),
+                    Err(e) => tracing::error!(error = %e, "materialization failed; will retry"),
+                }
+            }
+        }
     }
 
     /// Counters for health and the demo.

@@ -11,6 +11,7 @@
 //!  GET  /v1/health ─▶ counters
 //! ```
 
+pub mod dashboard;
 pub mod ingest;
 
 use std::net::SocketAddr;
@@ -39,6 +40,8 @@ pub struct ServerConfig {
     pub max_inflight: usize,
     /// Rows returned by `/v1/sql` at most.
     pub max_sql_rows: usize,
+    /// Rebuild the warehouse this often while new events arrive (`None`: only on request).
+    pub materialize_interval: Option<Duration>,
 }
 
 impl ServerConfig {
@@ -49,6 +52,7 @@ impl ServerConfig {
             max_body_bytes: 16 << 20,
             max_inflight: 64,
             max_sql_rows: 100_000,
+            materialize_interval: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -155,6 +159,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", post(post_events))
         .route("/v1/sql", post(post_sql))
         .route("/v1/health", get(health))
+        .route("/v1/admin/materialize", post(post_materialize))
+        .route("/v1/creators/{id}/dashboard", get(get_dashboard))
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -205,6 +211,19 @@ async fn post_sql(State(s): State<AppState>, req: Request) -> Result<Response, A
     Ok(Json(result).into_response())
 }
 
+async fn post_materialize(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let report = s.ingestor.materialize().await?;
+    Ok(Json(report).into_response())
+}
+
+async fn get_dashboard(
+    State(s): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    Ok(Json(dashboard::dashboard(&s.ingestor, &id, &params).await?).into_response())
+}
+
 async fn health(State(s): State<AppState>) -> Response {
     Json(
         json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "ingest": s.ingestor.stats()}),
@@ -219,6 +238,7 @@ pub struct RunningServer {
     stop: watch::Sender<bool>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     flusher: tokio::task::JoinHandle<()>,
+    materializer: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Errors of starting the server.
@@ -270,7 +290,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             })
             .await
     });
-    let flusher = tokio::spawn(Arc::clone(&ingestor).run_flusher(rx));
+    let flusher = tokio::spawn(Arc::clone(&ingestor).run_flusher(rx.clone()));
+    let materializer = config
+        .materialize_interval
+        .map(|i| tokio::spawn(Arc::clone(&ingestor).run_materializer(i, rx)));
     tracing::info!(%addr, "reelhouse listening (open: no API tokens, loopback only)");
     Ok(RunningServer {
         addr,
@@ -278,6 +301,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         stop,
         http,
         flusher,
+        materializer,
     })
 }
 
@@ -288,6 +312,9 @@ impl RunningServer {
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(30), self.http).await;
         let _ = self.flusher.await;
+        if let Some(m) = self.materializer {
+            let _ = m.await;
+        }
         self.ingestor.flush().await
     }
 }

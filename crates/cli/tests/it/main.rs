@@ -5,4 +5,5 @@ mod common;
 mod crash;
 mod ingest_http;
 mod outside_reader;
+mod warehouse;
 mod workload_counts;

@@ -1,0 +1,423 @@
+//! The star schema: facts, state and aggregates derived from `events` (SPEC §3).
+//!
+//! Every model is a DataFusion SQL statement over the surviving events, deduplicated again by
+//! `event_id`, so each table is a pure function of `events` and a rebuild gives identical
+//! results. Models run in dependency order; each result is registered in the session for the
+//! models after it and written as one Delta commit (readers see the old or the new version):
+//!
+//! ```text
+//!  events ─dedup─▶ ev ─┬─▶ fact_video_view ─┬─▶ fact_session
+//!                      ├─▶ fact_engagement   ├─▶ agg_creator_daily ◀─ like/follow transitions
+//!                      ├─▶ fact_follow       ├─▶ agg_video_hourly
+//!                      ├─▶ like_state        └─▶ video_retention
+//!                      └─▶ follow_state
+//! ```
+//!
+//! The only input besides events is "now" (from the caller's clock), which decides whether a
+//! session without `session_end` is `timeout` (30 minutes idle) or still `open`.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use reelhouse_lake::deltalake::arrow::array::RecordBatch;
+use reelhouse_lake::deltalake::datafusion::datasource::MemTable;
+use reelhouse_lake::deltalake::DeltaTable;
+use reelhouse_lake::query::Catalog;
+use reelhouse_lake::Lake;
+use std::sync::Arc;
+
+/// Errors of materialization.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Lake(#[from] reelhouse_lake::Error),
+    #[error("query error in model {model}: {source}")]
+    Model {
+        model: &'static str,
+        source: reelhouse_lake::deltalake::datafusion::error::DataFusionError,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Inactivity that closes a session without `session_end` (SPEC §3).
+pub const SESSION_TIMEOUT_MS: i64 = 30 * 60 * 1000;
+/// Longest session (SPEC §3).
+pub const SESSION_CAP_MS: i64 = 24 * 3600 * 1000;
+
+/// One model: its table name, partition columns and SQL.
+struct Model {
+    name: &'static str,
+    partition_by: &'static [&'static str],
+    /// Registered for later models but not written (helpers).
+    internal: bool,
+    sql: &'static str,
+}
+
+/// Events deduplicated by `event_id` (the earliest received copy wins).
+const EV: &str = "
+SELECT * FROM (
+  SELECT *, row_number() OVER (PARTITION BY event_id ORDER BY received_at, event_time) AS __rn
+  FROM events)
+WHERE __rn = 1";
+
+const FACT_VIDEO_VIEW: &str = "
+WITH v AS (
+  SELECT view_id,
+    coalesce(min(CASE WHEN event_type = 'video_view_start' THEN user_id END), min(user_id)) AS user_id,
+    coalesce(min(CASE WHEN event_type = 'video_view_start' THEN video_id END), min(video_id)) AS video_id,
+    coalesce(min(CASE WHEN event_type = 'video_view_start' THEN creator_id END), min(creator_id)) AS creator_id,
+    coalesce(min(CASE WHEN event_type = 'video_view_start' THEN session_id END), min(session_id)) AS session_id,
+    min(CASE WHEN event_type = 'video_view_start' THEN event_time END) AS start_time,
+    max(CASE WHEN event_type = 'video_view_end' THEN event_time END) AS end_time,
+    max(CASE WHEN event_type = 'video_view_end' THEN watch_ms END) AS watch_ms,
+    max(CASE WHEN event_type = 'video_view_end' THEN video_duration_ms END) AS video_duration_ms,
+    min(CASE WHEN event_type = 'video_view_start' THEN source END) AS source,
+    min(CASE WHEN event_type = 'video_view_start' THEN via_share_id END) AS via_share_id,
+    bool_or(event_type = 'video_view_start') AS has_start,
+    bool_or(event_type = 'video_view_end') AS has_end
+  FROM ev
+  WHERE event_type IN ('video_view_start', 'video_view_end')
+  GROUP BY view_id)
+SELECT view_id, user_id, video_id, creator_id, session_id, start_time, end_time,
+  watch_ms, video_duration_ms,
+  CASE WHEN has_end THEN least(CAST(watch_ms AS DOUBLE) / CAST(video_duration_ms AS DOUBLE), 1.0) END
+    AS percent_viewed,
+  has_end AND watch_ms >= 0.98 * video_duration_ms AS completed,
+  has_end AND watch_ms >= 3000 AS engaged,
+  coalesce(source, 'other') AS source,
+  via_share_id,
+  CAST(row_number() OVER (PARTITION BY session_id
+       ORDER BY coalesce(start_time, end_time), view_id) AS BIGINT) AS position_in_session,
+  has_start, has_end,
+  CAST(coalesce(start_time, end_time) AS DATE) AS event_date
+FROM v";
+
+const FACT_SESSION: &str = "
+WITH s AS (
+  SELECT session_id,
+    first_value(user_id ORDER BY event_time, event_id) AS user_id,
+    bool_or(event_type = 'session_start') AS has_start,
+    bool_or(event_type = 'session_end') AS has_end,
+    coalesce(min(CASE WHEN event_type = 'session_start' THEN event_time END), min(event_time)) AS start_time,
+    coalesce(max(CASE WHEN event_type = 'session_end' THEN event_time END), max(event_time)) AS raw_end,
+    max(event_time) AS last_event_time,
+    count(*) FILTER (WHERE event_type = 'like') AS likes,
+    count(*) FILTER (WHERE event_type = 'share') AS shares,
+    count(*) FILTER (WHERE event_type = 'comment') AS comments
+  FROM ev
+  WHERE session_id IS NOT NULL
+  GROUP BY session_id),
+w AS (
+  SELECT session_id, count(*) AS views, count(DISTINCT creator_id) AS distinct_creators,
+    coalesce(sum(watch_ms), 0) AS total_watch_ms
+  FROM fact_video_view WHERE session_id IS NOT NULL GROUP BY session_id)
+SELECT s.session_id, s.user_id, s.start_time,
+  CASE WHEN s.raw_end > s.start_time + INTERVAL '24 hours' THEN s.start_time + INTERVAL '24 hours'
+       ELSE s.raw_end END AS end_time,
+  CAST((CAST(CASE WHEN s.raw_end > s.start_time + INTERVAL '24 hours' THEN s.start_time + INTERVAL '24 hours'
+       ELSE s.raw_end END AS BIGINT) - CAST(s.start_time AS BIGINT)) / 1000 AS BIGINT) AS duration_ms,
+  coalesce(w.views, 0) AS views,
+  coalesce(w.distinct_creators, 0) AS distinct_creators,
+  coalesce(w.total_watch_ms, 0) AS total_watch_ms,
+  s.likes, s.shares, s.comments,
+  CASE WHEN s.has_end THEN 'session_end'
+       WHEN CAST(s.last_event_time AS BIGINT) / 1000 + 1800000 <= $now_ms THEN 'timeout'
+       ELSE 'open' END AS ended_by,
+  s.has_start, s.has_end,
+  CAST(s.start_time AS DATE) AS event_date
+FROM s LEFT JOIN w ON s.session_id = w.session_id";
+
+const FACT_ENGAGEMENT: &str = "
+SELECT event_id, event_type, user_id, video_id, creator_id, session_id, event_time,
+  comment_id, share_id, parent_share_id, channel, event_date
+FROM ev WHERE event_type IN ('like', 'unlike', 'share', 'comment')";
+
+const FACT_FOLLOW: &str = "
+SELECT event_id, event_type, user_id, creator_id, event_time, event_date
+FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator')";
+
+/// Like transitions: replaying each (user, video) in (event_time, event_id) order from "not
+/// liked", a like adds when not liked, an unlike removes when liked; the rest change nothing.
+const LIKE_TRANSITIONS: &str = "
+SELECT user_id, video_id, creator_id, event_time, event_date, event_type,
+  event_type = 'like' AND (prev IS NULL OR prev = 'unlike') AS added,
+  event_type = 'unlike' AND prev = 'like' AS removed
+FROM (
+  SELECT *, lag(event_type) OVER (PARTITION BY user_id, video_id ORDER BY event_time, event_id) AS prev
+  FROM ev WHERE event_type IN ('like', 'unlike'))";
+
+const FOLLOW_TRANSITIONS: &str = "
+SELECT user_id, creator_id, event_time, event_date, event_type,
+  event_type = 'follow_creator' AND (prev IS NULL OR prev = 'unfollow_creator') AS gained,
+  event_type = 'unfollow_creator' AND prev = 'follow_creator' AS lost
+FROM (
+  SELECT *, lag(event_type) OVER (PARTITION BY user_id, creator_id ORDER BY event_time, event_id) AS prev
+  FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator'))";
+
+/// Last writer wins by (event_time, event_id).
+const LIKE_STATE: &str = "
+SELECT user_id, video_id, creator_id, event_type = 'like' AS liked, event_time AS updated_at
+FROM (
+  SELECT *, row_number() OVER (PARTITION BY user_id, video_id ORDER BY event_time DESC, event_id DESC) AS r
+  FROM ev WHERE event_type IN ('like', 'unlike'))
+WHERE r = 1";
+
+const FOLLOW_STATE: &str = "
+SELECT user_id, creator_id, event_type = 'follow_creator' AS following, event_time AS updated_at
+FROM (
+  SELECT *, row_number() OVER (PARTITION BY user_id, creator_id ORDER BY event_time DESC, event_id DESC) AS r
+  FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator'))
+WHERE r = 1";
+
+const AGG_CREATOR_DAILY: &str = "
+WITH activity AS (
+  SELECT DISTINCT creator_id, event_date AS date FROM ev WHERE creator_id IS NOT NULL
+  UNION SELECT DISTINCT creator_id, event_date FROM fact_video_view WHERE creator_id IS NOT NULL),
+views AS (
+  SELECT creator_id, event_date AS date,
+    count(*) AS views,
+    count(DISTINCT user_id) AS unique_viewers,
+    count(*) FILTER (WHERE engaged) AS engaged_views,
+    coalesce(sum(watch_ms), 0) AS watch_time_ms,
+    avg(CAST(watch_ms AS DOUBLE)) FILTER (WHERE has_end) AS avg_view_duration_ms,
+    avg(percent_viewed) FILTER (WHERE has_end) AS avg_percent_viewed,
+    count(*) FILTER (WHERE completed) AS completions,
+    count(*) FILTER (WHERE source = 'feed') AS views_feed,
+    count(*) FILTER (WHERE source = 'profile') AS views_profile,
+    count(*) FILTER (WHERE source = 'share') AS views_share,
+    count(*) FILTER (WHERE source = 'search') AS views_search,
+    count(*) FILTER (WHERE source = 'hashtag') AS views_hashtag,
+    count(*) FILTER (WHERE source = 'audio') AS views_audio,
+    count(*) FILTER (WHERE source = 'other') AS views_other
+  FROM fact_video_view GROUP BY creator_id, event_date),
+likes AS (
+  SELECT creator_id, event_date AS date,
+    count(*) FILTER (WHERE added) AS likes_added, count(*) FILTER (WHERE removed) AS likes_removed
+  FROM like_transitions GROUP BY creator_id, event_date),
+eng AS (
+  SELECT creator_id, event_date AS date,
+    count(DISTINCT share_id) FILTER (WHERE event_type = 'share') AS shares,
+    count(*) FILTER (WHERE event_type = 'comment') AS comments
+  FROM ev WHERE event_type IN ('share', 'comment') GROUP BY creator_id, event_date),
+follows AS (
+  SELECT creator_id, event_date AS date,
+    count(*) FILTER (WHERE gained) AS followers_gained, count(*) FILTER (WHERE lost) AS followers_lost
+  FROM follow_transitions GROUP BY creator_id, event_date)
+SELECT a.creator_id, a.date,
+  coalesce(v.views, 0) AS views,
+  coalesce(v.unique_viewers, 0) AS unique_viewers,
+  coalesce(v.engaged_views, 0) AS engaged_views,
+  coalesce(v.watch_time_ms, 0) AS watch_time_ms,
+  v.avg_view_duration_ms,
+  v.avg_percent_viewed,
+  coalesce(v.completions, 0) AS completions,
+  coalesce(l.likes_added, 0) AS likes_added,
+  coalesce(l.likes_removed, 0) AS likes_removed,
+  coalesce(e.shares, 0) AS shares,
+  coalesce(e.comments, 0) AS comments,
+  coalesce(f.followers_gained, 0) AS followers_gained,
+  coalesce(f.followers_lost, 0) AS followers_lost,
+  CASE WHEN coalesce(v.views, 0) > 0 THEN
+    CAST(coalesce(l.likes_added, 0) - coalesce(l.likes_removed, 0) + coalesce(e.comments, 0)
+         + coalesce(e.shares, 0) AS DOUBLE) / CAST(v.views AS DOUBLE) END AS engagement_rate,
+  coalesce(v.views_feed, 0) AS views_feed,
+  coalesce(v.views_profile, 0) AS views_profile,
+  coalesce(v.views_share, 0) AS views_share,
+  coalesce(v.views_search, 0) AS views_search,
+  coalesce(v.views_hashtag, 0) AS views_hashtag,
+  coalesce(v.views_audio, 0) AS views_audio,
+  coalesce(v.views_other, 0) AS views_other
+FROM activity a
+LEFT JOIN views v ON a.creator_id = v.creator_id AND a.date = v.date
+LEFT JOIN likes l ON a.creator_id = l.creator_id AND a.date = l.date
+LEFT JOIN eng e ON a.creator_id = e.creator_id AND a.date = e.date
+LEFT JOIN follows f ON a.creator_id = f.creator_id AND a.date = f.date";
+
+const AGG_VIDEO_HOURLY: &str = "
+WITH views AS (
+  SELECT video_id, date_trunc('hour', coalesce(start_time, end_time)) AS hour,
+    count(*) AS views, count(DISTINCT user_id) AS unique_viewers,
+    coalesce(sum(watch_ms), 0) AS watch_time_ms, count(*) FILTER (WHERE completed) AS completions
+  FROM fact_video_view GROUP BY 1, 2),
+likes AS (
+  SELECT video_id, date_trunc('hour', event_time) AS hour,
+    count(*) FILTER (WHERE added) - count(*) FILTER (WHERE removed) AS likes_net
+  FROM like_transitions GROUP BY 1, 2),
+eng AS (
+  SELECT video_id, date_trunc('hour', event_time) AS hour,
+    count(DISTINCT share_id) FILTER (WHERE event_type = 'share') AS shares,
+    count(*) FILTER (WHERE event_type = 'comment') AS comments
+  FROM ev WHERE event_type IN ('share', 'comment') GROUP BY 1, 2),
+k AS (SELECT video_id, hour FROM views UNION SELECT video_id, hour FROM likes
+      UNION SELECT video_id, hour FROM eng)
+SELECT k.video_id, k.hour,
+  coalesce(v.views, 0) AS views, coalesce(v.unique_viewers, 0) AS unique_viewers,
+  coalesce(v.watch_time_ms, 0) AS watch_time_ms, coalesce(v.completions, 0) AS completions,
+  coalesce(l.likes_net, 0) AS likes_net, coalesce(e.shares, 0) AS shares,
+  coalesce(e.comments, 0) AS comments,
+  CAST(k.hour AS DATE) AS event_date
+FROM k
+LEFT JOIN views v ON k.video_id = v.video_id AND k.hour = v.hour
+LEFT JOIN likes l ON k.video_id = l.video_id AND k.hour = l.hour
+LEFT JOIN eng e ON k.video_id = e.video_id AND k.hour = e.hour";
+
+/// For p = 0…100: the share of ended views whose watch_ms ≥ p % of the duration.
+const VIDEO_RETENTION: &str = "
+SELECT f.video_id, CAST(p.value AS BIGINT) AS p,
+  CAST(count(*) FILTER (WHERE f.watch_ms * 100 >= p.value * f.video_duration_ms) AS DOUBLE)
+    / CAST(count(*) AS DOUBLE) AS share_retained
+FROM fact_video_view f CROSS JOIN generate_series(0, 100) p
+WHERE f.has_end
+GROUP BY f.video_id, p.value";
+
+const MODELS: &[Model] = &[
+    Model {
+        name: "ev",
+        partition_by: &[],
+        internal: true,
+        sql: EV,
+    },
+    Model {
+        name: "fact_video_view",
+        partition_by: &["event_date"],
+        internal: false,
+        sql: FACT_VIDEO_VIEW,
+    },
+    Model {
+        name: "fact_session",
+        partition_by: &["event_date"],
+        internal: false,
+        sql: FACT_SESSION,
+    },
+    Model {
+        name: "fact_engagement",
+        partition_by: &["event_date"],
+        internal: false,
+        sql: FACT_ENGAGEMENT,
+    },
+    Model {
+        name: "fact_follow",
+        partition_by: &["event_date"],
+        internal: false,
+        sql: FACT_FOLLOW,
+    },
+    Model {
+        name: "like_transitions",
+        partition_by: &[],
+        internal: true,
+        sql: LIKE_TRANSITIONS,
+    },
+    Model {
+        name: "follow_transitions",
+        partition_by: &[],
+        internal: true,
+        sql: FOLLOW_TRANSITIONS,
+    },
+    Model {
+        name: "like_state",
+        partition_by: &[],
+        internal: false,
+        sql: LIKE_STATE,
+    },
+    Model {
+        name: "follow_state",
+        partition_by: &[],
+        internal: false,
+        sql: FOLLOW_STATE,
+    },
+    Model {
+        name: "agg_creator_daily",
+        partition_by: &[],
+        internal: false,
+        sql: AGG_CREATOR_DAILY,
+    },
+    Model {
+        name: "agg_video_hourly",
+        partition_by: &["event_date"],
+        internal: false,
+        sql: AGG_VIDEO_HOURLY,
+    },
+    Model {
+        name: "video_retention",
+        partition_by: &[],
+        internal: false,
+        sql: VIDEO_RETENTION,
+    },
+];
+
+/// Names of the tables materialization writes.
+pub fn table_names() -> impl Iterator<Item = &'static str> {
+    MODELS.iter().filter(|m| !m.internal).map(|m| m.name)
+}
+
+/// What one materialization did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub tables: Vec<TableReport>,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableReport {
+    pub table: String,
+    pub rows: usize,
+    pub version: Option<u64>,
+}
+
+/// Rebuilds every model from `events` as seen by `catalog` and writes each as one Delta
+/// commit. `current` gives the derived tables' present handles (to write new versions of);
+/// returns the new handles with the report.
+pub async fn materialize(
+    catalog: &Catalog,
+    lake: &Lake,
+    current: &HashMap<String, DeltaTable>,
+    now_ms: i64,
+) -> Result<(Report, Vec<(String, DeltaTable)>)> {
+    let start = Instant::now();
+    let ctx = catalog.context();
+    let mut report = Report::default();
+    let mut handles = Vec::new();
+    for m in MODELS {
+        let sql = m.sql.replace("$now_ms", &now_ms.to_string());
+        let model_err = |source| Error::Model {
+            model: m.name,
+            source,
+        };
+        let df = ctx.sql(&sql).await.map_err(model_err)?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        let batches: Vec<RecordBatch> = df.collect().await.map_err(model_err)?;
+        let rows = batches.iter().map(|b| b.num_rows()).sum();
+        // Later models read this one from memory, not back from Delta.
+        let _ = ctx.deregister_table(m.name);
+        let mem =
+            MemTable::try_new(Arc::clone(&schema), vec![batches.clone()]).map_err(model_err)?;
+        ctx.register_table(m.name, Arc::new(mem))
+            .map_err(model_err)?;
+        if m.internal {
+            continue;
+        }
+        let batches = if batches.is_empty() {
+            vec![RecordBatch::new_empty(Arc::clone(&schema))]
+        } else {
+            batches
+        };
+        let table = lake
+            .overwrite_derived(
+                m.name,
+                current.get(m.name).cloned(),
+                schema,
+                batches,
+                m.partition_by,
+            )
+            .await?;
+        report.tables.push(TableReport {
+            table: m.name.to_string(),
+            rows,
+            version: table.version(),
+        });
+        handles.push((m.name.to_string(), table));
+    }
+    report.elapsed_ms = start.elapsed().as_millis() as u64;
+    Ok((report, handles))
+}
