@@ -154,6 +154,14 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         t1.elapsed().as_secs_f64()
     );
 
+    let t2 = Instant::now();
+    let report = server.ingestor.materialize().await?;
+    let rows: usize = report.tables.iter().map(|t| t.rows).sum();
+    println!(
+        "materialized {} warehouse tables ({rows} rows) in {:.1}s",
+        report.tables.len(),
+        t2.elapsed().as_secs_f64()
+    );
     let catalog = server.ingestor.catalog().await?;
     for (title, q) in [
         ("rows per table", "SELECT 'events' AS table_name, count(*) AS rows FROM events UNION ALL SELECT 'quarantine', count(*) FROM quarantine ORDER BY 1"),
@@ -164,8 +172,49 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         let r = catalog.query_json(q, 1000).await?;
         println!("{title}:\n{}", print_table(&r.columns, &r.rows));
     }
+    let top = catalog
+        .query_json("SELECT creator_id, min(date), max(date) FROM agg_creator_daily GROUP BY 1 ORDER BY sum(views) DESC LIMIT 1", 1)
+        .await?;
+    if let Some(r) = top.rows.first() {
+        let (creator, from, to) = (
+            &r[0],
+            r[1].as_str().unwrap_or(""),
+            r[2].as_str().unwrap_or(""),
+        );
+        let path = format!("/v1/creators/{creator}/dashboard?from={from}&to={to}");
+        let d: serde_json::Value = reqwest::get(format!("{url}{path}")).await?.json().await?;
+        println!("creator dashboard (GET {path}):");
+        let cols: Vec<String> = [
+            "date",
+            "views",
+            "unique_viewers",
+            "watch_time_ms",
+            "avg_percent_viewed",
+            "likes_added",
+            "followers_gained",
+            "engagement_rate",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut rows: Vec<Vec<serde_json::Value>> = d["days"]
+            .as_array()
+            .map(|days| {
+                days.iter()
+                    .map(|day| cols.iter().map(|c| day[c].clone()).collect())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut total: Vec<serde_json::Value> =
+            cols.iter().map(|c| d["totals"][c].clone()).collect();
+        total[0] = "total".into();
+        rows.push(total);
+        print!("{}", print_table(&cols, &rows));
+        println!("followers now: {}\n", d["followers"]);
+    }
     println!("query it yourself:");
     println!("  curl -s {url}/v1/sql -d '{{\"sql\":\"SELECT count(*) FROM events\"}}'");
+    println!("  curl -s {url}/v1/ingest/lateness");
     println!(
         "  reelhouse sql --data-dir {} \"SELECT event_type, count(*) FROM events GROUP BY 1\"",
         data_dir.display()

@@ -44,6 +44,10 @@ enum Command {
     Ingest(IngestArgs),
     /// Run one read-only SQL statement and print the result as a table.
     Sql(SqlArgs),
+    /// Rebuild the warehouse tables (facts, state, aggregates) from the events.
+    Materialize(MaterializeArgs),
+    /// Include events beyond the allowed lateness for dates FROM..=TO and rebuild.
+    Restate(RestateArgs),
     /// Measure system figures and write them to bench/results/.
     Bench(bench::BenchArgs),
 }
@@ -131,6 +135,24 @@ struct IngestArgs {
 }
 
 #[derive(Args)]
+struct MaterializeArgs {
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args)]
+struct RestateArgs {
+    /// First date to restate, YYYY-MM-DD.
+    #[arg(long)]
+    from: String,
+    /// Last date to restate (inclusive), YYYY-MM-DD.
+    #[arg(long)]
+    to: String,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args)]
 struct SqlArgs {
     /// The statement (SELECT, WITH, EXPLAIN or SHOW).
     sql: String,
@@ -179,6 +201,12 @@ fn main() -> std::process::ExitCode {
             Command::Generate(a) => generate(a),
             Command::Ingest(a) => ingest(a).await,
             Command::Sql(a) => sql(a).await,
+            Command::Materialize(a) => materialize(a.data, None).await,
+            Command::Restate(a) => {
+                let range = reelhouse_server::parse_range(&a.from, &a.to)
+                    .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+                materialize(a.data, Some(range)).await
+            }
             Command::Bench(a) => bench::run(a).await,
         }
     });
@@ -402,6 +430,28 @@ async fn ingest_retrying(
             other => return Ok(other?),
         }
     }
+}
+
+async fn materialize(data: DataArgs, restate: Option<(i32, i32)>) -> Result<()> {
+    let ingestor = Ingestor::open(data.ingest_config()).await?;
+    let spinner = ProgressBar::new_spinner().with_message("committing pending events…");
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    ingestor.flush().await?;
+    spinner.set_message("rebuilding the warehouse…");
+    let report = match restate {
+        Some((from, to)) => ingestor.restate(from, to).await?,
+        None => ingestor.materialize().await?,
+    };
+    spinner.finish_and_clear();
+    let rows: Vec<Vec<serde_json::Value>> = report
+        .tables
+        .iter()
+        .map(|t| vec![t.table.clone().into(), t.rows.into(), t.version.into()])
+        .collect();
+    let cols = ["table".to_string(), "rows".into(), "delta_version".into()];
+    print!("{}", send::print_table(&cols, &rows));
+    println!("materialized in {:.1}s", report.elapsed_ms as f64 / 1000.0);
+    Ok(())
 }
 
 async fn sql(a: SqlArgs) -> Result<()> {

@@ -282,6 +282,8 @@ pub struct Ingestor {
     /// Accepted-event count at the start of the last materialization (dirty check).
     materialized_at: AtomicU64,
     materialize_lock: tokio::sync::Mutex<()>,
+    /// Restated date ranges (days since epoch, inclusive), persisted in `_state/`.
+    restated: Mutex<Vec<(i32, i32)>>,
     /// Held for the life of the ingestor: one writer per data directory.
     _lock: std::fs::File,
 }
@@ -398,6 +400,7 @@ impl Ingestor {
         let since = now - config.dedup_window.as_millis() as i64;
         let dedup = restore_dedup(&view, since, reelhouse_event::time::day_of(now)).await?;
         let wal = Wal::open(&dir, config.wal_queue)?;
+        let lake_root = lake.root().to_path_buf();
         if replayed > 0 {
             tracing::info!(rows = replayed, "replayed write-ahead log");
         }
@@ -415,6 +418,7 @@ impl Ingestor {
             replayed,
             materialized_at: AtomicU64::new(0),
             materialize_lock: tokio::sync::Mutex::new(()),
+            restated: Mutex::new(load_restatements(&lake_root)?),
             _lock: lock,
         }))
     }
@@ -627,15 +631,46 @@ impl Ingestor {
             let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
             v.derived.clone()
         };
-        let now = self.config.clock.now_ms();
+        let inputs = reelhouse_warehouse::Inputs {
+            now_ms: self.config.clock.now_ms(),
+            allowed_lateness_ms: self.config.dedup_window.as_millis() as i64,
+            restated: self
+                .restated
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        };
         let (report, handles) =
-            reelhouse_warehouse::materialize(&catalog, &self.lake, &current, now).await?;
+            reelhouse_warehouse::materialize(&catalog, &self.lake, &current, &inputs).await?;
         let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
         for (name, table) in handles {
             v.derived.insert(name, table);
         }
         self.materialized_at.store(seen, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// Allowed lateness: events later than this count in the warehouse only once their date
+    /// is restated.
+    pub fn allowed_lateness(&self) -> Duration {
+        self.config.dedup_window
+    }
+
+    /// Records that dates `from..=to` (days since epoch) include every stored event from now
+    /// on, however late, and rebuilds the warehouse.
+    pub async fn restate(
+        &self,
+        from: i32,
+        to: i32,
+    ) -> Result<reelhouse_warehouse::Report, IngestError> {
+        {
+            let mut r = self.restated.lock().unwrap_or_else(|p| p.into_inner());
+            if !r.iter().any(|(a, b)| *a <= from && to <= *b) {
+                r.push((from, to));
+                save_restatements(self.lake.root(), &r)?;
+            }
+        }
+        self.materialize().await
     }
 
     /// Runs until `stop` changes: materializes every `interval` while new events arrived.
@@ -672,6 +707,34 @@ impl Ingestor {
             wal_fsyncs: wal.fsyncs,
         }
     }
+}
+
+fn restatements_path(root: &Path) -> PathBuf {
+    root.join("_state").join("restatements.json")
+}
+
+fn load_restatements(root: &Path) -> Result<Vec<(i32, i32)>, IngestError> {
+    match std::fs::read(restatements_path(root)) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|_| IngestError::BadBody("_state/restatements.json is unreadable".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes the list atomically: temp file, fsync, rename, fsync the directory.
+fn save_restatements(root: &Path, list: &[(i32, i32)]) -> Result<(), IngestError> {
+    use std::io::Write;
+    let path = restatements_path(root);
+    let dir = path.parent().unwrap_or(root);
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join("restatements.json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(list).unwrap_or_default())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 /// Rebuilds the dedup set from events received since `since_ms` (committed or pending).

@@ -13,6 +13,7 @@
 
 pub mod dashboard;
 pub mod ingest;
+pub mod lateness;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -160,6 +161,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sql", post(post_sql))
         .route("/v1/health", get(health))
         .route("/v1/admin/materialize", post(post_materialize))
+        .route("/v1/admin/restate", post(post_restate))
+        .route("/v1/ingest/lateness", get(get_lateness))
         .route("/v1/creators/{id}/dashboard", get(get_dashboard))
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::disable())
@@ -214,6 +217,39 @@ async fn post_sql(State(s): State<AppState>, req: Request) -> Result<Response, A
 async fn post_materialize(State(s): State<AppState>) -> Result<Response, ApiError> {
     let report = s.ingestor.materialize().await?;
     Ok(Json(report).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct RestateRequest {
+    from: String,
+    to: String,
+}
+
+/// Parses an inclusive `YYYY-MM-DD` range into days since 1970-01-01.
+pub fn parse_range(from: &str, to: &str) -> Result<(i32, i32), ApiError> {
+    let day = |name: &str, v: &str| {
+        chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
+            .map(|d| (d - chrono::NaiveDate::default()).num_days() as i32)
+            .map_err(|_| ApiError::BadRequest(format!("{name} must be a date as YYYY-MM-DD")))
+    };
+    let (a, b) = (day("from", from)?, day("to", to)?);
+    if b < a {
+        return Err(ApiError::BadRequest("from must not be after to".into()));
+    }
+    Ok((a, b))
+}
+
+async fn post_restate(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let body = read_body(req.into_body(), 1 << 16).await?;
+    let r: RestateRequest = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::BadRequest("body must be {\"from\":\"YYYY-MM-DD\",\"to\":\"YYYY-MM-DD\"}".into())
+    })?;
+    let (from, to) = parse_range(&r.from, &r.to)?;
+    Ok(Json(s.ingestor.restate(from, to).await?).into_response())
+}
+
+async fn get_lateness(State(s): State<AppState>) -> Result<Response, ApiError> {
+    Ok(Json(lateness::lateness(&s.ingestor).await?).into_response())
 }
 
 async fn get_dashboard(

@@ -54,11 +54,13 @@ struct Model {
     sql: &'static str,
 }
 
-/// Events deduplicated by `event_id` (the earliest received copy wins).
+/// Events deduplicated by `event_id` (the earliest received copy wins), keeping only those
+/// within the allowed lateness or on a date that has been restated (SPEC §4).
 const EV: &str = "
 SELECT * FROM (
   SELECT *, row_number() OVER (PARTITION BY event_id ORDER BY received_at, event_time) AS __rn
-  FROM events)
+  FROM events
+  WHERE lateness_ms <= $allowed_lateness_ms OR $restated)
 WHERE __rn = 1";
 
 const FACT_VIDEO_VIEW: &str = "
@@ -365,6 +367,31 @@ pub struct TableReport {
     pub version: Option<u64>,
 }
 
+/// What the models read besides `events`.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// "Now", for open vs timed-out sessions.
+    pub now_ms: i64,
+    /// Events later than this (by `lateness_ms`) only count once their date is restated.
+    pub allowed_lateness_ms: i64,
+    /// Restated date ranges, inclusive, as days since 1970-01-01.
+    pub restated: Vec<(i32, i32)>,
+}
+
+impl Inputs {
+    fn restated_sql(&self) -> String {
+        if self.restated.is_empty() {
+            return "false".into();
+        }
+        let ranges: Vec<String> = self
+            .restated
+            .iter()
+            .map(|(a, b)| format!("(CAST(event_date AS INT) BETWEEN {a} AND {b})"))
+            .collect();
+        format!("({})", ranges.join(" OR "))
+    }
+}
+
 /// Rebuilds every model from `events` as seen by `catalog` and writes each as one Delta
 /// commit. `current` gives the derived tables' present handles (to write new versions of);
 /// returns the new handles with the report.
@@ -372,14 +399,21 @@ pub async fn materialize(
     catalog: &Catalog,
     lake: &Lake,
     current: &HashMap<String, DeltaTable>,
-    now_ms: i64,
+    inputs: &Inputs,
 ) -> Result<(Report, Vec<(String, DeltaTable)>)> {
     let start = Instant::now();
     let ctx = catalog.context();
     let mut report = Report::default();
     let mut handles = Vec::new();
     for m in MODELS {
-        let sql = m.sql.replace("$now_ms", &now_ms.to_string());
+        let sql = m
+            .sql
+            .replace("$now_ms", &inputs.now_ms.to_string())
+            .replace(
+                "$allowed_lateness_ms",
+                &inputs.allowed_lateness_ms.to_string(),
+            )
+            .replace("$restated", &inputs.restated_sql());
         let model_err = |source| Error::Model {
             model: m.name,
             source,

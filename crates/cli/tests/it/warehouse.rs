@@ -372,3 +372,66 @@ async fn dashboard_equals_the_aggregates() {
     }
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_beyond_allowed_lateness_count_only_after_restate() {
+    let now = chrono::Utc::now().timestamp_millis();
+    // Recent traffic (within the default 7-day allowed lateness)…
+    let recent = generate(&WorkloadConfig::new(5_000, 31, now - 60_000));
+    // …and one day of traffic that arrives 10–11 days after it happened.
+    let mut cfg = WorkloadConfig::new(3_000, 32, now - 10 * DAY);
+    cfg.days = 1;
+    let old = generate(&cfg);
+    let (recent_evs, old_evs) = (events(&recent.lines), events(&old.lines));
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 1_000_000).await;
+    let url = url(&server);
+    ingest(&url, &recent.lines).await;
+    materialize(&url).await;
+    check(&url, &recent_evs).await;
+
+    ingest(&url, &old.lines).await;
+    materialize(&url).await;
+    // Stored and counted as too late, but the closed dates are unchanged.
+    let stored = sql(&url, "SELECT count(*) FROM events").await[0][0]
+        .as_u64()
+        .unwrap();
+    assert_eq!(stored as usize, recent_evs.len() + old_evs.len());
+    check(&url, &recent_evs).await;
+    let lat: Value = reqwest::get(format!("{url}/v1/ingest/lateness"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let beyond = lat["beyond_allowed"].as_u64().unwrap() as usize;
+    assert!(beyond >= old_evs.len(), "{lat}");
+    let total: u64 = lat["histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["events"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, stored);
+
+    // Restating the old dates brings them in.
+    let first = chrono::DateTime::from_timestamp_millis(old.manifest.first_event_ms)
+        .unwrap()
+        .date_naive();
+    let last = chrono::DateTime::from_timestamp_millis(old.manifest.last_event_ms)
+        .unwrap()
+        .date_naive();
+    let body = serde_json::json!({"from": first.to_string(), "to": last.to_string()}).to_string();
+    let (status, v) = post(&url, "/v1/admin/restate", body, "application/json").await;
+    assert_eq!(status, 200, "{v}");
+    let all: Vec<Event> = recent_evs.iter().chain(&old_evs).cloned().collect();
+    check(&url, &all).await;
+    server.shutdown().await.unwrap();
+
+    // The restatement is durable: a restart and a rebuild keep the old dates in.
+    let server = start(dir.path(), 1_000_000).await;
+    let url = crate::common::url(&server);
+    materialize(&url).await;
+    check(&url, &all).await;
+    server.shutdown().await.unwrap();
+}
