@@ -290,7 +290,8 @@ async fn materialize(url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregates_equal_reference_for_any_arrival_order() {
-    let w = generate(&WorkloadConfig::new(12_000, 21, 1_764_000_000_000));
+    let now = chrono::Utc::now().timestamp_millis();
+    let w = generate(&WorkloadConfig::new(12_000, 21, now));
     let evs = events(&w.lines);
     for seed in [1u64, 2, 3] {
         let mut lines = w.lines.clone();
@@ -316,7 +317,8 @@ async fn aggregates_equal_reference_for_any_arrival_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_equals_the_aggregates() {
-    let w = generate(&WorkloadConfig::new(8_000, 5, 1_764_000_000_000));
+    let now = chrono::Utc::now().timestamp_millis();
+    let w = generate(&WorkloadConfig::new(8_000, 5, now));
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), 1_000_000).await;
     let url = url(&server);
