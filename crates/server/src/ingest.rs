@@ -282,8 +282,9 @@ pub struct Ingestor {
     /// Accepted-event count at the start of the last materialization (dirty check).
     materialized_at: AtomicU64,
     materialize_lock: tokio::sync::Mutex<()>,
-    /// Restated date ranges (days since epoch, inclusive), persisted in `_state/`.
-    restated: Mutex<Vec<(i32, i32)>>,
+    /// Date closures and restatements (see `reelhouse_warehouse::Inputs`), persisted in
+    /// `_state/late_data.json`.
+    late: Mutex<LateState>,
     /// Held for the life of the ingestor: one writer per data directory.
     _lock: std::fs::File,
 }
@@ -418,7 +419,7 @@ impl Ingestor {
             replayed,
             materialized_at: AtomicU64::new(0),
             materialize_lock: tokio::sync::Mutex::new(()),
-            restated: Mutex::new(load_restatements(&lake_root)?),
+            late: Mutex::new(LateState::load(&lake_root)?),
             _lock: lock,
         }))
     }
@@ -631,14 +632,21 @@ impl Ingestor {
             let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
             v.derived.clone()
         };
-        let inputs = reelhouse_warehouse::Inputs {
-            now_ms: self.config.clock.now_ms(),
-            allowed_lateness_ms: self.config.dedup_window.as_millis() as i64,
-            restated: self
-                .restated
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+        let inputs = {
+            let now = self.config.clock.now_ms();
+            let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
+            // Dates whose end plus the allowed lateness has passed close now.
+            let window = self.config.dedup_window.as_millis() as i64;
+            let horizon = reelhouse_event::time::day_of(now - window) - 1;
+            if late.closures.last().is_none_or(|(h, _)| *h < horizon) {
+                late.closures.push((horizon, now));
+                late.save(self.lake.root())?;
+            }
+            reelhouse_warehouse::Inputs {
+                now_ms: now,
+                closures: late.closures.clone(),
+                restatements: late.restatements.clone(),
+            }
         };
         let (report, handles) =
             reelhouse_warehouse::materialize(&catalog, &self.lake, &current, &inputs).await?;
@@ -656,19 +664,18 @@ impl Ingestor {
         self.config.dedup_window
     }
 
-    /// Records that dates `from..=to` (days since epoch) include every stored event from now
-    /// on, however late, and rebuilds the warehouse.
+    /// Counts every event stored so far for dates `from..=to` (days since epoch), however
+    /// late, and rebuilds the warehouse.
     pub async fn restate(
         &self,
         from: i32,
         to: i32,
     ) -> Result<reelhouse_warehouse::Report, IngestError> {
         {
-            let mut r = self.restated.lock().unwrap_or_else(|p| p.into_inner());
-            if !r.iter().any(|(a, b)| *a <= from && to <= *b) {
-                r.push((from, to));
-                save_restatements(self.lake.root(), &r)?;
-            }
+            let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
+            late.restatements
+                .push((from, to, self.config.clock.now_ms()));
+            late.save(self.lake.root())?;
         }
         self.materialize().await
     }
@@ -709,32 +716,41 @@ impl Ingestor {
     }
 }
 
-fn restatements_path(root: &Path) -> PathBuf {
-    root.join("_state").join("restatements.json")
+/// Date closures and restatements, durable in `_state/late_data.json`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct LateState {
+    closures: Vec<(i32, i64)>,
+    restatements: Vec<(i32, i32, i64)>,
 }
 
-fn load_restatements(root: &Path) -> Result<Vec<(i32, i32)>, IngestError> {
-    match std::fs::read(restatements_path(root)) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map_err(|_| IngestError::BadBody("_state/restatements.json is unreadable".into())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e.into()),
+impl LateState {
+    fn path(root: &Path) -> PathBuf {
+        root.join("_state").join("late_data.json")
     }
-}
 
-/// Writes the list atomically: temp file, fsync, rename, fsync the directory.
-fn save_restatements(root: &Path, list: &[(i32, i32)]) -> Result<(), IngestError> {
-    use std::io::Write;
-    let path = restatements_path(root);
-    let dir = path.parent().unwrap_or(root);
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join("restatements.json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(list).unwrap_or_default())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    fn load(root: &Path) -> Result<LateState, IngestError> {
+        match std::fs::read(Self::path(root)) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|_| IngestError::BadBody("_state/late_data.json is unreadable".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LateState::default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes atomically: temp file, fsync, rename, fsync the directory.
+    fn save(&self, root: &Path) -> Result<(), IngestError> {
+        use std::io::Write;
+        let path = Self::path(root);
+        let dir = path.parent().unwrap_or(root);
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join("late_data.json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(self).unwrap_or_default())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    }
 }
 
 /// Rebuilds the dedup set from events received since `since_ms` (committed or pending).

@@ -54,13 +54,13 @@ struct Model {
     sql: &'static str,
 }
 
-/// Events deduplicated by `event_id` (the earliest received copy wins), keeping only those
-/// within the allowed lateness or on a date that has been restated (SPEC §4).
+/// Events deduplicated by `event_id` (the earliest received copy wins), without those that
+/// arrived after their date was closed (SPEC §4; see [`Inputs`]).
 const EV: &str = "
 SELECT * FROM (
   SELECT *, row_number() OVER (PARTITION BY event_id ORDER BY received_at, event_time) AS __rn
   FROM events
-  WHERE lateness_ms <= $allowed_lateness_ms OR $restated)
+  WHERE $closed_at IS NULL OR CAST(received_at AS BIGINT) < $closed_at * 1000)
 WHERE __rn = 1";
 
 const FACT_VIDEO_VIEW: &str = "
@@ -368,27 +368,48 @@ pub struct TableReport {
 }
 
 /// What the models read besides `events`.
-#[derive(Debug, Clone)]
+///
+/// Late data (SPEC §4): a date *closes* at the first materialization after its end plus the
+/// allowed lateness. Events received before their date closed count; events received after
+/// it (necessarily later than the allowed lateness) are stored but left out until a
+/// restatement of the date, which counts everything received up to the restatement. So the
+/// models stay a pure function of (events, closures, restatements).
+#[derive(Debug, Clone, Default)]
 pub struct Inputs {
     /// "Now", for open vs timed-out sessions.
     pub now_ms: i64,
-    /// Events later than this (by `lateness_ms`) only count once their date is restated.
-    pub allowed_lateness_ms: i64,
-    /// Restated date ranges, inclusive, as days since 1970-01-01.
-    pub restated: Vec<(i32, i32)>,
+    /// `(horizon, at_ms)`: at `at_ms`, every date ≤ `horizon` (days since epoch) closed.
+    /// Ascending in both.
+    pub closures: Vec<(i32, i64)>,
+    /// `(from, to, at_ms)`: dates `from..=to` restated at `at_ms`.
+    pub restatements: Vec<(i32, i32, i64)>,
 }
 
 impl Inputs {
-    fn restated_sql(&self) -> String {
-        if self.restated.is_empty() {
-            return "false".into();
+    /// SQL for the epoch-ms instant the row's `event_date` closed (NULL while open).
+    fn closed_at_sql(&self) -> String {
+        if self.closures.is_empty() {
+            return "CAST(NULL AS BIGINT)".into();
         }
-        let ranges: Vec<String> = self
-            .restated
+        let d = "CAST(event_date AS INT)";
+        let base: String = self
+            .closures
             .iter()
-            .map(|(a, b)| format!("(CAST(event_date AS INT) BETWEEN {a} AND {b})"))
+            .map(|(h, at)| format!("WHEN {d} <= {h} THEN {at} "))
             .collect();
-        format!("({})", ranges.join(" OR "))
+        let base = format!("(CASE {base}END)");
+        if self.restatements.is_empty() {
+            return base;
+        }
+        let restated: Vec<String> = self
+            .restatements
+            .iter()
+            .map(|(a, b, at)| format!("CASE WHEN {d} BETWEEN {a} AND {b} THEN {at} END"))
+            .collect();
+        format!(
+            "(CASE WHEN {base} IS NULL THEN NULL ELSE greatest({base}, {}) END)",
+            restated.join(", ")
+        )
     }
 }
 
@@ -409,11 +430,7 @@ pub async fn materialize(
         let sql = m
             .sql
             .replace("$now_ms", &inputs.now_ms.to_string())
-            .replace(
-                "$allowed_lateness_ms",
-                &inputs.allowed_lateness_ms.to_string(),
-            )
-            .replace("$restated", &inputs.restated_sql());
+            .replace("$closed_at", &inputs.closed_at_sql());
         let model_err = |source| Error::Model {
             model: m.name,
             source,

@@ -437,3 +437,17 @@ async fn events_beyond_allowed_lateness_count_only_after_restate() {
     check(&url, &all).await;
     server.shutdown().await.unwrap();
 }
+
+/// Loading history (all of it far beyond the allowed lateness) into a fresh directory: its
+/// dates were never closed, so the first materialization counts all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn historical_load_counts_at_first_materialization() {
+    let w = generate(&WorkloadConfig::new(4_000, 41, 1_764_000_000_000));
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 1_000_000).await;
+    let url = url(&server);
+    ingest(&url, &w.lines).await;
+    materialize(&url).await;
+    check(&url, &events(&w.lines)).await;
+    server.shutdown().await.unwrap();
+}
