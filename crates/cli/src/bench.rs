@@ -31,6 +31,27 @@ pub struct BenchArgs {
 enum BenchCommand {
     /// HTTP ingest throughput and ack latency with durable acks, beside DuckDB read_ndjson.
     Ingest(IngestBench),
+    /// Warehouse rebuild rate and creator-dashboard latency, beside DuckDB computing
+    /// agg_creator_daily from the same Parquet files.
+    Materialize(MaterializeBench),
+}
+
+#[derive(Args)]
+struct MaterializeBench {
+    /// Events to generate.
+    #[arg(long, default_value_t = 2_000_000)]
+    events: usize,
+    /// Days of event time they cover.
+    #[arg(long, default_value_t = 90)]
+    days: u32,
+    /// Dashboard requests to time.
+    #[arg(long, default_value_t = 2_000)]
+    requests: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Where to write the JSON result.
+    #[arg(long, default_value = "bench/results/materialize.json")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -57,6 +78,7 @@ struct IngestBench {
 pub async fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchCommand::Ingest(b) => ingest(b).await,
+        BenchCommand::Materialize(b) => materialize(b).await,
     }
 }
 
@@ -230,6 +252,243 @@ print(json.dumps({"version": duckdb.__version__, "load_s": load, "rows": n,
                 String::from_utf8_lossy(&o.stderr)
                     .lines()
                     .last()
+                    .unwrap_or("python3 failed")
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("DuckDB comparison skipped: cannot run python3 ({e})");
+            None
+        }
+    }
+}
+
+async fn materialize(b: MaterializeBench) -> Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; benchmark figures need `cargo run --release`");
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("reelhouse-bench-")
+        .tempdir()?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut cfg = WorkloadConfig::new(b.events, b.seed, now);
+    cfg.days = b.days;
+    let w = reelhouse_workload::generate(&cfg);
+    let m = w.manifest.clone();
+    let data = DataArgs {
+        data_dir: dir.path().join("data"),
+        flush_rows: 1_000_000,
+        flush_interval_ms: 10_000,
+        allowed_lateness_days: 7,
+    };
+    let mut config = ServerConfig::new(data.ingest_config(), "127.0.0.1:0".parse()?);
+    config.materialize_interval = None;
+    let server = reelhouse_server::start(config).await?;
+    for body in w.bodies(20_000) {
+        server
+            .ingestor
+            .ingest(&body, reelhouse_server::IngestPath::Bulk)
+            .await?;
+    }
+    drop(w);
+    server.ingestor.flush().await?;
+    eprintln!("loaded {} events over {} days", m.valid_unique, b.days);
+
+    // Full rebuild, then a late trickle touching 3 old dates and a rebuild again.
+    let t = Instant::now();
+    let report = server.ingestor.materialize().await?;
+    let full_s = t.elapsed().as_secs_f64();
+    let mut trickle = WorkloadConfig::new(3_000, b.seed + 1, now - 20 * 86_400_000);
+    trickle.days = 3;
+    trickle.duplicate_fraction = 0.0;
+    trickle.malformed_fraction = 0.0;
+    let tw = reelhouse_workload::generate(&trickle);
+    for body in tw.bodies(3_000) {
+        server
+            .ingestor
+            .ingest(&body, reelhouse_server::IngestPath::Bulk)
+            .await?;
+    }
+    let t = Instant::now();
+    server.ingestor.materialize().await?;
+    let trickle_s = t.elapsed().as_secs_f64();
+    server.ingestor.flush().await?;
+    let agg_rows = report
+        .tables
+        .iter()
+        .find(|t| t.table == "agg_creator_daily")
+        .map_or(0, |t| t.rows);
+
+    // Dashboard over loopback: the busiest creator, the last 90 days.
+    let catalog = server.ingestor.catalog().await?;
+    let top = catalog
+        .query_json(
+            "SELECT creator_id FROM agg_creator_daily GROUP BY 1 ORDER BY sum(views) DESC LIMIT 1",
+            1,
+        )
+        .await?;
+    let creator = top
+        .rows
+        .first()
+        .and_then(|r| r.first())
+        .cloned()
+        .unwrap_or_default();
+    let to = chrono::Utc::now().date_naive();
+    let from = to - chrono::Duration::days(89);
+    let url = format!(
+        "http://{}/v1/creators/{creator}/dashboard?from={from}&to={to}",
+        server.addr
+    );
+    let http = reqwest::Client::new();
+    let mut lat = Vec::with_capacity(b.requests);
+    for i in 0..b.requests + 50 {
+        let t = Instant::now();
+        let resp = http.get(&url).send().await?;
+        let ok = resp.status().is_success();
+        let _ = resp.bytes().await?;
+        if !ok {
+            anyhow::bail!("dashboard request failed");
+        }
+        if i >= 50 {
+            lat.push(t.elapsed().as_micros() as u64);
+        }
+    }
+    lat.sort_unstable();
+    server.shutdown().await?;
+    let ms = |p| percentile(&lat, p) as f64 / 1000.0;
+    let eps = m.valid_unique as f64 / full_s;
+    println!(
+        "reelhouse warehouse rebuild ({} events, {} days):",
+        m.valid_unique, b.days
+    );
+    for t in &report.tables {
+        println!(
+            "  {:<20} {:>9} rows {:>7} ms",
+            t.table, t.rows, t.elapsed_ms
+        );
+    }
+    println!("  full rebuild {:.2}s = {:.0} events/s; after a late trickle of 3,000 events on 3 old dates {:.2}s", full_s, eps, trickle_s);
+    println!("  dashboard (90 days, {} requests over loopback): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", b.requests, ms(50.0), ms(99.0), ms(100.0));
+
+    let duck = duckdb_creator_daily(&data.data_dir);
+    if let Some(d) = &duck {
+        let s = d["agg_s"].as_f64().unwrap_or(0.0);
+        println!(
+            "DuckDB {} agg_creator_daily from the same Parquet files (2 threads): {:.2}s = {:.0} events/s ({} rows)",
+            d["version"].as_str().unwrap_or("?"),
+            s,
+            d["events"].as_f64().unwrap_or(0.0) / s.max(1e-9),
+            d["rows"]
+        );
+    }
+    let result = json!({
+        "benchmark": "materialize",
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "events": m.valid_unique,
+        "days": b.days,
+        "reelhouse": {
+            "full_rebuild_s": full_s,
+            "full_rebuild_events_per_s": eps,
+            "models": report.tables.iter().filter(|t| t.version.is_some()).count(),
+            "per_model_ms": report.tables.iter().map(|t| (t.table.clone(), t.elapsed_ms)).collect::<std::collections::BTreeMap<_, _>>(),
+            "agg_creator_daily_rows": agg_rows,
+            "late_trickle_events": tw.manifest.valid_unique,
+            "late_trickle_rebuild_s": trickle_s,
+            "dashboard_ms": {"p50": ms(50.0), "p90": ms(90.0), "p99": ms(99.0), "max": ms(100.0)},
+            "dashboard_requests": b.requests,
+        },
+        "duckdb": duck,
+        "at": chrono::Utc::now().to_rfc3339(),
+    });
+    if let Some(parent) = b.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&b.out, serde_json::to_string_pretty(&result)? + "\n")?;
+    println!("wrote {}", b.out.display());
+    Ok(())
+}
+
+/// DuckDB computing agg_creator_daily (same definitions) from the events table's Parquet files.
+fn duckdb_creator_daily(data_dir: &std::path::Path) -> Option<serde_json::Value> {
+    let script = r#"
+import duckdb, json, sys, time
+src = sys.argv[1] + "/events/*/*.parquet"
+con = duckdb.connect()
+con.execute("SET threads=2")
+con.execute("SET enable_progress_bar = false")
+con.execute("SET TimeZone = 'UTC'")
+q = f"""
+WITH ev AS (SELECT * FROM read_parquet('{src}', hive_partitioning = true)
+            QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY received_at) = 1),
+v AS (SELECT view_id,
+    coalesce(min(CASE WHEN event_type = 'video_view_start' THEN creator_id END), min(creator_id)) AS creator_id,
+    coalesce(min(CASE WHEN event_type = 'video_view_start' THEN user_id END), min(user_id)) AS user_id,
+    min(CASE WHEN event_type = 'video_view_start' THEN event_time END) AS st,
+    max(CASE WHEN event_type = 'video_view_end' THEN event_time END) AS et,
+    max(CASE WHEN event_type = 'video_view_end' THEN watch_ms END) AS w,
+    max(CASE WHEN event_type = 'video_view_end' THEN video_duration_ms END) AS d,
+    coalesce(min(CASE WHEN event_type = 'video_view_start' THEN source END), 'other') AS src,
+    bool_or(event_type = 'video_view_end') AS he
+  FROM ev WHERE event_type IN ('video_view_start', 'video_view_end') GROUP BY view_id),
+views AS (SELECT creator_id, CAST(coalesce(st, et) AS DATE) AS date, count(*) AS views,
+    count(DISTINCT user_id) AS uv, count(*) FILTER (WHERE he AND w >= 3000) AS engaged,
+    coalesce(sum(w), 0) AS watch, avg(w) FILTER (WHERE he) AS avgd,
+    avg(least(w / d, 1.0)) FILTER (WHERE he) AS avgp, count(*) FILTER (WHERE he AND w >= 0.98 * d) AS comp,
+    count(*) FILTER (WHERE src = 'feed') AS vf, count(*) FILTER (WHERE src = 'profile') AS vp,
+    count(*) FILTER (WHERE src = 'share') AS vs, count(*) FILTER (WHERE src = 'search') AS vq,
+    count(*) FILTER (WHERE src = 'hashtag') AS vh, count(*) FILTER (WHERE src = 'audio') AS va,
+    count(*) FILTER (WHERE src = 'other') AS vo
+  FROM v GROUP BY 1, 2),
+lt AS (SELECT creator_id, CAST(event_time AS DATE) AS date,
+    count(*) FILTER (WHERE event_type = 'like' AND (prev IS NULL OR prev = 'unlike')) AS la,
+    count(*) FILTER (WHERE event_type = 'unlike' AND prev = 'like') AS lr
+  FROM (SELECT *, lag(event_type) OVER (PARTITION BY user_id, video_id ORDER BY event_time, event_id) AS prev
+        FROM ev WHERE event_type IN ('like', 'unlike')) GROUP BY 1, 2),
+ft AS (SELECT creator_id, CAST(event_time AS DATE) AS date,
+    count(*) FILTER (WHERE event_type = 'follow_creator' AND (prev IS NULL OR prev = 'unfollow_creator')) AS fg,
+    count(*) FILTER (WHERE event_type = 'unfollow_creator' AND prev = 'follow_creator') AS fl
+  FROM (SELECT *, lag(event_type) OVER (PARTITION BY user_id, creator_id ORDER BY event_time, event_id) AS prev
+        FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator')) GROUP BY 1, 2),
+eng AS (SELECT creator_id, CAST(event_time AS DATE) AS date,
+    count(DISTINCT share_id) FILTER (WHERE event_type = 'share') AS sh,
+    count(*) FILTER (WHERE event_type = 'comment') AS co
+  FROM ev WHERE event_type IN ('share', 'comment') GROUP BY 1, 2),
+act AS (SELECT DISTINCT creator_id, CAST(event_time AS DATE) AS date FROM ev WHERE creator_id IS NOT NULL
+        UNION SELECT creator_id, date FROM views)
+SELECT a.creator_id, a.date, coalesce(views, 0) AS views, coalesce(uv, 0), coalesce(engaged, 0),
+  coalesce(watch, 0), avgd, avgp, coalesce(comp, 0), coalesce(la, 0), coalesce(lr, 0),
+  coalesce(sh, 0), coalesce(co, 0), coalesce(fg, 0), coalesce(fl, 0),
+  CASE WHEN coalesce(views, 0) > 0 THEN (coalesce(la, 0) - coalesce(lr, 0) + coalesce(co, 0) + coalesce(sh, 0)) / views END,
+  vf, vp, vs, vq, vh, va, vo
+FROM act a LEFT JOIN views USING (creator_id, date) LEFT JOIN lt USING (creator_id, date)
+  LEFT JOIN ft USING (creator_id, date) LEFT JOIN eng USING (creator_id, date)
+"""
+n = con.execute(f"SELECT count(*) FROM read_parquet('{src}')").fetchone()[0]
+t = time.time()
+rows = con.execute(f"CREATE TABLE agg AS {q}").fetchall()
+s = time.time() - t
+r = con.execute("SELECT count(*), sum(views) FROM agg").fetchone()
+print(json.dumps({"version": duckdb.__version__, "agg_s": s, "events": n, "rows": r[0], "views": r[1]}))
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(data_dir)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            text.lines()
+                .last()
+                .and_then(|l| serde_json::from_str(l).ok())
+        }
+        Ok(o) => {
+            eprintln!(
+                "DuckDB comparison skipped: {}",
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .find(|l| l.contains("Error") || l.contains("No module"))
                     .unwrap_or("python3 failed")
             );
             None

@@ -156,10 +156,15 @@ pub async fn run(a: DemoArgs) -> Result<()> {
 
     let t2 = Instant::now();
     let report = server.ingestor.materialize().await?;
-    let rows: usize = report.tables.iter().map(|t| t.rows).sum();
+    let written: Vec<_> = report
+        .tables
+        .iter()
+        .filter(|t| t.version.is_some())
+        .collect();
+    let rows: usize = written.iter().map(|t| t.rows).sum();
     println!(
         "materialized {} warehouse tables ({rows} rows) in {:.1}s",
-        report.tables.len(),
+        written.len(),
         t2.elapsed().as_secs_f64()
     );
     let catalog = server.ingestor.catalog().await?;

@@ -446,9 +446,21 @@ async fn materialize(data: DataArgs, restate: Option<(i32, i32)>) -> Result<()> 
     let rows: Vec<Vec<serde_json::Value>> = report
         .tables
         .iter()
-        .map(|t| vec![t.table.clone().into(), t.rows.into(), t.version.into()])
+        .map(|t| {
+            vec![
+                t.table.clone().into(),
+                t.rows.into(),
+                t.version.into(),
+                t.elapsed_ms.into(),
+            ]
+        })
         .collect();
-    let cols = ["table".to_string(), "rows".into(), "delta_version".into()];
+    let cols = [
+        "table".to_string(),
+        "rows".into(),
+        "delta_version".into(),
+        "ms".into(),
+    ];
     print!("{}", send::print_table(&cols, &rows));
     println!("materialized in {:.1}s", report.elapsed_ms as f64 / 1000.0);
     Ok(())

@@ -5,6 +5,8 @@
 //! exactly over the range's views (a sum of daily uniques would count a returning viewer twice);
 //! `engagement_rate` is the range's (likes_added − likes_removed + comments + shares) / views.
 
+use std::collections::{BTreeMap, HashMap};
+
 use chrono::NaiveDate;
 use serde_json::{json, Map, Value};
 
@@ -43,11 +45,107 @@ fn parse_date(name: &str, v: Option<&String>) -> Result<NaiveDate, ApiError> {
         .map_err(|_| ApiError::BadRequest(format!("{name} must be a date as YYYY-MM-DD")))
 }
 
+/// Everything the dashboard reads, in memory, built once per materialization.
+#[derive(Default)]
+pub struct DashboardIndex {
+    creators: HashMap<i64, CreatorIndex>,
+}
+
+#[derive(Default)]
+struct CreatorIndex {
+    /// `agg_creator_daily` rows by day (days since epoch), without `creator_id`.
+    days: BTreeMap<i32, Map<String, Value>>,
+    /// Per day: (views with an end, their watch_ms sum, their percent_viewed sum).
+    ended: BTreeMap<i32, (i64, i64, f64)>,
+    /// For each viewer, the sorted days they viewed (exact unique viewers over any range).
+    viewer_days: Vec<Vec<i32>>,
+    followers: i64,
+}
+
+fn day_number(d: NaiveDate) -> i32 {
+    (d - NaiveDate::default()).num_days() as i32
+}
+
+impl DashboardIndex {
+    /// Reads the warehouse tables through `catalog`.
+    pub async fn build(
+        catalog: &reelhouse_lake::query::Catalog,
+    ) -> Result<DashboardIndex, ApiError> {
+        let mut idx = DashboardIndex::default();
+        let has = |t: &str| catalog.context().table_exist(t).unwrap_or(false);
+        if !has("agg_creator_daily") || !has("fact_video_view") || !has("follow_state") {
+            return Ok(idx);
+        }
+        let days = catalog
+            .query_json(
+                "SELECT *, CAST(date AS INT) AS __day FROM agg_creator_daily",
+                usize::MAX,
+            )
+            .await?;
+        for row in days.rows {
+            let mut m = Map::new();
+            let (mut creator, mut day) = (0, 0);
+            for (c, v) in days.columns.iter().zip(row) {
+                match c.as_str() {
+                    "creator_id" => creator = v.as_i64().unwrap_or(0),
+                    "__day" => day = v.as_i64().unwrap_or(0) as i32,
+                    _ => {
+                        m.insert(c.clone(), v);
+                    }
+                }
+            }
+            idx.creators.entry(creator).or_default().days.insert(day, m);
+        }
+        let viewers = catalog
+            .query_json(
+                "SELECT creator_id, user_id, CAST(event_date AS INT) AS day, \
+                 count(*) FILTER (WHERE has_end), coalesce(sum(watch_ms) FILTER (WHERE has_end), 0), \
+                 coalesce(sum(percent_viewed) FILTER (WHERE has_end), 0) \
+                 FROM fact_video_view WHERE creator_id IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                usize::MAX,
+            )
+            .await?;
+        let mut last: Option<(i64, i64)> = None;
+        for r in viewers.rows {
+            let (creator, user, day) = (
+                r[0].as_i64().unwrap_or(0),
+                r[1].as_i64().unwrap_or(0),
+                r[2].as_i64().unwrap_or(0) as i32,
+            );
+            let c = idx.creators.entry(creator).or_default();
+            if last != Some((creator, user)) {
+                c.viewer_days.push(Vec::new());
+                last = Some((creator, user));
+            }
+            if let Some(v) = c.viewer_days.last_mut() {
+                v.push(day);
+            }
+            let e = c.ended.entry(day).or_default();
+            e.0 += r[3].as_i64().unwrap_or(0);
+            e.1 += r[4].as_i64().unwrap_or(0);
+            e.2 += r[5].as_f64().unwrap_or(0.0);
+        }
+        let f = catalog
+            .query_json(
+                "SELECT creator_id, count(*) FROM follow_state WHERE following GROUP BY 1",
+                usize::MAX,
+            )
+            .await?;
+        for r in f.rows {
+            idx.creators
+                .entry(r[0].as_i64().unwrap_or(0))
+                .or_default()
+                .followers = r[1].as_i64().unwrap_or(0);
+        }
+        Ok(idx)
+    }
+}
+
 /// Builds the dashboard of `creator_id` for `[from, to]` (inclusive).
 pub async fn dashboard(
     ingestor: &Ingestor,
     creator: &str,
-    params: &std::collections::HashMap<String, String>,
+    params: &HashMap<String, String>,
 ) -> Result<Value, ApiError> {
     let creator_id: i64 = creator
         .parse()
@@ -64,62 +162,44 @@ pub async fn dashboard(
             "a range may cover at most {MAX_DAYS} days"
         )));
     }
-    let catalog = ingestor.catalog().await?;
-    let has = |t: &str| catalog.context().table_exist(t).unwrap_or(false);
-    if !has("agg_creator_daily") {
-        return Ok(
-            json!({"creator_id": creator_id, "days": [], "totals": Value::Object(Map::new()), "followers": 0}),
-        );
-    }
-    let range = format!("BETWEEN DATE '{from}' AND DATE '{to}'");
-    let days = catalog
-        .query_json(
-            &format!("SELECT * FROM agg_creator_daily WHERE creator_id = {creator_id} AND date {range} ORDER BY date"),
-            usize::MAX,
-        )
-        .await?;
-    let mut out_days = Vec::with_capacity(days.rows.len());
+    let idx = ingestor.dashboard_index().await?;
+    let empty = CreatorIndex::default();
+    let c = idx.creators.get(&creator_id).unwrap_or(&empty);
+    let (a, b) = (day_number(from), day_number(to));
     let mut totals = Map::new();
     for name in SUMMED {
         totals.insert(name.to_string(), json!(0));
     }
-    for row in &days.rows {
-        let mut day = Map::new();
-        for (c, v) in days.columns.iter().zip(row) {
-            if c == "creator_id" {
-                continue;
-            }
-            if SUMMED.contains(&c.as_str()) && c != "unique_viewers" {
-                let t = totals.get(c).and_then(Value::as_i64).unwrap_or(0);
-                totals.insert(c.clone(), json!(t + v.as_i64().unwrap_or(0)));
-            }
-            day.insert(c.clone(), v.clone());
+    let mut out_days = Vec::new();
+    for day in c.days.range(a..=b).map(|(_, d)| d) {
+        for name in SUMMED.iter().filter(|n| **n != "unique_viewers") {
+            let t = totals.get(*name).and_then(Value::as_i64).unwrap_or(0);
+            let v = day.get(*name).and_then(Value::as_i64).unwrap_or(0);
+            totals.insert(name.to_string(), json!(t + v));
         }
-        out_days.push(Value::Object(day));
+        out_days.push(Value::Object(day.clone()));
     }
-    let exact = catalog
-        .query_json(
-            &format!(
-                "SELECT count(DISTINCT user_id), avg(CAST(watch_ms AS DOUBLE)) FILTER (WHERE has_end), \
-                 avg(percent_viewed) FILTER (WHERE has_end) \
-                 FROM fact_video_view WHERE creator_id = {creator_id} AND event_date {range}"
-            ),
-            1,
-        )
-        .await?;
-    let r = exact.rows.first().cloned().unwrap_or_default();
-    totals.insert(
-        "unique_viewers".into(),
-        r.first().cloned().unwrap_or(json!(0)),
-    );
-    totals.insert(
-        "avg_view_duration_ms".into(),
-        r.get(1).cloned().unwrap_or(Value::Null),
-    );
-    totals.insert(
-        "avg_percent_viewed".into(),
-        r.get(2).cloned().unwrap_or(Value::Null),
-    );
+    let uniques = c
+        .viewer_days
+        .iter()
+        .filter(|days| {
+            let i = days.partition_point(|d| *d < a);
+            i < days.len() && days[i] <= b
+        })
+        .count();
+    totals.insert("unique_viewers".into(), json!(uniques));
+    let (ended, watch, pct) = c.ended.range(a..=b).fold((0i64, 0i64, 0f64), |s, (_, e)| {
+        (s.0 + e.0, s.1 + e.1, s.2 + e.2)
+    });
+    let avg = |x: f64| {
+        if ended > 0 {
+            json!(x / ended as f64)
+        } else {
+            Value::Null
+        }
+    };
+    totals.insert("avg_view_duration_ms".into(), avg(watch as f64));
+    totals.insert("avg_percent_viewed".into(), avg(pct));
     let n = |k: &str| totals.get(k).and_then(Value::as_i64).unwrap_or(0);
     let views = n("views");
     let rate = if views > 0 {
@@ -131,27 +211,12 @@ pub async fn dashboard(
         Value::Null
     };
     totals.insert("engagement_rate".into(), rate);
-    let followers = if has("follow_state") {
-        let f = catalog
-            .query_json(
-                &format!("SELECT count(*) FROM follow_state WHERE creator_id = {creator_id} AND following"),
-                1,
-            )
-            .await?;
-        f.rows
-            .first()
-            .and_then(|r| r.first())
-            .cloned()
-            .unwrap_or(json!(0))
-    } else {
-        json!(0)
-    };
     Ok(json!({
         "creator_id": creator_id,
         "from": from.to_string(),
         "to": to.to_string(),
         "days": out_days,
         "totals": totals,
-        "followers": followers,
+        "followers": c.followers,
     }))
 }

@@ -285,6 +285,8 @@ pub struct Ingestor {
     /// Date closures and restatements (see `reelhouse_warehouse::Inputs`), persisted in
     /// `_state/late_data.json`.
     late: Mutex<LateState>,
+    /// The dashboard's in-memory index of the current warehouse version (built lazily).
+    dashboard: tokio::sync::Mutex<Option<Arc<crate::dashboard::DashboardIndex>>>,
     /// Held for the life of the ingestor: one writer per data directory.
     _lock: std::fs::File,
 }
@@ -420,6 +422,7 @@ impl Ingestor {
             materialized_at: AtomicU64::new(0),
             materialize_lock: tokio::sync::Mutex::new(()),
             late: Mutex::new(LateState::load(&lake_root)?),
+            dashboard: tokio::sync::Mutex::new(None),
             _lock: lock,
         }))
     }
@@ -650,12 +653,29 @@ impl Ingestor {
         };
         let (report, handles) =
             reelhouse_warehouse::materialize(&catalog, &self.lake, &current, &inputs).await?;
-        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        for (name, table) in handles {
-            v.derived.insert(name, table);
+        {
+            let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, table) in handles {
+                v.derived.insert(name, table);
+            }
         }
+        *self.dashboard.lock().await = None;
         self.materialized_at.store(seen, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// The dashboard index of the current warehouse version, built on first use.
+    pub async fn dashboard_index(
+        &self,
+    ) -> Result<Arc<crate::dashboard::DashboardIndex>, crate::ApiError> {
+        let mut slot = self.dashboard.lock().await;
+        if let Some(idx) = slot.as_ref() {
+            return Ok(Arc::clone(idx));
+        }
+        let catalog = self.catalog().await?;
+        let idx = Arc::new(crate::dashboard::DashboardIndex::build(&catalog).await?);
+        *slot = Some(Arc::clone(&idx));
+        Ok(idx)
     }
 
     /// Allowed lateness: events later than this count in the warehouse only once their date

@@ -54,14 +54,28 @@ struct Model {
     sql: &'static str,
 }
 
-/// Events deduplicated by `event_id` (the earliest received copy wins), without those that
-/// arrived after their date was closed (SPEC §4; see [`Inputs`]).
-const EV: &str = "
-SELECT * FROM (
-  SELECT *, row_number() OVER (PARTITION BY event_id ORDER BY received_at, event_time) AS __rn
-  FROM events
-  WHERE $closed_at IS NULL OR CAST(received_at AS BIGINT) < $closed_at * 1000)
-WHERE __rn = 1";
+/// The columns the models read, from events not left out by a date closure (see [`Inputs`]).
+const EV_COLUMNS: &str = "event_id, event_type, event_time, user_id, session_id, video_id, \
+  creator_id, view_id, source, via_share_id, watch_ms, video_duration_ms, comment_id, share_id, \
+  parent_share_id, channel, received_at, event_date";
+const EV_FILTER: &str = "$closed_at IS NULL OR CAST(received_at AS BIGINT) < $closed_at * 1000";
+
+/// Checks whether any `event_id` is stored twice (ingest dedups within the allowed lateness,
+/// so this is rare; a hash count is far cheaper than sorting every event to find out).
+const EV_DUPLICATES: &str = "SELECT count(*) - count(DISTINCT event_id) FROM events WHERE $filter";
+
+/// Events, deduplicated by `event_id` when needed (the earliest received copy wins).
+fn ev_sql(has_duplicates: bool) -> String {
+    if has_duplicates {
+        format!(
+            "SELECT {EV_COLUMNS} FROM (SELECT {EV_COLUMNS}, row_number() OVER \
+             (PARTITION BY event_id ORDER BY received_at, event_time) AS __rn \
+             FROM events WHERE {EV_FILTER}) WHERE __rn = 1"
+        )
+    } else {
+        format!("SELECT {EV_COLUMNS} FROM events WHERE {EV_FILTER}")
+    }
+}
 
 const FACT_VIDEO_VIEW: &str = "
 WITH v AS (
@@ -264,21 +278,28 @@ LEFT JOIN views v ON k.video_id = v.video_id AND k.hour = v.hour
 LEFT JOIN likes l ON k.video_id = l.video_id AND k.hour = l.hour
 LEFT JOIN eng e ON k.video_id = e.video_id AND k.hour = e.hour";
 
-/// For p = 0…100: the share of ended views whose watch_ms ≥ p % of the duration.
+/// For p = 0…100: the share of ended views whose watch_ms ≥ p % of the duration. Each view
+/// reaches p up to ⌊100·watch/duration⌋ (integer arithmetic, so exact); counting views by that
+/// reach and summing from 100 down gives the curve without a views × 101 cross join.
 const VIDEO_RETENTION: &str = "
-SELECT f.video_id, CAST(p.value AS BIGINT) AS p,
-  CAST(count(*) FILTER (WHERE f.watch_ms * 100 >= p.value * f.video_duration_ms) AS DOUBLE)
-    / CAST(count(*) AS DOUBLE) AS share_retained
-FROM fact_video_view f CROSS JOIN generate_series(0, 100) p
-WHERE f.has_end
-GROUP BY f.video_id, p.value";
+WITH b AS (
+  SELECT video_id, least((watch_ms * 100) / video_duration_ms, 100) AS reach
+  FROM fact_video_view WHERE has_end),
+c AS (SELECT video_id, reach, count(*) AS n FROM b GROUP BY 1, 2),
+t AS (SELECT video_id, count(*) AS total FROM b GROUP BY 1),
+g AS (SELECT t.video_id, t.total, CAST(p.value AS BIGINT) AS p FROM t CROSS JOIN generate_series(0, 100) p)
+SELECT g.video_id, g.p,
+  CAST(sum(coalesce(c.n, 0)) OVER (PARTITION BY g.video_id ORDER BY g.p DESC
+       ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS DOUBLE) / CAST(g.total AS DOUBLE)
+    AS share_retained
+FROM g LEFT JOIN c ON g.video_id = c.video_id AND g.p = c.reach";
 
 const MODELS: &[Model] = &[
     Model {
         name: "ev",
         partition_by: &[],
         internal: true,
-        sql: EV,
+        sql: "$ev",
     },
     Model {
         name: "fact_video_view",
@@ -364,7 +385,10 @@ pub struct Report {
 pub struct TableReport {
     pub table: String,
     pub rows: usize,
+    /// Delta version written (`None` for helper models kept in memory only).
     pub version: Option<u64>,
+    /// Time to compute and write it.
+    pub elapsed_ms: u64,
 }
 
 /// What the models read besides `events`.
@@ -426,11 +450,26 @@ pub async fn materialize(
     let ctx = catalog.context();
     let mut report = Report::default();
     let mut handles = Vec::new();
+    let closed_at = inputs.closed_at_sql();
+    let dup_sql = EV_DUPLICATES.replace("$filter", &EV_FILTER.replace("$closed_at", &closed_at));
+    let dups = catalog.query(&dup_sql).await?;
+    let has_duplicates = dups
+        .first()
+        .and_then(|b| {
+            use reelhouse_lake::deltalake::arrow::array::AsArray;
+            use reelhouse_lake::deltalake::arrow::datatypes::Int64Type;
+            let c = b.column(0).as_primitive_opt::<Int64Type>()?;
+            (!c.is_empty()).then(|| c.value(0) > 0)
+        })
+        .unwrap_or(true);
+    let ev = ev_sql(has_duplicates);
     for m in MODELS {
+        let model_start = Instant::now();
         let sql = m
             .sql
+            .replace("$ev", &ev)
             .replace("$now_ms", &inputs.now_ms.to_string())
-            .replace("$closed_at", &inputs.closed_at_sql());
+            .replace("$closed_at", &closed_at);
         let model_err = |source| Error::Model {
             model: m.name,
             source,
@@ -446,6 +485,12 @@ pub async fn materialize(
         ctx.register_table(m.name, Arc::new(mem))
             .map_err(model_err)?;
         if m.internal {
+            report.tables.push(TableReport {
+                table: m.name.to_string(),
+                rows,
+                version: None,
+                elapsed_ms: model_start.elapsed().as_millis() as u64,
+            });
             continue;
         }
         let batches = if batches.is_empty() {
@@ -466,6 +511,7 @@ pub async fn materialize(
             table: m.name.to_string(),
             rows,
             version: table.version(),
+            elapsed_ms: model_start.elapsed().as_millis() as u64,
         });
         handles.push((m.name.to_string(), table));
     }

@@ -361,6 +361,35 @@ async fn dashboard_equals_the_aggregates() {
     )
     .await;
     assert_eq!(d["followers"], followers[0][0]);
+    // A sub-range: exact unique viewers and averages over just those days.
+    let sub_from = (chrono::NaiveDate::parse_from_str(from, "%Y-%m-%d").unwrap()
+        + chrono::Duration::days(1))
+    .to_string();
+    let d: Value = reqwest::get(format!(
+        "{url}/v1/creators/{creator}/dashboard?from={sub_from}&to={to}"
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let want = sql(&url, &format!(
+        "SELECT count(DISTINCT user_id), avg(CAST(watch_ms AS DOUBLE)) FILTER (WHERE has_end), \
+         avg(percent_viewed) FILTER (WHERE has_end), count(*) FROM fact_video_view \
+         WHERE creator_id = {creator} AND event_date >= DATE '{sub_from}' AND event_date <= DATE '{to}'")).await;
+    assert_eq!(d["totals"]["unique_viewers"], want[0][0]);
+    close(
+        &d["totals"]["avg_view_duration_ms"],
+        want[0][1].as_f64(),
+        "avg_view_duration_ms",
+    );
+    close(
+        &d["totals"]["avg_percent_viewed"],
+        want[0][2].as_f64(),
+        "avg_percent_viewed",
+    );
+    assert_eq!(d["totals"]["views"], want[0][3]);
+    assert_eq!(d["days"].as_array().unwrap().len(), days.len() - 1);
     // Bad ranges are refused with a clear 400.
     for q in [
         "from=2026-01-02&to=2026-01-01",
@@ -449,5 +478,70 @@ async fn historical_load_counts_at_first_materialization() {
     ingest(&url, &w.lines).await;
     materialize(&url).await;
     check(&url, &events(&w.lines)).await;
+    server.shutdown().await.unwrap();
+}
+
+/// Events stored twice (re-sent after the ingest dedup window) are counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialization_dedups_again() {
+    use std::sync::Arc;
+    let now = chrono::Utc::now().timestamp_millis();
+    let w = generate(&WorkloadConfig::new(4_000, 51, now));
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 1_000_000).await;
+    ingest(&url(&server), &w.lines).await;
+    server.shutdown().await.unwrap();
+    // Restart with a zero-day dedup window: nothing is remembered, so the re-send is stored.
+    let mut ingest_cfg =
+        reelhouse_server::IngestConfig::new(dir.path(), Arc::new(reelhouse_event::SystemClock));
+    ingest_cfg.dedup_window = std::time::Duration::ZERO;
+    let mut config =
+        reelhouse_server::ServerConfig::new(ingest_cfg, "127.0.0.1:0".parse().unwrap());
+    config.materialize_interval = None;
+    let server = reelhouse_server::start(config).await.unwrap();
+    let url = crate::common::url(&server);
+    ingest(&url, &w.lines).await;
+    let evs = events(&w.lines);
+    let stored = sql(&url, "SELECT count(*) FROM events").await[0][0]
+        .as_u64()
+        .unwrap() as usize;
+    assert_eq!(stored, 2 * evs.len(), "the re-send was stored");
+    materialize(&url).await;
+    check(&url, &evs).await;
+    server.shutdown().await.unwrap();
+}
+
+/// video_retention against a direct count over the views, at several points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_curve_equals_direct_counts() {
+    let now = chrono::Utc::now().timestamp_millis();
+    let w = generate(&WorkloadConfig::new(6_000, 61, now));
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 1_000_000).await;
+    let url = url(&server);
+    ingest(&url, &w.lines).await;
+    materialize(&url).await;
+    let curve = sql(
+        &url,
+        "SELECT video_id, p, share_retained FROM video_retention ORDER BY video_id, p",
+    )
+    .await;
+    let videos = sql(
+        &url,
+        "SELECT count(DISTINCT video_id) FROM fact_video_view WHERE has_end",
+    )
+    .await;
+    assert_eq!(curve.len() as u64, 101 * videos[0][0].as_u64().unwrap());
+    for p in [0i64, 1, 37, 50, 98, 100] {
+        let want = sql(&url, &format!(
+            "SELECT video_id, CAST(count(*) FILTER (WHERE watch_ms * 100 >= {p} * video_duration_ms) AS DOUBLE) / count(*) \
+             FROM fact_video_view WHERE has_end GROUP BY 1 ORDER BY 1")).await;
+        let got: Vec<&Vec<Value>> = curve.iter().filter(|r| r[1].as_i64() == Some(p)).collect();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g[0], w[0]);
+            close(&g[2], w[1].as_f64(), &format!("video {} p {p}", w[0]));
+        }
+    }
     server.shutdown().await.unwrap();
 }
