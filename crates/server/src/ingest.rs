@@ -700,22 +700,27 @@ impl Ingestor {
         self.materialize().await
     }
 
-    /// Runs until `stop` changes: materializes every `interval` while new events arrived.
+    /// Runs until `stop` changes: materializes while new events arrive, waiting `interval`
+    /// and at least twice the last rebuild's duration between runs, so full rebuilds of a
+    /// large directory take at most about a third of the time and ingest keeps the rest.
     pub async fn run_materializer(
         self: Arc<Self>,
         interval: Duration,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
+        let mut wait = interval;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => return,
             }
             if self.materialization_due() {
+                let started = Instant::now();
                 match self.materialize().await {
                     Ok(r) => tracing::info!(elapsed_ms = r.elapsed_ms, "materialized warehouse"),
                     Err(e) => tracing::error!(error = %e, "materialization failed; will retry"),
                 }
+                wait = interval.max(started.elapsed() * 2);
             }
         }
     }
