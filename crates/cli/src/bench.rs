@@ -268,6 +268,152 @@ fn run_python(script: &str, args: &[&std::path::Path]) -> Option<serde_json::Val
     }
 }
 
+async fn materialize(b: MaterializeBench) -> Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; benchmark figures need `cargo run --release`");
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("reelhouse-bench-")
+        .tempdir()?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut cfg = WorkloadConfig::new(b.events, b.seed, now);
+    cfg.days = b.days;
+    let w = reelhouse_workload::generate(&cfg);
+    let m = w.manifest.clone();
+    let data = DataArgs {
+        data_dir: dir.path().join("data"),
+        flush_rows: 1_000_000,
+        flush_interval_ms: 10_000,
+        allowed_lateness_days: 7,
+    };
+    let mut config = ServerConfig::new(data.ingest_config(), "127.0.0.1:0".parse()?);
+    config.materialize_interval = None;
+    let server = reelhouse_server::start(config).await?;
+    for body in w.bodies(20_000) {
+        server
+            .ingestor
+            .ingest(&body, reelhouse_server::IngestPath::Bulk)
+            .await?;
+    }
+    drop(w);
+    server.ingestor.flush().await?;
+    eprintln!("loaded {} events over {} days", m.valid_unique, b.days);
+
+    // Full rebuild, then a late trickle touching 3 old dates and a rebuild again.
+    let t = Instant::now();
+    let report = server.ingestor.materialize().await?;
+    let full_s = t.elapsed().as_secs_f64();
+    let mut trickle = WorkloadConfig::new(3_000, b.seed + 1, now - 20 * 86_400_000);
+    trickle.days = 3;
+    trickle.duplicate_fraction = 0.0;
+    trickle.malformed_fraction = 0.0;
+    let tw = reelhouse_workload::generate(&trickle);
+    for body in tw.bodies(3_000) {
+        server
+            .ingestor
+            .ingest(&body, reelhouse_server::IngestPath::Bulk)
+            .await?;
+    }
+    let t = Instant::now();
+    server.ingestor.materialize().await?;
+    let trickle_s = t.elapsed().as_secs_f64();
+    server.ingestor.flush().await?;
+    let agg_rows = report
+        .tables
+        .iter()
+        .find(|t| t.table == "agg_creator_daily")
+        .map_or(0, |t| t.rows);
+
+    // Dashboard over loopback: the busiest creator, the last 90 days.
+    let catalog = server.ingestor.catalog().await?;
+    let top = catalog
+        .query_json(
+            "SELECT creator_id FROM agg_creator_daily GROUP BY 1 ORDER BY sum(views) DESC LIMIT 1",
+            1,
+        )
+        .await?;
+    let creator = top
+        .rows
+        .first()
+        .and_then(|r| r.first())
+        .cloned()
+        .unwrap_or_default();
+    let to = chrono::Utc::now().date_naive();
+    let from = to - chrono::Duration::days(89);
+    let url = format!(
+        "http://{}/v1/creators/{creator}/dashboard?from={from}&to={to}",
+        server.addr
+    );
+    let http = reqwest::Client::new();
+    let mut lat = Vec::with_capacity(b.requests);
+    for i in 0..b.requests + 50 {
+        let t = Instant::now();
+        let resp = http.get(&url).send().await?;
+        let ok = resp.status().is_success();
+        let _ = resp.bytes().await?;
+        if !ok {
+            anyhow::bail!("dashboard request failed");
+        }
+        if i >= 50 {
+            lat.push(t.elapsed().as_micros() as u64);
+        }
+    }
+    lat.sort_unstable();
+    server.shutdown().await?;
+    let ms = |p| percentile(&lat, p) as f64 / 1000.0;
+    let eps = m.valid_unique as f64 / full_s;
+    println!(
+        "reelhouse warehouse rebuild ({} events, {} days):",
+        m.valid_unique, b.days
+    );
+    for t in &report.tables {
+        println!(
+            "  {:<20} {:>9} rows {:>7} ms",
+            t.table, t.rows, t.elapsed_ms
+        );
+    }
+    println!("  full rebuild {:.2}s = {:.0} events/s; after a late trickle of 3,000 events on 3 old dates {:.2}s", full_s, eps, trickle_s);
+    println!("  dashboard (90 days, {} requests over loopback): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", b.requests, ms(50.0), ms(99.0), ms(100.0));
+
+    let duck = duckdb_creator_daily(&data.data_dir);
+    if let Some(d) = &duck {
+        let s = d["agg_s"].as_f64().unwrap_or(0.0);
+        println!(
+            "DuckDB {} agg_creator_daily from the same Parquet files (2 threads): {:.2}s = {:.0} events/s ({} rows)",
+            d["version"].as_str().unwrap_or("?"),
+            s,
+            d["events"].as_f64().unwrap_or(0.0) / s.max(1e-9),
+            d["rows"]
+        );
+    }
+    let result = json!({
+        "benchmark": "materialize",
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "events": m.valid_unique,
+        "days": b.days,
+        "reelhouse": {
+            "full_rebuild_s": full_s,
+            "full_rebuild_events_per_s": eps,
+            "models": report.tables.iter().filter(|t| t.version.is_some()).count(),
+            "per_model_ms": report.tables.iter().map(|t| (t.table.clone(), t.elapsed_ms)).collect::<std::collections::BTreeMap<_, _>>(),
+            "agg_creator_daily_rows": agg_rows,
+            "late_trickle_events": tw.manifest.valid_unique,
+            "late_trickle_rebuild_s": trickle_s,
+            "dashboard_ms": {"p50": ms(50.0), "p90": ms(90.0), "p99": ms(99.0), "max": ms(100.0)},
+            "dashboard_requests": b.requests,
+        },
+        "duckdb": duck,
+        "at": chrono::Utc::now().to_rfc3339(),
+    });
+    if let Some(parent) = b.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&b.out, serde_json::to_string_pretty(&result)? + "\n")?;
+    println!("wrote {}", b.out.display());
+    Ok(())
+}
+
 /// DuckDB computing agg_creator_daily (same definitions) from the events table's Parquet files.
 fn duckdb_creator_daily(data_dir: &std::path::Path) -> Option<serde_json::Value> {
     let script = r#"
