@@ -83,9 +83,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
 }
 
 async fn ingest(b: IngestBench) -> Result<()> {
-    if cfg!(debug_assertions) {
-        eprintln!("warning: this is a debug build; benchmark figures need `cargo run --release`");
-    }
+    warn_if_debug();
     let dir = tempfile::Builder::new()
         .prefix("reelhouse-bench-")
         .tempdir()?;
@@ -165,8 +163,6 @@ async fn ingest(b: IngestBench) -> Result<()> {
     }
     let result = json!({
         "benchmark": "ingest",
-        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "events": m.lines,
         "valid_unique": m.valid_unique,
         "clients": b.clients,
@@ -187,13 +183,32 @@ async fn ingest(b: IngestBench) -> Result<()> {
         },
         "ndjson_bytes_per_event": ndjson_bytes as f64 / m.lines as f64,
         "duckdb": duckdb,
-        "at": chrono::Utc::now().to_rfc3339(),
     });
-    if let Some(parent) = b.out.parent() {
+    write_result(&b.out, result)
+}
+
+fn warn_if_debug() {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; benchmark figures need `cargo run --release`");
+    }
+}
+
+/// Adds what every result records (build profile, cores, time) and writes it as JSON.
+fn write_result(out: &std::path::Path, mut result: serde_json::Value) -> Result<()> {
+    result["build"] = json!(if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    });
+    result["cores"] = json!(std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0));
+    result["at"] = json!(chrono::Utc::now().to_rfc3339());
+    if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    std::fs::write(&b.out, serde_json::to_string_pretty(&result)? + "\n")?;
-    println!("wrote {}", b.out.display());
+    std::fs::write(out, serde_json::to_string_pretty(&result)? + "\n")?;
+    println!("wrote {}", out.display());
     Ok(())
 }
 
@@ -269,9 +284,7 @@ fn run_python(script: &str, args: &[&std::path::Path]) -> Option<serde_json::Val
 }
 
 async fn materialize(b: MaterializeBench) -> Result<()> {
-    if cfg!(debug_assertions) {
-        eprintln!("warning: this is a debug build; benchmark figures need `cargo run --release`");
-    }
+    warn_if_debug();
     let dir = tempfile::Builder::new()
         .prefix("reelhouse-bench-")
         .tempdir()?;
@@ -388,8 +401,6 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
     }
     let result = json!({
         "benchmark": "materialize",
-        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "events": m.valid_unique,
         "days": b.days,
         "reelhouse": {
@@ -404,14 +415,8 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
             "dashboard_requests": b.requests,
         },
         "duckdb": duck,
-        "at": chrono::Utc::now().to_rfc3339(),
     });
-    if let Some(parent) = b.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&b.out, serde_json::to_string_pretty(&result)? + "\n")?;
-    println!("wrote {}", b.out.display());
-    Ok(())
+    write_result(&b.out, result)
 }
 
 /// DuckDB computing agg_creator_daily (same definitions) from the events table's Parquet files.
