@@ -148,17 +148,9 @@ impl Lake {
         self.root.join(t.name())
     }
 
-    fn table_url(&self, t: RawTable) -> Result<url::Url> {
-        let dir = self.table_dir(t);
-        url::Url::from_directory_path(&dir).map_err(|_| Error::Path(dir.display().to_string()))
-    }
-
     /// The latest version of a table, or `None` if it has never been written.
     pub async fn load(&self, t: RawTable) -> Result<Option<DeltaTable>> {
-        if !self.table_dir(t).join("_delta_log").exists() {
-            return Ok(None);
-        }
-        Ok(Some(deltalake::open_table(self.table_url(t)?).await?))
+        open_dir(&self.table_dir(t)).await
     }
 
     /// Handles of every raw table (for read-only use, e.g. the `sql` command).
@@ -186,11 +178,7 @@ impl Lake {
         let batch = sort_batch(&batch, t)?;
         let table = match current {
             Some(t) => t,
-            None => {
-                std::fs::create_dir_all(self.table_dir(t))?;
-                // A handle to the empty location; the write creates the table.
-                deltalake::DeltaTableBuilder::from_url(self.table_url(t)?)?.build()?
-            }
+            None => handle_for_writing(&self.table_dir(t))?,
         };
         let props = t.writer_properties()?;
         let commit = CommitProperties::default()
@@ -214,13 +202,7 @@ impl Lake {
 
     /// The latest version of a derived table, or `None` if it has never been written.
     pub async fn load_derived(&self, name: &str) -> Result<Option<DeltaTable>> {
-        let dir = self.derived_dir(name);
-        if !dir.join("_delta_log").exists() {
-            return Ok(None);
-        }
-        let url = url::Url::from_directory_path(&dir)
-            .map_err(|_| Error::Path(dir.display().to_string()))?;
-        Ok(Some(deltalake::open_table(url).await?))
+        open_dir(&self.derived_dir(name)).await
     }
 
     /// Replaces the whole content of a derived table in one Delta commit (readers see the old
@@ -236,13 +218,7 @@ impl Lake {
         let batch = concat_batches(&schema, &batches)?;
         let table = match current {
             Some(t) => t,
-            None => {
-                let dir = self.derived_dir(name);
-                std::fs::create_dir_all(&dir)?;
-                let url = url::Url::from_directory_path(&dir)
-                    .map_err(|_| Error::Path(dir.display().to_string()))?;
-                deltalake::DeltaTableBuilder::from_url(url)?.build()?
-            }
+            None => handle_for_writing(&self.derived_dir(name))?,
         };
         let zstd = ZstdLevel::try_new(3).map_err(Error::from_parquet)?;
         let props = WriterProperties::builder()
@@ -257,6 +233,24 @@ impl Lake {
             .with_table_name(name)
             .await?)
     }
+}
+
+fn dir_url(dir: &Path) -> Result<url::Url> {
+    url::Url::from_directory_path(dir).map_err(|_| Error::Path(dir.display().to_string()))
+}
+
+/// The latest version of the Delta table in `dir`, or `None` if none was ever written there.
+async fn open_dir(dir: &Path) -> Result<Option<DeltaTable>> {
+    if !dir.join("_delta_log").exists() {
+        return Ok(None);
+    }
+    Ok(Some(deltalake::open_table(dir_url(dir)?).await?))
+}
+
+/// A handle to a table location that has no table yet; the first write creates it.
+fn handle_for_writing(dir: &Path) -> Result<DeltaTable> {
+    std::fs::create_dir_all(dir)?;
+    Ok(deltalake::DeltaTableBuilder::from_url(dir_url(dir)?)?.build()?)
 }
 
 /// The last WAL segment committed into a table (`None` before the first commit).

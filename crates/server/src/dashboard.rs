@@ -7,10 +7,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::NaiveDate;
 use serde_json::{json, Map, Value};
 
-use crate::{ApiError, Ingestor};
+use crate::{day_number, parse_dates, ApiError, Ingestor};
 
 /// Count columns of `agg_creator_daily` that add up over days.
 const SUMMED: [&str; 18] = [
@@ -37,14 +36,6 @@ const SUMMED: [&str; 18] = [
 /// Longest range one request may ask for.
 const MAX_DAYS: i64 = 3660;
 
-fn parse_date(name: &str, v: Option<&String>) -> Result<NaiveDate, ApiError> {
-    let v = v.ok_or_else(|| {
-        ApiError::BadRequest(format!("missing query parameter {name}=YYYY-MM-DD"))
-    })?;
-    NaiveDate::parse_from_str(v, "%Y-%m-%d")
-        .map_err(|_| ApiError::BadRequest(format!("{name} must be a date as YYYY-MM-DD")))
-}
-
 /// Everything the dashboard reads, in memory, built once per materialization.
 #[derive(Default)]
 pub struct DashboardIndex {
@@ -60,10 +51,6 @@ struct CreatorIndex {
     /// For each viewer, the sorted days they viewed (exact unique viewers over any range).
     viewer_days: Vec<Vec<i32>>,
     followers: i64,
-}
-
-fn day_number(d: NaiveDate) -> i32 {
-    (d - NaiveDate::default()).num_days() as i32
 }
 
 impl DashboardIndex {
@@ -152,11 +139,10 @@ pub async fn dashboard(
         .ok()
         .filter(|c: &i64| *c >= 0)
         .ok_or_else(|| ApiError::BadRequest("creator id must be a non-negative integer".into()))?;
-    let from = parse_date("from", params.get("from"))?;
-    let to = parse_date("to", params.get("to"))?;
-    if to < from {
-        return Err(ApiError::BadRequest("from must not be after to".into()));
-    }
+    let (from, to) = parse_dates(
+        params.get("from").map(String::as_str),
+        params.get("to").map(String::as_str),
+    )?;
     if (to - from).num_days() >= MAX_DAYS {
         return Err(ApiError::BadRequest(format!(
             "a range may cover at most {MAX_DAYS} days"

@@ -335,17 +335,24 @@ fn decode_record(mut bytes: &[u8]) -> Result<Parts, IngestError> {
     Ok((e, q))
 }
 
+/// The raw tables as a catalog sees them: each committed version with its pending batches.
+fn raw_parts(
+    tables: &HashMap<RawTable, DeltaTable>,
+    pending: &Pending,
+) -> Vec<(RawTable, Option<DeltaTable>, Vec<RecordBatch>)> {
+    RawTable::ALL
+        .iter()
+        .map(|t| (*t, tables.get(t).cloned(), pending.batches(*t, None)))
+        .collect()
+}
+
 /// Reads the committed tables plus the WAL records not yet in them, without taking the data
 /// directory over (for read-only tools such as `reelhouse sql`).
 pub async fn read_only_view(data_dir: &Path) -> Result<Catalog, IngestError> {
     let lake = Lake::open(data_dir)?;
     let tables = lake.load_all().await?;
     let pending = replay(&tables, &wal_dir(data_dir), false).await?;
-    let parts = RawTable::ALL
-        .iter()
-        .map(|t| (*t, tables.get(t).cloned(), pending.batches(*t, None)))
-        .collect();
-    Ok(Catalog::new(parts).await?)
+    Ok(Catalog::new(raw_parts(&tables, &pending)).await?)
 }
 
 async fn replay(
@@ -605,10 +612,7 @@ impl Ingestor {
     pub async fn catalog(&self) -> Result<Catalog, IngestError> {
         let (parts, derived) = {
             let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
-            let parts = RawTable::ALL
-                .iter()
-                .map(|t| (*t, v.tables.get(t).cloned(), v.pending.batches(*t, None)))
-                .collect();
+            let parts = raw_parts(&v.tables, &v.pending);
             let derived = v
                 .derived
                 .iter()
@@ -781,16 +785,7 @@ impl LateState {
 /// Rebuilds the dedup set from events received since `since_ms` (committed or pending).
 async fn restore_dedup(view: &View, since_ms: i64, today: i32) -> Result<Dedup, IngestError> {
     let mut dedup = Dedup::default();
-    let parts = RawTable::ALL
-        .iter()
-        .map(|t| {
-            (
-                *t,
-                view.tables.get(t).cloned(),
-                view.pending.batches(*t, None),
-            )
-        })
-        .collect();
+    let parts = raw_parts(&view.tables, &view.pending);
     let catalog = Catalog::new(parts).await?;
     let sql =
         format!("SELECT event_id FROM events WHERE received_at >= to_timestamp_millis({since_ms})");

@@ -225,18 +225,34 @@ struct RestateRequest {
     to: String,
 }
 
-/// Parses an inclusive `YYYY-MM-DD` range into days since 1970-01-01.
-pub fn parse_range(from: &str, to: &str) -> Result<(i32, i32), ApiError> {
-    let day = |name: &str, v: &str| {
+/// Parses an inclusive range of `YYYY-MM-DD` dates (query parameters or a request body).
+pub fn parse_dates(
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Result<(chrono::NaiveDate, chrono::NaiveDate), ApiError> {
+    let date = |name: &str, v: Option<&str>| {
+        let v = v.ok_or_else(|| {
+            ApiError::BadRequest(format!("missing query parameter {name}=YYYY-MM-DD"))
+        })?;
         chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
-            .map(|d| (d - chrono::NaiveDate::default()).num_days() as i32)
             .map_err(|_| ApiError::BadRequest(format!("{name} must be a date as YYYY-MM-DD")))
     };
-    let (a, b) = (day("from", from)?, day("to", to)?);
+    let (a, b) = (date("from", from)?, date("to", to)?);
     if b < a {
         return Err(ApiError::BadRequest("from must not be after to".into()));
     }
     Ok((a, b))
+}
+
+/// Days since 1970-01-01.
+pub fn day_number(d: chrono::NaiveDate) -> i32 {
+    (d - chrono::NaiveDate::default()).num_days() as i32
+}
+
+/// Parses an inclusive `YYYY-MM-DD` range into days since 1970-01-01.
+pub fn parse_range(from: &str, to: &str) -> Result<(i32, i32), ApiError> {
+    let (a, b) = parse_dates(Some(from), Some(to))?;
+    Ok((day_number(a), day_number(b)))
 }
 
 async fn post_restate(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
