@@ -111,6 +111,7 @@ async fn ingest(b: IngestBench) -> Result<()> {
         flush_rows: 1_000_000,
         flush_interval_ms: 10_000,
         allowed_lateness_days: 7,
+        snapshot_interval_ms: 30_000,
     };
     let listen: SocketAddr = "127.0.0.1:0".parse()?;
     let server = reelhouse_server::start(ServerConfig::new(data.ingest_config(), listen)).await?;
@@ -298,6 +299,7 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
         flush_rows: 1_000_000,
         flush_interval_ms: 10_000,
         allowed_lateness_days: 7,
+        snapshot_interval_ms: 30_000,
     };
     let mut config = ServerConfig::new(data.ingest_config(), "127.0.0.1:0".parse()?);
     config.materialize_interval = None;

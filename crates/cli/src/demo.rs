@@ -88,6 +88,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         flush_rows: 1_000_000,
         flush_interval_ms: 10_000,
         allowed_lateness_days: 7,
+        snapshot_interval_ms: 30_000,
     };
     let server = reelhouse_server::start(ServerConfig::new(data.ingest_config(), a.listen)).await?;
     let url = format!("http://{}", server.addr);

@@ -48,6 +48,8 @@ enum Command {
     Materialize(MaterializeArgs),
     /// Include events beyond the allowed lateness for dates FROM..=TO and rebuild.
     Restate(RestateArgs),
+    /// Compare the online feature store's totals with the warehouse; exit 1 on any difference.
+    Check(CheckArgs),
     /// Measure system figures and write them to bench/results/.
     Bench(bench::BenchArgs),
 }
@@ -67,6 +69,10 @@ pub struct DataArgs {
     /// Allowed lateness in days; event ids are deduplicated for at least this long.
     #[arg(long, env = "REELHOUSE_ALLOWED_LATENESS_DAYS", default_value_t = 7)]
     pub allowed_lateness_days: u64,
+    /// Snapshot the online feature store at a flush once the last snapshot is this old
+    /// (milliseconds); a restart replays the WAL written since.
+    #[arg(long, env = "REELHOUSE_SNAPSHOT_INTERVAL_MS", default_value_t = 30_000)]
+    pub snapshot_interval_ms: u64,
 }
 
 impl DataArgs {
@@ -75,6 +81,7 @@ impl DataArgs {
         c.flush_rows = self.flush_rows;
         c.flush_interval = Duration::from_millis(self.flush_interval_ms);
         c.dedup_window = Duration::from_secs(self.allowed_lateness_days * 86_400);
+        c.snapshot_interval = Duration::from_millis(self.snapshot_interval_ms);
         c
     }
 }
@@ -136,6 +143,15 @@ struct IngestArgs {
 
 #[derive(Args)]
 struct MaterializeArgs {
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Ask a running server (e.g. http://127.0.0.1:8080) instead of opening --data-dir.
+    #[arg(long, env = "REELHOUSE_URL")]
+    url: Option<String>,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -207,6 +223,7 @@ fn main() -> std::process::ExitCode {
                     .map_err(|e| anyhow::anyhow!(e.to_string()))?;
                 materialize(a.data, Some(range)).await
             }
+            Command::Check(a) => check(a).await,
             Command::Bench(a) => bench::run(a).await,
         }
     });
@@ -430,6 +447,53 @@ async fn ingest_retrying(
             other => return Ok(other?),
         }
     }
+}
+
+/// Compares online totals with the warehouse: through a running server's
+/// `GET /v1/admin/check`, or by opening the data directory, materializing, and comparing.
+async fn check(a: CheckArgs) -> Result<()> {
+    let report: serde_json::Value = match &a.url {
+        Some(url) => {
+            let url = format!("{}/v1/admin/check", url.trim_end_matches('/'));
+            let resp = reqwest::Client::new().get(&url).send().await?;
+            let status = resp.status();
+            let body: serde_json::Value = resp.json().await?;
+            if !status.is_success() {
+                anyhow::bail!("server answered {status}: {}", body["error"]["message"]);
+            }
+            body
+        }
+        None => {
+            let ingestor = Ingestor::open(a.data.ingest_config()).await?;
+            let spinner = ProgressBar::new_spinner().with_message("materializing…");
+            spinner.enable_steady_tick(Duration::from_millis(120));
+            ingestor.flush().await?;
+            ingestor.materialize().await?;
+            spinner.set_message("comparing…");
+            let r = reelhouse_server::features::check(&ingestor)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+            spinner.finish_and_clear();
+            serde_json::to_value(r)?
+        }
+    };
+    let diffs = report["differences"].as_u64().unwrap_or(0);
+    println!(
+        "compared {} videos and {} creators: {} difference(s)",
+        report["videos_compared"], report["creators_compared"], diffs
+    );
+    if diffs > 0 {
+        let cols = ["entity", "id", "field", "online", "warehouse"].map(String::from);
+        let rows: Vec<Vec<serde_json::Value>> = report["examples"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| cols.iter().map(|c| d[c].clone()).collect())
+            .collect();
+        print!("{}", send::print_table(&cols, &rows));
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn materialize(data: DataArgs, restate: Option<(i32, i32)>) -> Result<()> {

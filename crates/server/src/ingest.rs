@@ -33,6 +33,7 @@ use reelhouse_lake::schema::{decode_ipc, encode_ipc};
 use reelhouse_lake::{
     committed_segment, events_batch, quarantine_batch, Lake, QuarantineRow, RawTable,
 };
+use reelhouse_online::FeatureStore;
 use reelhouse_wal::{SegmentId, Wal};
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -51,6 +52,9 @@ pub struct IngestConfig {
     pub flush_interval: Duration,
     /// Event ids are remembered for dedup for at least this long (the allowed lateness).
     pub dedup_window: Duration,
+    /// The feature store is snapshotted at a flush once the last snapshot is this old; WAL
+    /// segments are kept until a snapshot covers them.
+    pub snapshot_interval: Duration,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -63,6 +67,7 @@ impl IngestConfig {
             flush_rows: 1_000_000,
             flush_interval: Duration::from_secs(10),
             dedup_window: Duration::from_secs(7 * 86_400),
+            snapshot_interval: Duration::from_secs(30),
             clock,
         }
     }
@@ -90,6 +95,8 @@ pub enum IngestError {
     Io(#[from] std::io::Error),
     #[error("materialization failed: {0}")]
     Warehouse(#[from] reelhouse_warehouse::Error),
+    #[error("feature store: {0}")]
+    Online(#[from] reelhouse_online::Error),
 }
 
 /// Where a batch came from (stored in `quarantine.ingest_path`).
@@ -271,6 +278,12 @@ pub struct Ingestor {
     config: IngestConfig,
     lake: Lake,
     wal: Wal,
+    /// The online feature store, updated on the WAL thread as each record becomes durable.
+    features: Arc<FeatureStore>,
+    /// WAL segments ≤ this are covered by the feature snapshot on disk (0 = no snapshot yet);
+    /// segments above it are never deleted, so snapshot + WAL always restore the store.
+    snapshot_segment: AtomicU64,
+    last_snapshot: Mutex<Instant>,
     dedup: Mutex<Dedup>,
     view: Arc<Mutex<View>>,
     flush_lock: tokio::sync::Mutex<()>,
@@ -351,15 +364,18 @@ fn raw_parts(
 pub async fn read_only_view(data_dir: &Path) -> Result<Catalog, IngestError> {
     let lake = Lake::open(data_dir)?;
     let tables = lake.load_all().await?;
-    let pending = replay(&tables, &wal_dir(data_dir), false).await?;
+    let (pending, _) = replay(&tables, &wal_dir(data_dir), false, None).await?;
     Ok(Catalog::new(raw_parts(&tables, &pending)).await?)
 }
 
+/// Reads the WAL back: the records not yet in Delta become `pending`; the events of records
+/// in segments after `features_after` (if given) are returned for the feature store.
 async fn replay(
     tables: &HashMap<RawTable, DeltaTable>,
     dir: &Path,
     repair: bool,
-) -> Result<Pending, IngestError> {
+    features_after: Option<SegmentId>,
+) -> Result<(Pending, Vec<RecordBatch>), IngestError> {
     let mut committed = HashMap::new();
     for t in RawTable::ALL {
         let c = match tables.get(&t) {
@@ -369,13 +385,23 @@ async fn replay(
         committed.insert(t, c.unwrap_or(0));
     }
     let mut pending = Pending::default();
+    let mut for_features = Vec::new();
     for rec in reelhouse_wal::read_dir(dir, repair)? {
+        let wanted_by_features = features_after.is_some_and(|s| rec.segment > s);
+        let in_delta = rec.segment <= committed[&RawTable::Events]
+            && rec.segment <= committed[&RawTable::Quarantine];
+        if in_delta && !wanted_by_features {
+            continue;
+        }
         let (e, q) = decode_record(&rec.payload)?;
+        if let (Some(e), true) = (&e, wanted_by_features) {
+            for_features.push(e.clone());
+        }
         let e = e.filter(|_| rec.segment > committed[&RawTable::Events]);
         let q = q.filter(|_| rec.segment > committed[&RawTable::Quarantine]);
         pending.push(rec.segment, e, q);
     }
-    Ok(pending)
+    Ok((pending, for_features))
 }
 
 impl Ingestor {
@@ -393,7 +419,27 @@ impl Ingestor {
         }
         let tables = lake.load_all().await?;
         let dir = wal_dir(lake.root());
-        let pending = replay(&tables, &dir, true).await?;
+        let keep_views_ms = config.dedup_window.as_millis() as i64 + 86_400_000;
+        let mut features = FeatureStore::new(Arc::clone(&config.clock), keep_views_ms);
+        let snapshot = match reelhouse_online::snapshot::load(lake.root()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "rebuilding the feature store from the tables");
+                None
+            }
+        };
+        let snapshot_segment = match snapshot {
+            Some((seg, bytes)) => match features.decode(&bytes) {
+                Ok(()) => Some(seg),
+                Err(e) => {
+                    tracing::warn!(error = %e, "rebuilding the feature store from the tables");
+                    features = FeatureStore::new(Arc::clone(&config.clock), keep_views_ms);
+                    None
+                }
+            },
+            None => None,
+        };
+        let (pending, wal_events) = replay(&tables, &dir, true, snapshot_segment).await?;
         let replayed = pending.rows as u64;
         let mut derived = HashMap::new();
         for name in reelhouse_warehouse::table_names() {
@@ -406,6 +452,14 @@ impl Ingestor {
             pending,
             derived,
         };
+        match snapshot_segment {
+            Some(_) => {
+                for b in &wal_events {
+                    features.apply(b)?;
+                }
+            }
+            None => rebuild_features(&features, &view).await?,
+        }
         let now = config.clock.now_ms();
         let since = now - config.dedup_window.as_millis() as i64;
         let dedup = restore_dedup(&view, since, reelhouse_event::time::day_of(now)).await?;
@@ -418,6 +472,9 @@ impl Ingestor {
             config,
             lake,
             wal,
+            features: Arc::new(features),
+            snapshot_segment: AtomicU64::new(snapshot_segment.unwrap_or(0)),
+            last_snapshot: Mutex::new(Instant::now()),
             dedup: Mutex::new(dedup),
             view: Arc::new(Mutex::new(view)),
             flush_lock: tokio::sync::Mutex::new(()),
@@ -437,6 +494,11 @@ impl Ingestor {
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         self.lake.root()
+    }
+
+    /// The online feature store.
+    pub fn features(&self) -> &FeatureStore {
+        &self.features
     }
 
     /// Validates, dedups and durably logs one body of events (NDJSON or a JSON array).
@@ -523,9 +585,16 @@ impl Ingestor {
         let payload = encode_record(e.as_ref(), q.as_ref())?;
         let (tx, rx) = oneshot::channel();
         let view = Arc::clone(&self.view);
+        let features = Arc::clone(&self.features);
         let done = Box::new(move |r: reelhouse_wal::Result<SegmentId>| {
-            // Runs on the WAL thread after fsync, before any later rotation is handled.
+            // Runs on the WAL thread after fsync, before any later rotation is handled, so the
+            // feature store sees records in log order and a rotation is an exact cut.
             let r = r.map(|seg| {
+                if let Some(e) = &e {
+                    if let Err(err) = features.apply(e) {
+                        tracing::error!(error = %err, "feature store skipped a batch");
+                    }
+                }
                 view.lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .pending
@@ -561,9 +630,30 @@ impl Ingestor {
 
     /// Commits everything acknowledged so far to Delta and truncates the WAL behind it.
     /// Returns the number of rows committed.
+    /// Also snapshots the feature store, so a restart replays little.
     pub async fn flush(&self) -> Result<usize, IngestError> {
+        self.flush_with(true).await
+    }
+
+    /// Commits what is pending; snapshots the feature store when `force` or when the last
+    /// snapshot is older than `snapshot_interval`.
+    async fn flush_with(&self, force: bool) -> Result<usize, IngestError> {
         let _guard = self.flush_lock.lock().await;
-        let seg = self.wal.rotate()?;
+        let snapshot_due = force
+            || self
+                .last_snapshot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+                >= self.config.snapshot_interval;
+        let (seg, snapshot) = if snapshot_due {
+            self.features.prune();
+            let features = Arc::clone(&self.features);
+            let (seg, bytes) = self.wal.rotate_then(move |_| features.encode())?;
+            (seg, Some(bytes))
+        } else {
+            (self.wal.rotate()?, None)
+        };
         let mut committed_rows = 0;
         for t in RawTable::ALL {
             let (current, batches) = {
@@ -579,7 +669,19 @@ impl Ingestor {
             v.tables.insert(t, table);
             v.pending.remove_through(t, seg);
         }
-        self.wal.remove_through(seg)?;
+        if let Some(bytes) = snapshot {
+            let root = self.lake.root().to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                reelhouse_online::snapshot::save(&root, seg, &bytes)
+            })
+            .await
+            .map_err(|_| IngestError::ShuttingDown)??;
+            self.snapshot_segment.store(seg, Ordering::Relaxed);
+            *self.last_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+        // Segments the feature snapshot does not cover yet stay for its replay.
+        let covered = self.snapshot_segment.load(Ordering::Relaxed);
+        self.wal.remove_through(seg.min(covered))?;
         let now = self.config.clock.now_ms();
         let window = self.config.dedup_window.as_millis() as i64;
         let keep_from = reelhouse_event::time::day_of(now - window) - 1;
@@ -599,7 +701,7 @@ impl Ingestor {
                 _ = stop.changed() => return,
             }
             if self.flush_due() {
-                match self.flush().await {
+                match self.flush_with(false).await {
                     Ok(rows) => tracing::debug!(rows, "flushed to Delta"),
                     Err(e) => tracing::error!(error = %e, "flush to Delta failed; will retry"),
                 }
@@ -780,6 +882,17 @@ impl LateState {
         std::fs::File::open(dir)?.sync_all()?;
         Ok(())
     }
+}
+
+/// Fills an empty feature store from every stored event (committed or pending): the path when
+/// there is no usable snapshot.
+async fn rebuild_features(features: &FeatureStore, view: &View) -> Result<(), IngestError> {
+    let catalog = Catalog::new(raw_parts(&view.tables, &view.pending)).await?;
+    let sql = format!("SELECT {} FROM events", reelhouse_online::rows::COLUMNS);
+    for b in catalog.query(&sql).await? {
+        features.apply(&b)?;
+    }
+    Ok(())
 }
 
 /// Rebuilds the dedup set from events received since `since_ms` (committed or pending).

@@ -9,9 +9,11 @@
 //!  POST /v1/events ─▶ body limit (413) ─▶ in-flight limit (429) ─▶ Ingestor::ingest ─▶ 200
 //!  POST /v1/sql    ─▶ read-only gate (400) ─▶ Catalog (Delta ∪ pending) ─▶ {"columns","rows"}
 //!  GET  /v1/health ─▶ counters
+//!  GET  /v1/features/… ─▶ in-process feature store (see [`features`])
 //! ```
 
 pub mod dashboard;
+pub mod features;
 pub mod ingest;
 pub mod lateness;
 
@@ -164,6 +166,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/restate", post(post_restate))
         .route("/v1/ingest/lateness", get(get_lateness))
         .route("/v1/creators/{id}/dashboard", get(get_dashboard))
+        .route("/v1/features/videos/{id}", get(features::get_video))
+        .route(
+            "/v1/features/videos:batch",
+            post(features::post_video_batch),
+        )
+        .route("/v1/features/users/{id}", get(features::get_user))
+        .route("/v1/features/creators/{id}", get(features::get_creator))
+        .route("/v1/admin/check", get(features::get_check))
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -278,7 +288,8 @@ async fn get_dashboard(
 
 async fn health(State(s): State<AppState>) -> Response {
     Json(
-        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "ingest": s.ingestor.stats()}),
+        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "ingest": s.ingestor.stats(),
+               "features": s.ingestor.features().stats()}),
     )
     .into_response()
 }

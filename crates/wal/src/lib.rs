@@ -46,6 +46,10 @@ pub type SegmentId = u64;
 /// Called on the writer thread once the record is durable (or failed to be).
 pub type Done = Box<dyn FnOnce(Result<SegmentId>) + Send>;
 
+/// Runs on the writer thread right after a rotation, with the sealed segment's id: every
+/// `Done` of that segment has run and none of the next one has.
+type Hook = Box<dyn FnOnce(SegmentId) + Send>;
+
 const HEADER: usize = 8;
 const MAX_RECORD: usize = 1 << 30;
 /// Upper bound of bytes written before one fsync, so one group cannot stall the others long.
@@ -53,7 +57,7 @@ const MAX_GROUP_BYTES: usize = 64 << 20;
 
 enum Cmd {
     Append(Vec<u8>, Done),
-    Rotate(mpsc::Sender<Result<SegmentId>>),
+    Rotate(Option<Hook>, mpsc::Sender<Result<SegmentId>>),
     Remove(SegmentId, mpsc::Sender<Result<()>>),
     Stats(mpsc::Sender<Stats>),
 }
@@ -133,8 +137,26 @@ impl Wal {
     /// Seals the current segment and returns its id; later records go to the next one.
     pub fn rotate(&self) -> Result<SegmentId> {
         let (tx, rx) = mpsc::channel();
-        self.send(Cmd::Rotate(tx))?;
+        self.send(Cmd::Rotate(None, tx))?;
         rx.recv().map_err(|_| Error::Closed)?
+    }
+
+    /// Seals the current segment and runs `f` on the writer thread at that exact point in
+    /// the log: after the callbacks of every record of the sealed segment, before any of the
+    /// next. Use it to capture state derived from the log that must match a segment boundary.
+    pub fn rotate_then<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(SegmentId) -> T + Send + 'static,
+    ) -> Result<(SegmentId, T)> {
+        let (tx, rx) = mpsc::channel();
+        let (out_tx, out_rx) = mpsc::channel();
+        let hook: Hook = Box::new(move |seg| {
+            let _ = out_tx.send(f(seg));
+        });
+        self.send(Cmd::Rotate(Some(hook), tx))?;
+        let seg = rx.recv().map_err(|_| Error::Closed)??;
+        let out = out_rx.recv().map_err(|_| Error::Closed)?;
+        Ok((seg, out))
     }
 
     /// Deletes sealed segments with id ≤ `through` (never the open one).
@@ -238,8 +260,12 @@ impl Writer {
                         });
                     }
                 }
-                Cmd::Rotate(reply) => {
-                    let _ = reply.send(self.rotate());
+                Cmd::Rotate(hook, reply) => {
+                    let r = self.rotate();
+                    if let (Ok(seg), Some(hook)) = (&r, hook) {
+                        hook(*seg);
+                    }
+                    let _ = reply.send(r);
                 }
                 Cmd::Remove(through, reply) => {
                     let _ = reply.send(self.remove_through(through));
@@ -409,6 +435,40 @@ mod tests {
         // Reopening continues after the last segment.
         let wal = Wal::open(dir.path(), 8).unwrap();
         assert_eq!(append_all(&wal, &[b"d"]), vec![3]);
+    }
+
+    #[test]
+    fn rotate_hook_sees_exactly_the_sealed_segments_callbacks() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 1024).unwrap();
+        let applied = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = mpsc::channel();
+        let queue = |n: usize| {
+            for _ in 0..n {
+                let (applied, tx) = (Arc::clone(&applied), tx.clone());
+                wal.try_append(
+                    b"x".to_vec(),
+                    Box::new(move |r| {
+                        applied.fetch_add(1, Ordering::SeqCst);
+                        tx.send(r.unwrap()).unwrap();
+                    }),
+                )
+                .unwrap();
+            }
+        };
+        queue(50);
+        let seen = Arc::clone(&applied);
+        let (seg, at_hook) = wal
+            .rotate_then(move |_| seen.load(Ordering::SeqCst))
+            .unwrap();
+        queue(20);
+        let segs: Vec<u64> = (0..70).map(|_| rx.recv().unwrap()).collect();
+        assert_eq!(seg, 1);
+        // The hook ran after all 50 callbacks of segment 1 and before any of segment 2.
+        assert_eq!(at_hook, 50);
+        assert_eq!(segs.iter().filter(|s| **s == 1).count(), 50);
+        assert_eq!(segs.iter().filter(|s| **s == 2).count(), 20);
     }
 
     #[test]

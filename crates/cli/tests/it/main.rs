@@ -3,6 +3,7 @@
 
 mod common;
 mod crash;
+mod features;
 mod ingest_http;
 mod outside_reader;
 mod warehouse;

@@ -1,0 +1,757 @@
+//! The online feature store (SPEC §5): per-video, per-user and per-creator features kept in
+//! memory and updated by every accepted event before its ingest response returns.
+//!
+//! ```text
+//!  WAL writer thread (after fsync, in log order)
+//!      │ events RecordBatch
+//!      ▼
+//!  FeatureStore::apply ──▶ views     (view_id → pairing state: start/end, max watch)
+//!                     ├──▶ videos    (totals, minute buckets, 24 h viewers)
+//!                     ├──▶ users     (recent views, like/follow state, sessions)
+//!                     └──▶ creators  (followers, minute buckets)
+//!  HTTP readers ──read locks on one shard──▶ VideoFeatures / UserFeatures / CreatorFeatures
+//!  flusher ──at a WAL rotation──▶ snapshot (segment S) ─▶ _state/online.snap
+//!  start: snapshot + WAL records of segments > S  (or a rebuild from `events` if none)
+//! ```
+//!
+//! Every feature is a function of the *set* of events (order never matters): view pairing keeps
+//! the earliest start and the largest watch like `fact_video_view`, like and follow state is
+//! last-writer-wins by `(event_time, event_id)` like the warehouse's state tables, and windows
+//! are keyed by event time. That is what makes snapshot + replay restore identical features and
+//! lets `reelhouse check` compare totals with the warehouse.
+//!
+//! Each map is split into [`SHARDS`] `RwLock`ed shards; the only writer is the WAL thread, so
+//! readers contend only with it, on one shard at a time.
+
+pub mod rows;
+pub mod snapshot;
+pub mod window;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use reelhouse_event::time::day_of;
+use reelhouse_event::{Clock, CreatorId, UserId, VideoId};
+use reelhouse_lake::deltalake::arrow::array::RecordBatch;
+use serde::{Deserialize, Serialize};
+
+use rows::{Columns, Row};
+use window::{minute_of, Buckets, Counts, DAY_MINUTES};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("events batch lacks column {0}")]
+    MissingColumn(&'static str),
+    #[error("feature snapshot is unreadable (it will be rebuilt from the tables): {0}")]
+    Snapshot(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Shards per map.
+pub const SHARDS: usize = 64;
+/// Views and likes kept per user for the user features.
+pub const RECENT: usize = 100;
+
+fn hash64(s: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(s.as_bytes())
+}
+
+fn shard_of(key: u64) -> usize {
+    // Fibonacci hashing spreads sequential ids over the shards.
+    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % SHARDS
+}
+
+/// A map split into `RwLock`ed shards.
+#[derive(Debug)]
+struct Sharded<V>(Vec<RwLock<HashMap<u64, V>>>);
+
+impl<V> Default for Sharded<V> {
+    fn default() -> Self {
+        Sharded((0..SHARDS).map(|_| RwLock::default()).collect())
+    }
+}
+
+impl<V> Sharded<V> {
+    fn read(&self, key: u64) -> RwLockReadGuard<'_, HashMap<u64, V>> {
+        self.0[shard_of(key)]
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+    fn write(&self, key: u64) -> RwLockWriteGuard<'_, HashMap<u64, V>> {
+        self.0[shard_of(key)]
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+    fn shards(&self) -> impl Iterator<Item = RwLockReadGuard<'_, HashMap<u64, V>>> {
+        self.0
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()))
+    }
+    fn shards_mut(&self) -> impl Iterator<Item = RwLockWriteGuard<'_, HashMap<u64, V>>> {
+        self.0
+            .iter()
+            .map(|s| s.write().unwrap_or_else(|p| p.into_inner()))
+    }
+    fn len(&self) -> usize {
+        self.shards().map(|s| s.len()).sum()
+    }
+}
+
+impl<V: Serialize> Serialize for Sharded<V> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.len()))?;
+        for shard in self.shards() {
+            for kv in shard.iter() {
+                seq.serialize_element(&kv)?;
+            }
+        }
+        seq.end()
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Sharded<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let items: Vec<(u64, V)> = Vec::deserialize(d)?;
+        let out = Sharded::default();
+        for (k, v) in items {
+            out.write(k).insert(k, v);
+        }
+        Ok(out)
+    }
+}
+
+/// Last-writer-wins state of one (user, video) like or (user, creator) follow.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Lww {
+    time_ms: i64,
+    event_id: Box<str>,
+    on: bool,
+}
+
+impl Lww {
+    /// Applies an event; returns the change of "on" (−1, 0, +1).
+    fn update(slot: &mut Option<Lww>, time_ms: i64, event_id: &str, on: bool) -> i64 {
+        match slot {
+            Some(cur) if (time_ms, event_id) <= (cur.time_ms, &*cur.event_id) => 0,
+            _ => {
+                let before = slot.as_ref().is_some_and(|c| c.on);
+                *slot = Some(Lww {
+                    time_ms,
+                    event_id: event_id.into(),
+                    on,
+                });
+                on as i64 - before as i64
+            }
+        }
+    }
+}
+
+/// Pairing state of one `view_id`, as `fact_video_view` pairs it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ViewState {
+    user_id: i64,
+    video_id: i64,
+    creator_id: i64,
+    has_start: bool,
+    /// Earliest start.
+    start_ms: Option<i64>,
+    /// Latest end.
+    end_ms: Option<i64>,
+    /// Largest watch_ms and largest duration over the ends (duplicate ends keep the max).
+    watch_ms: Option<i64>,
+    duration_ms: Option<i64>,
+}
+
+/// What one view contributes to its video, creator and user.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Contribution {
+    user_id: i64,
+    video_id: i64,
+    creator_id: i64,
+    /// Start time, or the end's when the start is missing (SPEC attribution rule).
+    at_ms: i64,
+    counts: Counts,
+    percent: Option<f64>,
+}
+
+impl ViewState {
+    fn contribution(&self) -> Contribution {
+        let percent = match (self.watch_ms, self.duration_ms) {
+            (Some(w), Some(d)) if d > 0 => Some((w as f64 / d as f64).min(1.0)),
+            _ => None,
+        };
+        let completed = match (self.watch_ms, self.duration_ms) {
+            (Some(w), Some(d)) => w as f64 >= 0.98 * d as f64,
+            _ => false,
+        };
+        Contribution {
+            user_id: self.user_id,
+            video_id: self.video_id,
+            creator_id: self.creator_id,
+            at_ms: self.start_ms.or(self.end_ms).unwrap_or(0),
+            counts: Counts {
+                views: 1,
+                ended: percent.is_some() as u32,
+                completions: completed as u32,
+                pct_sum: percent.unwrap_or(0.0),
+            },
+            percent,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct VideoState {
+    creator_id: Option<i64>,
+    views_total: u64,
+    likes: i64,
+    shares: u64,
+    comments: u64,
+    buckets: Buckets,
+    /// Viewer → minute of their latest view event (start or end) of this video.
+    viewers: HashMap<i64, u32>,
+    /// Viewers counted at the minute of their latest view event, so the distinct viewers of
+    /// the last 24 h are a sum over at most 1,440 buckets instead of a scan of `viewers`.
+    viewers_by_minute: Buckets,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RecentView {
+    video_id: i64,
+    at_ms: i64,
+    percent: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct SessionSeen {
+    start_ms: Option<i64>,
+    first_ms: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct UserState {
+    /// The user's views still in the pairing window, by view_id hash (the newest 100 are the
+    /// feature; keeping all of them keeps the answer independent of arrival order).
+    recent: HashMap<u64, RecentView>,
+    likes: HashMap<i64, Lww>,
+    follows: HashMap<i64, Lww>,
+    sessions: HashMap<u64, SessionSeen>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct CreatorState {
+    followers: i64,
+    buckets: Buckets,
+}
+
+/// SPEC §5 video features.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VideoFeatures {
+    pub video_id: u64,
+    /// 0 when the video is unknown.
+    pub creator_id: u64,
+    pub views_total: u64,
+    pub views_1h: u64,
+    pub views_24h: u64,
+    /// Exact distinct users with a view attributed to the last 24 h.
+    pub unique_viewers_24h: u64,
+    /// Net likes (users whose last like/unlike is a like).
+    pub likes: i64,
+    /// Distinct `share_id`s.
+    pub shares: u64,
+    pub comments: u64,
+    /// Mean percent viewed (0…1) over views with an end in the last 24 h; 0 when none.
+    pub avg_percent_viewed_24h: f64,
+    /// Completed views / views with an end, last 24 h; 0 when none.
+    pub completion_rate_24h: f64,
+}
+
+/// One of a user's recent views.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ViewedVideo {
+    pub video_id: u64,
+    /// min(watch / duration, 1), null while the view has no end.
+    pub percent_viewed: Option<f64>,
+    /// Start of the view (its end when the start is missing), RFC 3339.
+    pub viewed_at: String,
+}
+
+/// SPEC §5 user features.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UserFeatures {
+    pub user_id: u64,
+    /// Up to 100, most recent first.
+    pub last_viewed: Vec<ViewedVideo>,
+    /// Up to 100 video ids currently liked, most recently liked first.
+    pub last_liked: Vec<u64>,
+    /// Creators currently followed, most recently followed first.
+    pub followed_creators: Vec<u64>,
+    /// Sessions that started today (UTC).
+    pub sessions_today: u64,
+}
+
+/// SPEC §5 creator features.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CreatorFeatures {
+    pub creator_id: u64,
+    /// Net followers.
+    pub followers: i64,
+    pub views_24h: u64,
+}
+
+/// Totals compared by `reelhouse check`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    /// video → (views, likes net, shares, comments)
+    pub videos: HashMap<i64, (i64, i64, i64, i64)>,
+    /// creator → followers net
+    pub creators: HashMap<i64, i64>,
+}
+
+/// Entry counts and an estimate of heap bytes, for health and the serve benchmark.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StoreStats {
+    pub videos: usize,
+    pub users: usize,
+    pub creators: usize,
+    pub views: usize,
+    pub applied_events: u64,
+}
+
+/// The store. One writer (the WAL thread), many readers.
+pub struct FeatureStore {
+    clock: Arc<dyn Clock>,
+    /// Pairing state of views (by view_id hash) kept this long by attribution time; a start or
+    /// end arriving later than that for a pruned view counts as a new view.
+    keep_views_ms: i64,
+    inner: Inner,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct Inner {
+    views: Sharded<ViewState>,
+    videos: Sharded<VideoState>,
+    users: Sharded<UserState>,
+    creators: Sharded<CreatorState>,
+    shares: Sharded<()>,
+    /// Comment event ids (hashed), so an event stored twice beyond the dedup window counts once.
+    comments: Sharded<()>,
+    applied: std::sync::atomic::AtomicU64,
+}
+
+fn to_u64(id: i64) -> u64 {
+    id.max(0) as u64
+}
+
+impl FeatureStore {
+    /// An empty store. `keep_views_ms` should be the allowed lateness plus a day.
+    pub fn new(clock: Arc<dyn Clock>, keep_views_ms: i64) -> FeatureStore {
+        FeatureStore {
+            clock,
+            keep_views_ms,
+            inner: Inner::default(),
+        }
+    }
+
+    /// Applies every event of an `events` batch (ingest path or rebuild from the table).
+    pub fn apply(&self, batch: &RecordBatch) -> Result<()> {
+        let cols = Columns::new(batch)?;
+        let now_minute = minute_of(self.clock.now_ms());
+        for i in 0..cols.len() {
+            self.apply_row(&cols.row(i), now_minute);
+        }
+        self.inner
+            .applied
+            .fetch_add(cols.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn apply_row(&self, r: &Row<'_>, now_minute: u32) {
+        if let (Some(v), Some(c)) = (r.video_id, r.creator_id) {
+            let mut videos = self.inner.videos.write(v as u64);
+            videos.entry(v as u64).or_default().creator_id = Some(c);
+        }
+        if let Some(s) = r.session_id {
+            let key = hash64(s);
+            let mut users = self.inner.users.write(r.user_id as u64);
+            let u = users.entry(r.user_id as u64).or_default();
+            let seen = u.sessions.entry(key).or_insert(SessionSeen {
+                start_ms: None,
+                first_ms: r.time_ms,
+            });
+            seen.first_ms = seen.first_ms.min(r.time_ms);
+            if r.event_type == "session_start" {
+                seen.start_ms = Some(seen.start_ms.map_or(r.time_ms, |t| t.min(r.time_ms)));
+            }
+        }
+        match r.event_type {
+            "video_view_start" | "video_view_end" => self.apply_view(r, now_minute),
+            "like" | "unlike" => {
+                let Some(video) = r.video_id else { return };
+                let delta = {
+                    let mut users = self.inner.users.write(r.user_id as u64);
+                    let u = users.entry(r.user_id as u64).or_default();
+                    let mut slot = u.likes.remove(&video);
+                    let d = Lww::update(&mut slot, r.time_ms, r.event_id, r.event_type == "like");
+                    if let Some(s) = slot {
+                        u.likes.insert(video, s);
+                    }
+                    d
+                };
+                if delta != 0 {
+                    let mut videos = self.inner.videos.write(video as u64);
+                    videos.entry(video as u64).or_default().likes += delta;
+                }
+            }
+            "follow_creator" | "unfollow_creator" => {
+                let Some(creator) = r.creator_id else { return };
+                let delta = {
+                    let mut users = self.inner.users.write(r.user_id as u64);
+                    let u = users.entry(r.user_id as u64).or_default();
+                    let mut slot = u.follows.remove(&creator);
+                    let on = r.event_type == "follow_creator";
+                    let d = Lww::update(&mut slot, r.time_ms, r.event_id, on);
+                    if let Some(s) = slot {
+                        u.follows.insert(creator, s);
+                    }
+                    d
+                };
+                if delta != 0 {
+                    let mut creators = self.inner.creators.write(creator as u64);
+                    creators.entry(creator as u64).or_default().followers += delta;
+                }
+            }
+            "share" => {
+                let (Some(video), Some(share)) = (r.video_id, r.share_id) else {
+                    return;
+                };
+                let key = hash64(share);
+                let fresh = self.inner.shares.write(key).insert(key, ()).is_none();
+                if fresh {
+                    self.inner
+                        .videos
+                        .write(video as u64)
+                        .entry(video as u64)
+                        .or_default()
+                        .shares += 1;
+                }
+            }
+            "comment" => {
+                let key = hash64(r.event_id);
+                let fresh = self.inner.comments.write(key).insert(key, ()).is_none();
+                if let (Some(video), true) = (r.video_id, fresh) {
+                    self.inner
+                        .videos
+                        .write(video as u64)
+                        .entry(video as u64)
+                        .or_default()
+                        .comments += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn apply_view(&self, r: &Row<'_>, now_minute: u32) {
+        let (Some(view_id), Some(video)) = (r.view_id, r.video_id) else {
+            return;
+        };
+        let creator = r.creator_id.unwrap_or(0);
+        let key = hash64(view_id);
+        let is_start = r.event_type == "video_view_start";
+        self.note_viewer(video, r.user_id, minute_of(r.time_ms), now_minute);
+        let (before, after) = {
+            let mut views = self.inner.views.write(key);
+            let mut fresh = false;
+            let v = views.entry(key).or_insert_with(|| {
+                fresh = true;
+                ViewState {
+                    user_id: r.user_id,
+                    video_id: video,
+                    creator_id: creator,
+                    has_start: is_start,
+                    start_ms: None,
+                    end_ms: None,
+                    watch_ms: None,
+                    duration_ms: None,
+                }
+            });
+            let before = (!fresh).then(|| v.contribution());
+            // Who/what the view is about: from the start when there is one, else the least
+            // value over the ends (as `fact_video_view` picks them).
+            if is_start && !v.has_start {
+                v.has_start = true;
+                (v.user_id, v.video_id, v.creator_id) = (r.user_id, video, creator);
+            } else if is_start || !v.has_start {
+                v.user_id = v.user_id.min(r.user_id);
+                v.video_id = v.video_id.min(video);
+                v.creator_id = v.creator_id.min(creator);
+            }
+            let min = |a: Option<i64>, b: i64| Some(a.map_or(b, |a| a.min(b)));
+            let max = |a: Option<i64>, b: Option<i64>| match (a, b) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            if is_start {
+                v.start_ms = min(v.start_ms, r.time_ms);
+            } else {
+                v.end_ms = max(v.end_ms, Some(r.time_ms));
+                v.watch_ms = max(v.watch_ms, r.watch_ms);
+                v.duration_ms = max(v.duration_ms, r.duration_ms);
+            }
+            (before, v.contribution())
+        };
+        if before == Some(after) {
+            return;
+        }
+        if let Some(b) = before {
+            self.contribute(&b, -1, now_minute);
+        }
+        self.contribute(&after, 1, now_minute);
+        self.note_recent_view(key, &after);
+    }
+
+    fn contribute(&self, c: &Contribution, sign: i64, now_minute: u32) {
+        let minute = minute_of(c.at_ms);
+        {
+            let mut videos = self.inner.videos.write(c.video_id as u64);
+            let v = videos.entry(c.video_id as u64).or_default();
+            v.views_total = (v.views_total as i64 + sign).max(0) as u64;
+            v.buckets.apply(minute, &c.counts, sign, now_minute);
+        }
+        let mut creators = self.inner.creators.write(c.creator_id as u64);
+        let views = Counts {
+            views: 1,
+            ..Counts::default()
+        };
+        creators
+            .entry(c.creator_id as u64)
+            .or_default()
+            .buckets
+            .apply(minute, &views, sign, now_minute);
+    }
+
+    /// Moves the viewer's latest minute forward (it only ever grows, so one bucket move).
+    fn note_viewer(&self, video: i64, user: i64, minute: u32, now_minute: u32) {
+        let one = Counts {
+            views: 1,
+            ..Counts::default()
+        };
+        let mut videos = self.inner.videos.write(video as u64);
+        let v = videos.entry(video as u64).or_default();
+        match v.viewers.get(&user).copied() {
+            Some(m) if m >= minute => {}
+            old => {
+                if let Some(m) = old {
+                    v.viewers_by_minute.apply(m, &one, -1, now_minute);
+                }
+                v.viewers.insert(user, minute);
+                v.viewers_by_minute.apply(minute, &one, 1, now_minute);
+            }
+        }
+    }
+
+    fn note_recent_view(&self, key: u64, c: &Contribution) {
+        let mut users = self.inner.users.write(c.user_id as u64);
+        let u = users.entry(c.user_id as u64).or_default();
+        u.recent.insert(
+            key,
+            RecentView {
+                video_id: c.video_id,
+                at_ms: c.at_ms,
+                percent: c.percent,
+            },
+        );
+    }
+
+    /// Drops state no window or feature can need any more: view pairing state older than the
+    /// keep period, sessions older than yesterday, viewers and buckets older than 24 h.
+    pub fn prune(&self) {
+        let now = self.clock.now_ms();
+        let keep_from = now - self.keep_views_ms;
+        for mut shard in self.inner.views.shards_mut() {
+            shard.retain(|_, v| v.start_ms.or(v.end_ms).unwrap_or(0) >= keep_from);
+        }
+        let yesterday = day_of(now) - 1;
+        for mut shard in self.inner.users.shards_mut() {
+            for u in shard.values_mut() {
+                u.sessions
+                    .retain(|_, s| day_of(s.start_ms.unwrap_or(s.first_ms)) >= yesterday);
+                if u.recent.len() > RECENT {
+                    let mut ats: Vec<i64> = u.recent.values().map(|e| e.at_ms).collect();
+                    let (_, nth, _) = ats.select_nth_unstable_by(RECENT - 1, |a, b| b.cmp(a));
+                    let floor = keep_from.min(*nth);
+                    u.recent.retain(|_, e| e.at_ms >= floor);
+                }
+            }
+        }
+        let oldest = minute_of(now).saturating_sub(DAY_MINUTES - 1);
+        for mut shard in self.inner.videos.shards_mut() {
+            for v in shard.values_mut() {
+                // A viewer older than 24 h is re-added by their next view event.
+                v.viewers.retain(|_, m| *m >= oldest);
+            }
+        }
+    }
+
+    /// Features of one video; zeros when unknown.
+    pub fn video(&self, id: VideoId) -> VideoFeatures {
+        let now_minute = minute_of(self.clock.now_ms());
+        self.video_at(id.0, now_minute)
+    }
+
+    /// Features of many videos, in the order asked.
+    pub fn videos(&self, ids: &[VideoId]) -> Vec<VideoFeatures> {
+        let now_minute = minute_of(self.clock.now_ms());
+        ids.iter()
+            .map(|id| self.video_at(id.0, now_minute))
+            .collect()
+    }
+
+    fn video_at(&self, id: u64, now_minute: u32) -> VideoFeatures {
+        let mut f = VideoFeatures {
+            video_id: id,
+            ..VideoFeatures::default()
+        };
+        let videos = self.inner.videos.read(id);
+        let Some(v) = videos.get(&id) else {
+            return f;
+        };
+        let day = v.buckets.sum(now_minute, DAY_MINUTES);
+        f.creator_id = to_u64(v.creator_id.unwrap_or(0));
+        f.views_total = v.views_total;
+        f.views_1h = v.buckets.sum(now_minute, 60).views as u64;
+        f.views_24h = day.views as u64;
+        f.unique_viewers_24h = v.viewers_by_minute.sum(now_minute, DAY_MINUTES).views as u64;
+        f.likes = v.likes;
+        f.shares = v.shares;
+        f.comments = v.comments;
+        if day.ended > 0 {
+            f.avg_percent_viewed_24h = day.pct_sum / day.ended as f64;
+            f.completion_rate_24h = day.completions as f64 / day.ended as f64;
+        }
+        f
+    }
+
+    /// Features of one user; empty when unknown.
+    pub fn user(&self, id: UserId) -> UserFeatures {
+        let today = day_of(self.clock.now_ms());
+        let mut f = UserFeatures {
+            user_id: id.0,
+            ..UserFeatures::default()
+        };
+        let users = self.inner.users.read(id.0);
+        let Some(u) = users.get(&id.0) else {
+            return f;
+        };
+        let mut recent: Vec<(&u64, &RecentView)> = u.recent.iter().collect();
+        let key = |(k, e): &(&u64, &RecentView)| std::cmp::Reverse((e.at_ms, **k));
+        if recent.len() > RECENT {
+            recent.select_nth_unstable_by_key(RECENT - 1, key);
+            recent.truncate(RECENT);
+        }
+        recent.sort_by_key(key);
+        f.last_viewed = recent
+            .into_iter()
+            .map(|(_, e)| e)
+            .map(|e| ViewedVideo {
+                video_id: to_u64(e.video_id),
+                percent_viewed: e.percent,
+                viewed_at: rfc3339(e.at_ms),
+            })
+            .collect();
+        f.last_liked = latest_on(&u.likes, RECENT);
+        f.followed_creators = latest_on(&u.follows, usize::MAX);
+        f.sessions_today = u
+            .sessions
+            .values()
+            .filter(|s| day_of(s.start_ms.unwrap_or(s.first_ms)) == today)
+            .count() as u64;
+        f
+    }
+
+    /// Features of one creator; zeros when unknown.
+    pub fn creator(&self, id: CreatorId) -> CreatorFeatures {
+        let now_minute = minute_of(self.clock.now_ms());
+        let mut f = CreatorFeatures {
+            creator_id: id.0,
+            ..CreatorFeatures::default()
+        };
+        if let Some(c) = self.inner.creators.read(id.0).get(&id.0) {
+            f.followers = c.followers;
+            f.views_24h = c.buckets.sum(now_minute, DAY_MINUTES).views as u64;
+        }
+        f
+    }
+
+    /// Per-video and per-creator totals, for comparison with the warehouse.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for shard in self.inner.videos.shards() {
+            for (id, v) in shard.iter() {
+                t.videos.insert(
+                    *id as i64,
+                    (
+                        v.views_total as i64,
+                        v.likes,
+                        v.shares as i64,
+                        v.comments as i64,
+                    ),
+                );
+            }
+        }
+        for shard in self.inner.creators.shards() {
+            for (id, c) in shard.iter() {
+                t.creators.insert(*id as i64, c.followers);
+            }
+        }
+        t
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            videos: self.inner.videos.len(),
+            users: self.inner.users.len(),
+            creators: self.inner.creators.len(),
+            views: self.inner.views.len(),
+            applied_events: self
+                .inner
+                .applied
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Serializes the whole store (MessagePack). Call where no event is being applied (the
+    /// WAL thread at a rotation) so the bytes match one exact set of events.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain maps and numbers cannot fail.
+        rmp_serde::to_vec(&self.inner).unwrap_or_default()
+    }
+
+    /// Replaces the contents with a snapshot made by [`FeatureStore::encode`].
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<()> {
+        self.inner = rmp_serde::from_slice(bytes).map_err(|e| Error::Snapshot(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Keys whose state is on, latest first, at most `n`.
+fn latest_on(m: &HashMap<i64, Lww>, n: usize) -> Vec<u64> {
+    let mut on: Vec<(i64, &str, i64)> = m
+        .iter()
+        .filter(|(_, s)| s.on)
+        .map(|(k, s)| (s.time_ms, &*s.event_id, *k))
+        .collect();
+    on.sort_by(|a, b| b.cmp(a));
+    on.into_iter().take(n).map(|(_, _, k)| to_u64(k)).collect()
+}
+
+fn rfc3339(ms: i64) -> String {
+    use reelhouse_lake::deltalake::arrow::temporal_conversions::timestamp_ms_to_datetime;
+    timestamp_ms_to_datetime(ms)
+        .map(|dt| dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_default()
+}
