@@ -34,6 +34,9 @@ enum BenchCommand {
     /// Warehouse rebuild rate and creator-dashboard latency, beside DuckDB computing
     /// agg_creator_daily from the same Parquet files.
     Materialize(MaterializeBench),
+    /// Feature lookup latency (single and batch-500) while ingest runs, freshness, memory per
+    /// video and user, beside redis-server HGETALL on the same features.
+    Serve(crate::bench_serve::ServeBench),
 }
 
 #[derive(Args)]
@@ -79,6 +82,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     match a.what {
         BenchCommand::Ingest(b) => ingest(b).await,
         BenchCommand::Materialize(b) => materialize(b).await,
+        BenchCommand::Serve(b) => crate::bench_serve::serve(b).await,
     }
 }
 
@@ -188,14 +192,14 @@ async fn ingest(b: IngestBench) -> Result<()> {
     write_result(&b.out, result)
 }
 
-fn warn_if_debug() {
+pub(crate) fn warn_if_debug() {
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build; benchmark figures need `cargo run --release`");
     }
 }
 
 /// Adds what every result records (build profile, cores, time) and writes it as JSON.
-fn write_result(out: &std::path::Path, mut result: serde_json::Value) -> Result<()> {
+pub(crate) fn write_result(out: &std::path::Path, mut result: serde_json::Value) -> Result<()> {
     result["build"] = json!(if cfg!(debug_assertions) {
         "debug"
     } else {

@@ -5,6 +5,7 @@
 //! `bench` measures. Every flag also reads a `REELHOUSE_…` environment variable.
 
 mod bench;
+mod bench_serve;
 mod demo;
 mod send;
 

@@ -321,6 +321,32 @@ pub struct StoreStats {
     pub applied_events: u64,
 }
 
+/// Heap bytes held by each part of the store, counted from map capacities and entry sizes
+/// (hashbrown keeps one control byte per slot). The serve benchmark prints it beside the
+/// process's measured RSS growth, which it should approach from below.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MemoryEstimate {
+    pub views_bytes: usize,
+    pub videos_bytes: usize,
+    pub users_bytes: usize,
+    pub creators_bytes: usize,
+    pub id_sets_bytes: usize,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> usize {
+        self.views_bytes
+            + self.videos_bytes
+            + self.users_bytes
+            + self.creators_bytes
+            + self.id_sets_bytes
+    }
+}
+
+fn map_bytes<K, V>(m: &HashMap<K, V>) -> usize {
+    m.capacity() * (std::mem::size_of::<(K, V)>() + 1)
+}
+
 /// The store. One writer (the WAL thread), many readers.
 pub struct FeatureStore {
     clock: Arc<dyn Clock>,
@@ -370,7 +396,9 @@ impl FeatureStore {
     }
 
     fn apply_row(&self, r: &Row<'_>, now_minute: u32) {
-        if let (Some(v), Some(c)) = (r.video_id, r.creator_id) {
+        let is_view = matches!(r.event_type, "video_view_start" | "video_view_end");
+        if let (Some(v), Some(c), false) = (r.video_id, r.creator_id, is_view) {
+            // View events set it under the lock they take anyway (see `update_video`).
             let mut videos = self.inner.videos.write(v as u64);
             videos.entry(v as u64).or_default().creator_id = Some(c);
         }
@@ -462,7 +490,6 @@ impl FeatureStore {
         let creator = r.creator_id.unwrap_or(0);
         let key = hash64(view_id);
         let is_start = r.event_type == "video_view_start";
-        self.note_viewer(video, r.user_id, minute_of(r.time_ms), now_minute);
         let (before, after) = {
             let mut views = self.inner.views.write(key);
             let mut fresh = false;
@@ -504,14 +531,76 @@ impl FeatureStore {
             }
             (before, v.contribution())
         };
+        self.update_video(r, video, before.as_ref(), &after, now_minute);
         if before == Some(after) {
             return;
         }
-        if let Some(b) = before {
-            self.contribute(&b, -1, now_minute);
-        }
-        self.contribute(&after, 1, now_minute);
         self.note_recent_view(key, &after);
+    }
+
+    /// One lock of the event's video for the common case (the view stays on that video):
+    /// creator id, viewer, total and buckets; the creator's buckets only when the view's
+    /// minute or creator changed.
+    fn update_video(
+        &self,
+        r: &Row<'_>,
+        video: i64,
+        before: Option<&Contribution>,
+        after: &Contribution,
+        now_minute: u32,
+    ) {
+        let same_video = before.is_none_or(|b| b.video_id == after.video_id);
+        {
+            let mut videos = self.inner.videos.write(video as u64);
+            let v = videos.entry(video as u64).or_default();
+            if let Some(c) = r.creator_id {
+                v.creator_id = Some(c);
+            }
+            note_viewer(v, r.user_id, minute_of(r.time_ms), now_minute);
+            if same_video && after.video_id == video && before != Some(after) {
+                if let Some(b) = before {
+                    v.buckets
+                        .apply(minute_of(b.at_ms), &b.counts, -1, now_minute);
+                } else {
+                    v.views_total += 1;
+                }
+                v.buckets
+                    .apply(minute_of(after.at_ms), &after.counts, 1, now_minute);
+            }
+        }
+        if before == Some(after) {
+            return;
+        }
+        if !(same_video && after.video_id == video) {
+            if let Some(b) = before {
+                self.contribute(b, -1, now_minute);
+            }
+            self.contribute(after, 1, now_minute);
+            return;
+        }
+        let moved = before.is_none_or(|b| {
+            b.creator_id != after.creator_id || minute_of(b.at_ms) != minute_of(after.at_ms)
+        });
+        if moved {
+            if let Some(b) = before {
+                self.creator_views(b, -1, now_minute);
+            }
+            self.creator_views(after, 1, now_minute);
+        }
+    }
+
+    fn creator_views(&self, c: &Contribution, sign: i64, now_minute: u32) {
+        let views = Counts {
+            views: 1,
+            ..Counts::default()
+        };
+        self.inner
+            .creators
+            .write(c.creator_id as u64)
+            .entry(c.creator_id as u64)
+            .or_default()
+            .buckets
+            .apply(minute_of(c.at_ms), &views, sign, now_minute);
     }
 
     fn contribute(&self, c: &Contribution, sign: i64, now_minute: u32) {
@@ -522,36 +611,7 @@ impl FeatureStore {
             v.views_total = (v.views_total as i64 + sign).max(0) as u64;
             v.buckets.apply(minute, &c.counts, sign, now_minute);
         }
-        let mut creators = self.inner.creators.write(c.creator_id as u64);
-        let views = Counts {
-            views: 1,
-            ..Counts::default()
-        };
-        creators
-            .entry(c.creator_id as u64)
-            .or_default()
-            .buckets
-            .apply(minute, &views, sign, now_minute);
-    }
-
-    /// Moves the viewer's latest minute forward (it only ever grows, so one bucket move).
-    fn note_viewer(&self, video: i64, user: i64, minute: u32, now_minute: u32) {
-        let one = Counts {
-            views: 1,
-            ..Counts::default()
-        };
-        let mut videos = self.inner.videos.write(video as u64);
-        let v = videos.entry(video as u64).or_default();
-        match v.viewers.get(&user).copied() {
-            Some(m) if m >= minute => {}
-            old => {
-                if let Some(m) = old {
-                    v.viewers_by_minute.apply(m, &one, -1, now_minute);
-                }
-                v.viewers.insert(user, minute);
-                v.viewers_by_minute.apply(minute, &one, 1, now_minute);
-            }
-        }
+        self.creator_views(c, sign, now_minute);
     }
 
     fn note_recent_view(&self, key: u64, c: &Contribution) {
@@ -724,6 +784,55 @@ impl FeatureStore {
         }
     }
 
+    /// Estimated heap bytes of each part (see [`MemoryEstimate`]).
+    pub fn memory(&self) -> MemoryEstimate {
+        fn lww_bytes(m: &HashMap<i64, Lww>) -> usize {
+            map_bytes(m) + m.values().map(|l| l.event_id.len()).sum::<usize>()
+        }
+        let sum = |s: &Sharded<()>| s.shards().map(|m| map_bytes(&m)).sum::<usize>();
+        MemoryEstimate {
+            views_bytes: self.inner.views.shards().map(|m| map_bytes(&m)).sum(),
+            videos_bytes: self
+                .inner
+                .videos
+                .shards()
+                .map(|m| {
+                    map_bytes(&m)
+                        + m.values()
+                            .map(|v| {
+                                v.buckets.heap_bytes()
+                                    + v.viewers_by_minute.heap_bytes()
+                                    + map_bytes(&v.viewers)
+                            })
+                            .sum::<usize>()
+                })
+                .sum(),
+            users_bytes: self
+                .inner
+                .users
+                .shards()
+                .map(|m| {
+                    map_bytes(&m)
+                        + m.values()
+                            .map(|u| {
+                                map_bytes(&u.recent)
+                                    + lww_bytes(&u.likes)
+                                    + lww_bytes(&u.follows)
+                                    + map_bytes(&u.sessions)
+                            })
+                            .sum::<usize>()
+                })
+                .sum(),
+            creators_bytes: self
+                .inner
+                .creators
+                .shards()
+                .map(|m| map_bytes(&m) + m.values().map(|c| c.buckets.heap_bytes()).sum::<usize>())
+                .sum(),
+            id_sets_bytes: sum(&self.inner.shares) + sum(&self.inner.comments),
+        }
+    }
+
     /// Serializes the whole store (MessagePack). Call where no event is being applied (the
     /// WAL thread at a rotation) so the bytes match one exact set of events.
     pub fn encode(&self) -> Vec<u8> {
@@ -735,6 +844,24 @@ impl FeatureStore {
     pub fn decode(&mut self, bytes: &[u8]) -> Result<()> {
         self.inner = rmp_serde::from_slice(bytes).map_err(|e| Error::Snapshot(e.to_string()))?;
         Ok(())
+    }
+}
+
+/// Moves the viewer's latest minute forward (it only ever grows, so one bucket move).
+fn note_viewer(v: &mut VideoState, user: i64, minute: u32, now_minute: u32) {
+    let one = Counts {
+        views: 1,
+        ..Counts::default()
+    };
+    match v.viewers.get(&user).copied() {
+        Some(m) if m >= minute => {}
+        old => {
+            if let Some(m) = old {
+                v.viewers_by_minute.apply(m, &one, -1, now_minute);
+            }
+            v.viewers.insert(user, minute);
+            v.viewers_by_minute.apply(minute, &one, 1, now_minute);
+        }
     }
 }
 

@@ -6,8 +6,8 @@
 //!                                                                 ▼        ▼
 //!             one WAL record = [events IPC][quarantine IPC] ─▶ group commit + fdatasync
 //!                                                                 │ callback (writer thread)
-//!                                                                 ▼
-//!             view.pending (visible to SQL at once) ─▶ ack to the client
+//!                                                                 ▼ applier thread, log order
+//!             feature store ─▶ view.pending (visible to SQL at once) ─▶ ack to the client
 //!  flusher: rotate WAL → segment S ─▶ Delta commit of pending ≤ S (txn = S) ─▶ swap view
 //!           ─▶ delete WAL segments ≤ S
 //! ```
@@ -273,13 +273,68 @@ struct View {
     derived: HashMap<String, DeltaTable>,
 }
 
+/// One step for the applier thread.
+enum Apply {
+    /// A durable WAL record: update the features, make it visible to SQL, then ack.
+    Record {
+        seg: SegmentId,
+        events: Option<RecordBatch>,
+        quarantine: Option<RecordBatch>,
+        ack: oneshot::Sender<Result<(), IngestError>>,
+    },
+    /// A WAL rotation: everything before it has been applied, nothing after.
+    Cut(Box<dyn FnOnce() + Send>),
+}
+
+/// The thread that applies durable records after the WAL writer has fsynced them.
+///
+/// The WAL thread only forwards each record here, so its next write and fsync overlap with
+/// the feature update of the previous group; the ack still waits for both. Rotations are
+/// forwarded as [`Apply::Cut`] in the same queue, so a cut seen here is exact: the snapshot
+/// and the flusher's view of `pending` match one WAL segment boundary.
+fn spawn_applier(
+    features: Arc<FeatureStore>,
+    view: Arc<Mutex<View>>,
+) -> std::io::Result<std::sync::mpsc::Sender<Apply>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Apply>();
+    std::thread::Builder::new()
+        .name("reelhouse-apply".into())
+        .spawn(move || {
+            for msg in rx {
+                match msg {
+                    Apply::Record {
+                        seg,
+                        events,
+                        quarantine,
+                        ack,
+                    } => {
+                        if let Some(e) = &events {
+                            if let Err(err) = features.apply(e) {
+                                tracing::error!(error = %err, "feature store skipped a batch");
+                            }
+                        }
+                        view.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .pending
+                            .push(seg, events, quarantine);
+                        let _ = ack.send(Ok(()));
+                    }
+                    Apply::Cut(f) => f(),
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
 /// The running pipeline. Cheap to share (`Arc`).
 pub struct Ingestor {
     config: IngestConfig,
     lake: Lake,
     wal: Wal,
-    /// The online feature store, updated on the WAL thread as each record becomes durable.
+    /// The online feature store, updated by the applier thread as each record becomes durable.
     features: Arc<FeatureStore>,
+    /// Work for the applier thread, in WAL order (see [`Applier`]).
+    applier: std::sync::mpsc::Sender<Apply>,
     /// WAL segments ≤ this are covered by the feature snapshot on disk (0 = no snapshot yet);
     /// segments above it are never deleted, so snapshot + WAL always restore the store.
     snapshot_segment: AtomicU64,
@@ -468,15 +523,19 @@ impl Ingestor {
         if replayed > 0 {
             tracing::info!(rows = replayed, "replayed write-ahead log");
         }
+        let features = Arc::new(features);
+        let view = Arc::new(Mutex::new(view));
+        let applier = spawn_applier(Arc::clone(&features), Arc::clone(&view))?;
         Ok(Arc::new(Ingestor {
             config,
             lake,
             wal,
-            features: Arc::new(features),
+            features,
+            applier,
             snapshot_segment: AtomicU64::new(snapshot_segment.unwrap_or(0)),
             last_snapshot: Mutex::new(Instant::now()),
             dedup: Mutex::new(dedup),
-            view: Arc::new(Mutex::new(view)),
+            view,
             flush_lock: tokio::sync::Mutex::new(()),
             accepted: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
@@ -584,23 +643,28 @@ impl Ingestor {
             .transpose()?;
         let payload = encode_record(e.as_ref(), q.as_ref())?;
         let (tx, rx) = oneshot::channel();
-        let view = Arc::clone(&self.view);
-        let features = Arc::clone(&self.features);
+        let applier = self.applier.clone();
         let done = Box::new(move |r: reelhouse_wal::Result<SegmentId>| {
-            // Runs on the WAL thread after fsync, before any later rotation is handled, so the
-            // feature store sees records in log order and a rotation is an exact cut.
-            let r = r.map(|seg| {
-                if let Some(e) = &e {
-                    if let Err(err) = features.apply(e) {
-                        tracing::error!(error = %err, "feature store skipped a batch");
+            // Runs on the WAL thread after fsync, before any later rotation is handled; the
+            // applier receives records and cuts in log order.
+            match r {
+                Ok(seg) => {
+                    let msg = Apply::Record {
+                        seg,
+                        events: e,
+                        quarantine: q,
+                        ack: tx,
+                    };
+                    if let Err(std::sync::mpsc::SendError(Apply::Record { ack, .. })) =
+                        applier.send(msg)
+                    {
+                        let _ = ack.send(Err(IngestError::ShuttingDown));
                     }
                 }
-                view.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pending
-                    .push(seg, e, q);
-            });
-            let _ = tx.send(r);
+                Err(err) => {
+                    let _ = tx.send(Err(IngestError::Wal(err)));
+                }
+            }
         });
         self.wal.try_append(payload, done).map_err(|e| match e {
             reelhouse_wal::Error::Full => IngestError::Overloaded,
@@ -609,6 +673,29 @@ impl Ingestor {
         })?;
         rx.await.map_err(|_| IngestError::ShuttingDown)??;
         Ok(())
+    }
+
+    /// Rotates the WAL and runs `f` on the applier thread at that exact point of the log:
+    /// after every record of the sealed segment is applied and visible in `pending`, before
+    /// any record of the next.
+    fn rotate_cut<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<(SegmentId, T), IngestError> {
+        let applier = self.applier.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (seg, sent) = self.wal.rotate_then(move |_| {
+            applier
+                .send(Apply::Cut(Box::new(move || {
+                    let _ = tx.send(f());
+                })))
+                .is_ok()
+        })?;
+        if !sent {
+            return Err(IngestError::ShuttingDown);
+        }
+        let out = rx.recv().map_err(|_| IngestError::ShuttingDown)?;
+        Ok((seg, out))
     }
 
     /// Rows durable in the WAL but not yet in Delta.
@@ -649,10 +736,10 @@ impl Ingestor {
         let (seg, snapshot) = if snapshot_due {
             self.features.prune();
             let features = Arc::clone(&self.features);
-            let (seg, bytes) = self.wal.rotate_then(move |_| features.encode())?;
+            let (seg, bytes) = self.rotate_cut(move || features.encode())?;
             (seg, Some(bytes))
         } else {
-            (self.wal.rotate()?, None)
+            (self.rotate_cut(|| ())?.0, None)
         };
         let mut committed_rows = 0;
         for t in RawTable::ALL {

@@ -301,7 +301,7 @@ pub struct RunningServer {
     stop: watch::Sender<bool>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     flusher: tokio::task::JoinHandle<()>,
-    materializer: Option<tokio::task::JoinHandle<()>>,
+    materializer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Errors of starting the server.
@@ -319,6 +319,27 @@ pub enum StartError {
          bind to 127.0.0.1 (token auth is described in SPEC §8)"
     )]
     NotLoopback(SocketAddr),
+    #[error("cannot start the background materializer: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Runs the periodic materializer on its own single-threaded runtime, so background rebuilds
+/// use at most one core and never take the HTTP workers' threads: on a 2-core machine, ingest
+/// (parse, WAL, feature updates) keeps the other core. On-demand rebuilds
+/// (`POST /v1/admin/materialize`) run on the request's runtime as before.
+fn spawn_materializer(
+    ingestor: Arc<Ingestor>,
+    interval: Duration,
+    stop: watch::Receiver<bool>,
+) -> Result<std::thread::JoinHandle<()>, StartError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    std::thread::Builder::new()
+        .name("reelhouse-materialize".into())
+        .spawn(move || rt.block_on(ingestor.run_materializer(interval, stop)))
+        .map_err(StartError::Runtime)
 }
 
 /// Opens the data directory (replaying the WAL) and starts serving on `config.listen`.
@@ -354,9 +375,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             .await
     });
     let flusher = tokio::spawn(Arc::clone(&ingestor).run_flusher(rx.clone()));
-    let materializer = config
-        .materialize_interval
-        .map(|i| tokio::spawn(Arc::clone(&ingestor).run_materializer(i, rx)));
+    let materializer = match config.materialize_interval {
+        Some(i) => Some(spawn_materializer(Arc::clone(&ingestor), i, rx)?),
+        None => None,
+    };
     tracing::info!(%addr, "reelhouse listening (open: no API tokens, loopback only)");
     Ok(RunningServer {
         addr,
@@ -376,7 +398,7 @@ impl RunningServer {
         let _ = tokio::time::timeout(Duration::from_secs(30), self.http).await;
         let _ = self.flusher.await;
         if let Some(m) = self.materializer {
-            let _ = m.await;
+            let _ = tokio::task::spawn_blocking(move || m.join()).await;
         }
         self.ingestor.flush().await
     }
