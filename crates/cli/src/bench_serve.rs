@@ -181,11 +181,7 @@ async fn time_lookups(
             batch_json.push(us)
         }
     }
-    Ok((
-        summary(single),
-        summary(batch_json),
-        summary(batch_msgpack),
-    ))
+    Ok((summary(single), summary(batch_json), summary(batch_msgpack)))
 }
 
 /// Sends pre-built bodies at a steady rate until `stop`; counts events acknowledged.
@@ -369,7 +365,10 @@ fn redis_compare(
             std::thread::sleep(Duration::from_millis(50));
         }
         let mut redis = conn.context("redis-server did not start")?;
-        let version = match redis.pipeline(&[vec![b"INFO".to_vec(), b"server".to_vec()]])?.pop() {
+        let version = match redis
+            .pipeline(&[vec![b"INFO".to_vec(), b"server".to_vec()]])?
+            .pop()
+        {
             Some(Reply::Bulk(Some(text))) => String::from_utf8_lossy(&text)
                 .lines()
                 .find_map(|l| l.strip_prefix("redis_version:").map(String::from))
@@ -381,7 +380,10 @@ fn redis_compare(
                 .iter()
                 .map(|f| {
                     let v = serde_json::to_value(f).unwrap_or_default();
-                    let mut c = vec![b"HSET".to_vec(), format!("video:{}", f.video_id).into_bytes()];
+                    let mut c = vec![
+                        b"HSET".to_vec(),
+                        format!("video:{}", f.video_id).into_bytes(),
+                    ];
                     for (k, val) in v.as_object().into_iter().flatten() {
                         c.push(k.clone().into_bytes());
                         c.push(val.to_string().into_bytes());
@@ -415,8 +417,10 @@ fn redis_compare(
             }
             batch.push(t.elapsed().as_micros() as u64);
         }
-        Ok(json!({"version": version, "single_hgetall": summary(single),
-                  "pipelined_hgetall": summary(batch)}))
+        Ok(
+            json!({"version": version, "single_hgetall": summary(single),
+                  "pipelined_hgetall": summary(batch)}),
+        )
     })();
     let _ = child.kill();
     let _ = child.wait();
@@ -431,11 +435,8 @@ pub async fn serve(b: ServeBench) -> Result<()> {
     let now = chrono::Utc::now().timestamp_millis();
     // Sessions start up to 3 h before a workload's end; ending it 2 h 40 min ahead fills the
     // 1 h window too (the few future events are clamped by ingest).
-    let w = reelhouse_workload::generate(&WorkloadConfig::new(
-        b.events,
-        b.seed,
-        now + 160 * 60_000,
-    ));
+    let w =
+        reelhouse_workload::generate(&WorkloadConfig::new(b.events, b.seed, now + 160 * 60_000));
     eprintln!("measuring the store's memory on {} events…", w.lines.len());
     let memory = measure_memory(&w.lines, now)?;
 
@@ -469,7 +470,9 @@ pub async fn serve(b: ServeBench) -> Result<()> {
         .collect();
     ids.sort_unstable();
     let mut rng = rand::rngs::StdRng::seed_from_u64(b.seed);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(4).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(4)
+        .build()?;
 
     eprintln!("timing lookups with no ingest…");
     let idle = time_lookups(&http, &url, &ids, &b, &mut rng).await?;
@@ -496,8 +499,7 @@ pub async fn serve(b: ServeBench) -> Result<()> {
     let sent_before = sent.load(Ordering::Relaxed);
     let loaded = time_lookups(&http, &url, &ids, &b, &mut rng).await?;
     let fresh = freshness(&http, &url, b.probes, now).await?;
-    let achieved =
-        (sent.load(Ordering::Relaxed) - sent_before) as f64 / t.elapsed().as_secs_f64();
+    let achieved = (sent.load(Ordering::Relaxed) - sent_before) as f64 / t.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     steady.await??;
     let features = server.ingestor.features().videos(
@@ -545,7 +547,9 @@ pub async fn serve(b: ServeBench) -> Result<()> {
     row("freshness ack → visible, under ingest", &fresh);
     println!(
         "  store update on one thread: {:.0} events/s",
-        memory["apply_events_per_s_one_thread"].as_f64().unwrap_or(0.0)
+        memory["apply_events_per_s_one_thread"]
+            .as_f64()
+            .unwrap_or(0.0)
     );
     println!(
         "  memory: {:.0} B/video, {:.0} B/user, {:.0} B/view pairing; RSS growth {:.1} MB for {} events (estimate {:.1} MB)",
@@ -557,7 +561,10 @@ pub async fn serve(b: ServeBench) -> Result<()> {
         memory["estimate_bytes"].as_f64().unwrap_or(0.0) / 1e6,
     );
     if let Some(r) = &redis {
-        println!("redis-server {} on the same features (raw RESP client, idle):", r["version"]);
+        println!(
+            "redis-server {} on the same features (raw RESP client, idle):",
+            r["version"]
+        );
         row("single HGETALL", &r["single_hgetall"]);
         row("500 pipelined HGETALL", &r["pipelined_hgetall"]);
     }

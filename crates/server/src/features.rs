@@ -48,7 +48,7 @@ fn respond<T: Serialize>(headers: &HeaderMap, value: &T) -> Result<Response, Api
 }
 
 /// Parses a path id: a decimal integer in 0…2^63−1.
-fn parse_id(kind: &str, raw: &str) -> Result<u64, ApiError> {
+pub(crate) fn parse_id(kind: &str, raw: &str) -> Result<u64, ApiError> {
     raw.parse::<u64>()
         .ok()
         .filter(|v| *v <= reelhouse_event::ids::MAX_ID)

@@ -12,6 +12,7 @@
 //!  GET  /v1/features/… ─▶ in-process feature store (see [`features`])
 //! ```
 
+pub mod cascades;
 pub mod dashboard;
 pub mod features;
 pub mod ingest;
@@ -77,6 +78,8 @@ pub enum ApiError {
     Internal,
     #[error("no such endpoint")]
     NotFound,
+    #[error("{0}")]
+    NotFoundWhat(&'static str),
 }
 
 impl ApiError {
@@ -88,7 +91,7 @@ impl ApiError {
             ApiError::Sql(_) => (StatusCode::BAD_REQUEST, "invalid_sql"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::NotFound | ApiError::NotFoundWhat(_) => (StatusCode::NOT_FOUND, "not_found"),
         }
     }
 }
@@ -174,6 +177,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/features/users/{id}", get(features::get_user))
         .route("/v1/features/creators/{id}", get(features::get_creator))
         .route("/v1/admin/check", get(features::get_check))
+        .route(
+            "/v1/videos/{id}/cascades",
+            get(cascades::get_video_cascades),
+        )
+        .route("/v1/cascades/{root}", get(cascades::get_cascade))
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::disable())
         .with_state(state)

@@ -17,6 +17,8 @@
 //! session without `session_end` is `timeout` (30 minutes idle) or still `open`.
 
 use std::collections::HashMap;
+
+pub mod cascade;
 use std::time::Instant;
 
 use reelhouse_lake::deltalake::arrow::array::RecordBatch;
@@ -371,14 +373,25 @@ const MODELS: &[Model] = &[
 
 /// Names of the tables materialization writes.
 pub fn table_names() -> impl Iterator<Item = &'static str> {
-    MODELS.iter().filter(|m| !m.internal).map(|m| m.name)
+    MODELS
+        .iter()
+        .filter(|m| !m.internal)
+        .map(|m| m.name)
+        .chain(CASCADE_TABLES.iter().map(|(n, _)| *n))
 }
+
+/// Tables computed in Rust by [`cascade`] after the SQL models, with their partition columns.
+const CASCADE_TABLES: [(&str, &[&str]); 2] =
+    [("fact_share", &["event_date"]), ("share_cascade", &[])];
 
 /// What one materialization did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
     pub tables: Vec<TableReport>,
     pub elapsed_ms: u64,
+    /// Share parent links ignored as invalid: self-parents, parents of another video, and one
+    /// link per cycle (see [`cascade`]).
+    pub share_links_broken: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -514,6 +527,31 @@ pub async fn materialize(
             elapsed_ms: model_start.elapsed().as_millis() as u64,
         });
         handles.push((m.name.to_string(), table));
+    }
+    let cascade_start = Instant::now();
+    let (fact, tree, broken) = cascade::batches(ctx).await.map_err(|source| Error::Model {
+        model: "share_cascade",
+        source,
+    })?;
+    report.share_links_broken = broken;
+    for ((name, partition_by), batch) in CASCADE_TABLES.into_iter().zip([fact, tree]) {
+        let rows = batch.num_rows();
+        let table = lake
+            .overwrite_derived(
+                name,
+                current.get(name).cloned(),
+                batch.schema(),
+                vec![batch],
+                partition_by,
+            )
+            .await?;
+        report.tables.push(TableReport {
+            table: name.to_string(),
+            rows,
+            version: table.version(),
+            elapsed_ms: cascade_start.elapsed().as_millis() as u64,
+        });
+        handles.push((name.to_string(), table));
     }
     report.elapsed_ms = start.elapsed().as_millis() as u64;
     Ok((report, handles))
