@@ -205,6 +205,30 @@ impl Lake {
         open_dir(&self.derived_dir(name)).await
     }
 
+    /// Appends rows to a table under the data directory (created by the first append), in one
+    /// Delta commit; used for inputs that do not come through the WAL (dimension upserts).
+    pub async fn append_table(
+        &self,
+        name: &str,
+        current: Option<DeltaTable>,
+        batch: RecordBatch,
+    ) -> Result<DeltaTable> {
+        let table = match current {
+            Some(t) => t,
+            None => handle_for_writing(&self.derived_dir(name))?,
+        };
+        let zstd = ZstdLevel::try_new(3).map_err(Error::from_parquet)?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(zstd))
+            .build();
+        Ok(table
+            .write(vec![batch])
+            .with_save_mode(SaveMode::Append)
+            .with_writer_properties(props)
+            .with_table_name(name)
+            .await?)
+    }
+
     /// Replaces the whole content of a derived table in one Delta commit (readers see the old
     /// or the new version, never a mix). Old files stay until vacuum.
     pub async fn overwrite_derived(

@@ -133,6 +133,14 @@ pub struct BatchOutcome {
     pub errors: Vec<ItemError>,
 }
 
+/// The answer to `PUT /v1/dims/{kind}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DimsOutcome {
+    pub accepted: usize,
+    pub rejected: usize,
+    pub errors: Vec<reelhouse_warehouse::dims::UpsertError>,
+}
+
 /// Errors listed per response.
 pub const MAX_ERRORS: usize = 100;
 
@@ -350,6 +358,9 @@ pub struct Ingestor {
     /// Accepted-event count at the start of the last materialization (dirty check).
     materialized_at: AtomicU64,
     materialize_lock: tokio::sync::Mutex<()>,
+    /// Dimension upserts accepted since start (part of the dirty check) and their writer lock.
+    dim_upserts: AtomicU64,
+    dims_lock: tokio::sync::Mutex<()>,
     /// Date closures and restatements (see `reelhouse_warehouse::Inputs`), persisted in
     /// `_state/late_data.json`.
     late: Mutex<LateState>,
@@ -497,7 +508,9 @@ impl Ingestor {
         let (pending, wal_events) = replay(&tables, &dir, true, snapshot_segment).await?;
         let replayed = pending.rows as u64;
         let mut derived = HashMap::new();
-        for name in reelhouse_warehouse::table_names() {
+        for name in
+            reelhouse_warehouse::table_names().chain([reelhouse_warehouse::dims::UPDATES_TABLE])
+        {
             if let Some(t) = lake.load_derived(name).await? {
                 derived.insert(name.to_string(), t);
             }
@@ -544,6 +557,8 @@ impl Ingestor {
             replayed,
             materialized_at: AtomicU64::new(0),
             materialize_lock: tokio::sync::Mutex::new(()),
+            dim_upserts: AtomicU64::new(0),
+            dims_lock: tokio::sync::Mutex::new(()),
             late: Mutex::new(LateState::load(&lake_root)?),
             dashboard: tokio::sync::Mutex::new(None),
             _lock: lock,
@@ -814,15 +829,54 @@ impl Ingestor {
 
     /// True when events were accepted since the last materialization started.
     pub fn materialization_due(&self) -> bool {
-        self.accepted.load(Ordering::Relaxed) + self.replayed
-            != self.materialized_at.load(Ordering::Relaxed)
+        self.change_count() != self.materialized_at.load(Ordering::Relaxed)
+    }
+
+    /// Grows with every accepted event and dimension upsert.
+    fn change_count(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+            + self.replayed
+            + self.dim_upserts.load(Ordering::Relaxed)
+    }
+
+    /// Appends SCD2 upserts for one dimension (`PUT /v1/dims/{kind}`), durably, in one Delta
+    /// commit; the next materialization rebuilds the dimension tables.
+    pub async fn upsert_dims(
+        &self,
+        kind: reelhouse_warehouse::dims::DimKind,
+        body: &[u8],
+    ) -> Result<DimsOutcome, IngestError> {
+        let now = self.config.clock.now_ms();
+        let (batch, accepted, errors) = reelhouse_warehouse::dims::parse_upserts(kind, body, now);
+        let rejected = errors.len();
+        if let Some(batch) = batch {
+            let _guard = self.dims_lock.lock().await;
+            let name = reelhouse_warehouse::dims::UPDATES_TABLE;
+            let current = {
+                let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+                v.derived.get(name).cloned()
+            };
+            let table = self.lake.append_table(name, current, batch).await?;
+            self.view
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .derived
+                .insert(name.to_string(), table);
+            self.dim_upserts
+                .fetch_add(accepted as u64, Ordering::Relaxed);
+        }
+        Ok(DimsOutcome {
+            accepted,
+            rejected,
+            errors: errors.into_iter().take(MAX_ERRORS).collect(),
+        })
     }
 
     /// Rebuilds the warehouse tables from every acknowledged event and publishes the new
     /// versions to SQL at once.
     pub async fn materialize(&self) -> Result<reelhouse_warehouse::Report, IngestError> {
         let _guard = self.materialize_lock.lock().await;
-        let seen = self.accepted.load(Ordering::Relaxed) + self.replayed;
+        let seen = self.change_count();
         let catalog = self.catalog().await?;
         let current = {
             let v = self.view.lock().unwrap_or_else(|p| p.into_inner());

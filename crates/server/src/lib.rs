@@ -182,6 +182,7 @@ pub fn router(state: AppState) -> Router {
             get(cascades::get_video_cascades),
         )
         .route("/v1/cascades/{root}", get(cascades::get_cascade))
+        .route("/v1/dims/{kind}", axum::routing::put(put_dims))
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -280,6 +281,18 @@ async fn post_restate(State(s): State<AppState>, req: Request) -> Result<Respons
     })?;
     let (from, to) = parse_range(&r.from, &r.to)?;
     Ok(Json(s.ingestor.restate(from, to).await?).into_response())
+}
+
+async fn put_dims(
+    State(s): State<AppState>,
+    axum::extract::Path(kind): axum::extract::Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let kind = reelhouse_warehouse::dims::DimKind::parse(&kind).ok_or(ApiError::NotFoundWhat(
+        "dimensions are users, videos and creators: PUT /v1/dims/{kind}",
+    ))?;
+    let body = read_body(req.into_body(), s.max_body_bytes).await?;
+    Ok(Json(s.ingestor.upsert_dims(kind, &body).await?).into_response())
 }
 
 async fn get_lateness(State(s): State<AppState>) -> Result<Response, ApiError> {

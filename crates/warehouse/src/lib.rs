@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 
 pub mod cascade;
+pub mod dims;
 use std::time::Instant;
 
 use reelhouse_lake::deltalake::arrow::array::RecordBatch;
@@ -378,7 +379,11 @@ pub fn table_names() -> impl Iterator<Item = &'static str> {
         .filter(|m| !m.internal)
         .map(|m| m.name)
         .chain(CASCADE_TABLES.iter().map(|(n, _)| *n))
+        .chain(DIM_TABLES)
 }
+
+/// Dimension tables, computed in Rust by [`dims`] (not partitioned: one row per version).
+const DIM_TABLES: [&str; 4] = ["dim_user", "dim_video", "dim_creator", "dim_date"];
 
 /// Tables computed in Rust by [`cascade`] after the SQL models, with their partition columns.
 const CASCADE_TABLES: [(&str, &[&str]); 2] =
@@ -550,6 +555,30 @@ pub async fn materialize(
             rows,
             version: table.version(),
             elapsed_ms: cascade_start.elapsed().as_millis() as u64,
+        });
+        handles.push((name.to_string(), table));
+    }
+    let dims_start = Instant::now();
+    let dims = dims::batches(ctx).await.map_err(|source| Error::Model {
+        model: "dim_*",
+        source,
+    })?;
+    for (name, batch) in dims {
+        let rows = batch.num_rows();
+        let table = lake
+            .overwrite_derived(
+                name,
+                current.get(name).cloned(),
+                batch.schema(),
+                vec![batch],
+                &[],
+            )
+            .await?;
+        report.tables.push(TableReport {
+            table: name.to_string(),
+            rows,
+            version: table.version(),
+            elapsed_ms: dims_start.elapsed().as_millis() as u64,
         });
         handles.push((name.to_string(), table));
     }

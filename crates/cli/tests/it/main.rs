@@ -4,6 +4,7 @@
 mod cascades;
 mod common;
 mod crash;
+mod dims;
 mod features;
 mod ingest_http;
 mod outside_reader;

@@ -1,0 +1,557 @@
+//! Dimensions (SPEC §3): `dim_user`, `dim_video`, `dim_creator` as SCD type 2, and `dim_date`.
+//!
+//! ```text
+//!  PUT /v1/dims/{users|videos|creators} (NDJSON) ─▶ parse_upserts ─▶ dim_updates (Delta, append)
+//!  events ─▶ per id: first/last seen, latest device, creator, duration, videos ─┐
+//!  dim_updates ─▶ per id, by valid_from: merged attributes (an upsert changes only the fields
+//!                 it names) ─▶ versions [valid_from, valid_to), is_current ───────┴─▶ dim_*
+//! ```
+//!
+//! An entity seen in events before its first upsert gets an initial version from its first
+//! event; one never upserted has one version. A column filled from events (say a user's
+//! `country`) takes the upserted value when the version's attributes name it. Like every model
+//! this is a pure function of its inputs, rebuilt by each materialization.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use reelhouse_lake::deltalake::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Date32Array, Int32Array, Int64Array, RecordBatch,
+    StringArray, TimestampMicrosecondArray,
+};
+use reelhouse_lake::deltalake::arrow::compute::cast;
+use reelhouse_lake::deltalake::arrow::datatypes::{
+    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit,
+};
+use reelhouse_lake::deltalake::datafusion::error::DataFusionError;
+use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
+use serde_json::{Map, Value};
+
+/// The Delta table holding every accepted upsert.
+pub const UPDATES_TABLE: &str = "dim_updates";
+
+/// Which dimension an upsert is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DimKind {
+    Users,
+    Videos,
+    Creators,
+}
+
+impl DimKind {
+    /// From the path segment of `PUT /v1/dims/{kind}`.
+    pub fn parse(s: &str) -> Option<DimKind> {
+        match s {
+            "users" => Some(DimKind::Users),
+            "videos" => Some(DimKind::Videos),
+            "creators" => Some(DimKind::Creators),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DimKind::Users => "users",
+            DimKind::Videos => "videos",
+            DimKind::Creators => "creators",
+        }
+    }
+    /// The id field of an upsert line and of the dimension table.
+    pub fn id_field(self) -> &'static str {
+        match self {
+            DimKind::Users => "user_id",
+            DimKind::Videos => "video_id",
+            DimKind::Creators => "creator_id",
+        }
+    }
+    fn table(self) -> &'static str {
+        match self {
+            DimKind::Users => "dim_user",
+            DimKind::Videos => "dim_video",
+            DimKind::Creators => "dim_creator",
+        }
+    }
+    /// Columns filled from events (name, type), after the id.
+    fn event_columns(self) -> &'static [(&'static str, bool)] {
+        // bool: true = Int64, false = Utf8
+        match self {
+            DimKind::Users => &[("country", false), ("os", false), ("app_version", false)],
+            DimKind::Videos => &[("creator_id", true), ("duration_ms", true)],
+            DimKind::Creators => &[("videos", true)],
+        }
+    }
+    /// Per id: first seen, last seen (µs) and the event columns, in that order.
+    fn events_sql(self) -> &'static str {
+        match self {
+            DimKind::Users => {
+                "WITH s AS (SELECT user_id AS id, min(event_time) AS f, max(event_time) AS l
+                   FROM events GROUP BY user_id),
+                 d AS (SELECT id, device_country, device_os, device_app_version FROM (
+                   SELECT user_id AS id, device_country, device_os, device_app_version,
+                     row_number() OVER (PARTITION BY user_id ORDER BY event_time DESC, event_id DESC) AS r
+                   FROM events WHERE device_country IS NOT NULL OR device_os IS NOT NULL
+                     OR device_app_version IS NOT NULL) WHERE r = 1)
+                 SELECT s.id, s.f, s.l, d.device_country, d.device_os, d.device_app_version
+                 FROM s LEFT JOIN d ON s.id = d.id"
+            }
+            DimKind::Videos => {
+                "WITH s AS (SELECT video_id AS id, min(event_time) AS f, max(event_time) AS l,
+                   max(video_duration_ms) AS duration FROM events WHERE video_id IS NOT NULL
+                   GROUP BY video_id),
+                 c AS (SELECT id, creator_id FROM (SELECT video_id AS id, creator_id,
+                   row_number() OVER (PARTITION BY video_id ORDER BY event_time DESC, event_id DESC) AS r
+                   FROM events WHERE video_id IS NOT NULL AND creator_id IS NOT NULL) WHERE r = 1)
+                 SELECT s.id, s.f, s.l, c.creator_id, s.duration FROM s LEFT JOIN c ON s.id = c.id"
+            }
+            DimKind::Creators => {
+                "SELECT creator_id AS id, min(event_time), max(event_time), count(DISTINCT video_id)
+                 FROM events WHERE creator_id IS NOT NULL GROUP BY creator_id"
+            }
+        }
+    }
+}
+
+/// Schema of [`UPDATES_TABLE`].
+pub fn updates_schema() -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("id", DataType::Int64, false),
+        Field::new("valid_from", ts.clone(), false),
+        Field::new("received_at", ts, false),
+        Field::new("seq", DataType::Int64, false),
+        Field::new("attributes", DataType::Utf8, false),
+    ]))
+}
+
+/// One rejected line of an upsert body.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UpsertError {
+    pub index: usize,
+    pub reason: String,
+}
+
+fn parse_time_ms(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| t.timestamp_millis()),
+        _ => None,
+    }
+}
+
+/// Parses an NDJSON body of upserts: one object per line with the kind's id field, an optional
+/// `valid_from` (RFC 3339 or epoch ms; default: now) and any scalar attributes. Returns the
+/// rows to append (none when nothing is valid) and the rejected lines.
+pub fn parse_upserts(
+    kind: DimKind,
+    body: &[u8],
+    received_at_ms: i64,
+) -> (Option<RecordBatch>, usize, Vec<UpsertError>) {
+    let mut ids = Vec::new();
+    let mut valid_from = Vec::new();
+    let mut attrs = Vec::new();
+    let mut errors = Vec::new();
+    let lines = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace));
+    for (index, line) in lines.enumerate() {
+        let reject = |reason: String| UpsertError { index, reason };
+        let obj = match serde_json::from_slice::<Value>(line) {
+            Ok(Value::Object(o)) => o,
+            Ok(_) => {
+                errors.push(reject("each line must be a JSON object".into()));
+                continue;
+            }
+            Err(_) => {
+                errors.push(reject("line is not valid JSON".into()));
+                continue;
+            }
+        };
+        let id_field = kind.id_field();
+        let id = match obj.get(id_field) {
+            Some(Value::Number(n)) => n.as_i64().filter(|v| *v >= 0),
+            Some(Value::String(s)) => s.parse::<i64>().ok().filter(|v| *v >= 0),
+            _ => None,
+        };
+        let Some(id) = id else {
+            errors.push(reject(format!(
+                "{id_field} is required: an integer between 0 and 9223372036854775807"
+            )));
+            continue;
+        };
+        let from = match obj.get("valid_from") {
+            None | Some(Value::Null) => Some(received_at_ms),
+            Some(v) => parse_time_ms(v),
+        };
+        let Some(from) = from else {
+            errors.push(reject(
+                "valid_from must be an RFC 3339 time or epoch milliseconds".into(),
+            ));
+            continue;
+        };
+        let mut a = Map::new();
+        let mut bad = None;
+        for (k, v) in obj {
+            if k == id_field || k == "valid_from" {
+                continue;
+            }
+            if k == "valid_to" || k == "is_current" {
+                bad = Some(format!("{k} is computed by reelhouse and cannot be set"));
+                break;
+            }
+            if v.is_object() || v.is_array() {
+                bad = Some(format!(
+                    "attribute {k} must be a string, number, boolean or null"
+                ));
+                break;
+            }
+            a.insert(k, v);
+        }
+        if let Some(reason) = bad {
+            errors.push(reject(reason));
+            continue;
+        }
+        ids.push(id);
+        valid_from.push(from * 1000);
+        attrs.push(Value::Object(a).to_string());
+    }
+    let n = ids.len();
+    if n == 0 {
+        return (None, 0, errors);
+    }
+    let batch = RecordBatch::try_new(
+        updates_schema(),
+        vec![
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                kind.as_str(),
+                n,
+            ))),
+            Arc::new(Int64Array::from(ids)),
+            Arc::new(TimestampMicrosecondArray::from(valid_from).with_timezone("UTC")),
+            Arc::new(
+                TimestampMicrosecondArray::from(vec![received_at_ms * 1000; n])
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(Int64Array::from_iter_values(0..n as i64)),
+            Arc::new(StringArray::from(attrs)),
+        ],
+    )
+    .ok();
+    (batch, n, errors)
+}
+
+/// (valid_from µs, received_at µs, seq, attributes JSON) of one stored upsert; sorts in the
+/// order upserts apply.
+type Upsert = (i64, i64, i64, String);
+
+/// What events say about one id.
+struct Facts {
+    first_us: i64,
+    last_us: i64,
+    cols: Vec<Value>,
+}
+
+/// One SCD2 version.
+struct Version {
+    id: i64,
+    from_us: i64,
+    to_us: Option<i64>,
+    attrs: Map<String, Value>,
+}
+
+fn ints(a: &ArrayRef) -> Result<Int64Array, DataFusionError> {
+    Ok(cast(a, &DataType::Int64)?
+        .as_primitive::<Int64Type>()
+        .clone())
+}
+
+async fn rows(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, DataFusionError> {
+    ctx.sql(sql).await?.collect().await
+}
+
+/// Builds `dim_user`, `dim_video`, `dim_creator` and `dim_date` from `events` and, when it
+/// exists, `dim_updates` (both registered in `ctx`).
+pub(crate) async fn batches(
+    ctx: &SessionContext,
+) -> Result<Vec<(&'static str, RecordBatch)>, DataFusionError> {
+    let mut updates: HashMap<&'static str, BTreeMap<i64, Vec<Upsert>>> = HashMap::new();
+    if ctx.table_exist(UPDATES_TABLE)? {
+        for b in rows(
+            ctx,
+            "SELECT kind, id, valid_from, received_at, seq, attributes FROM dim_updates",
+        )
+        .await?
+        {
+            let kind = cast(b.column(0), &DataType::Utf8)?;
+            let kind = kind.as_string::<i32>();
+            let attrs = cast(b.column(5), &DataType::Utf8)?;
+            let attrs = attrs.as_string::<i32>();
+            let (id, from, recv, seq) = (
+                ints(b.column(1))?,
+                ints(b.column(2))?,
+                ints(b.column(3))?,
+                ints(b.column(4))?,
+            );
+            for i in 0..b.num_rows() {
+                let Some(k) = DimKind::parse(kind.value(i)) else {
+                    continue;
+                };
+                updates
+                    .entry(k.as_str())
+                    .or_default()
+                    .entry(id.value(i))
+                    .or_default()
+                    .push((
+                        from.value(i),
+                        recv.value(i),
+                        seq.value(i),
+                        attrs.value(i).to_string(),
+                    ));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for kind in [DimKind::Users, DimKind::Videos, DimKind::Creators] {
+        let cols = kind.event_columns();
+        let mut facts: BTreeMap<i64, Facts> = BTreeMap::new();
+        for b in rows(ctx, kind.events_sql()).await? {
+            let (id, f, l) = (ints(b.column(0))?, ints(b.column(1))?, ints(b.column(2))?);
+            let extra: Vec<ArrayRef> = (0..cols.len())
+                .map(|c| {
+                    let to = if cols[c].1 {
+                        DataType::Int64
+                    } else {
+                        DataType::Utf8
+                    };
+                    cast(b.column(3 + c), &to)
+                })
+                .collect::<Result<_, _>>()?;
+            for i in 0..b.num_rows() {
+                let vals = extra
+                    .iter()
+                    .zip(cols)
+                    .map(|(a, (_, is_int))| {
+                        if a.is_null(i) {
+                            Value::Null
+                        } else if *is_int {
+                            Value::from(a.as_primitive::<Int64Type>().value(i))
+                        } else {
+                            Value::from(a.as_string::<i32>().value(i))
+                        }
+                    })
+                    .collect();
+                facts.insert(
+                    id.value(i),
+                    Facts {
+                        first_us: f.value(i),
+                        last_us: l.value(i),
+                        cols: vals,
+                    },
+                );
+            }
+        }
+        let ups = updates.remove(kind.as_str()).unwrap_or_default();
+        let mut versions = Vec::new();
+        let ids: std::collections::BTreeSet<i64> =
+            facts.keys().chain(ups.keys()).copied().collect();
+        for id in ids {
+            let mut list = ups.get(&id).cloned().unwrap_or_default();
+            list.sort();
+            let mut mine: Vec<Version> = Vec::new();
+            if let Some(f) = facts.get(&id) {
+                if list.first().is_none_or(|u| u.0 > f.first_us) {
+                    mine.push(Version {
+                        id,
+                        from_us: f.first_us,
+                        to_us: None,
+                        attrs: Map::new(),
+                    });
+                }
+            }
+            for (from, _, _, a) in list {
+                let mut attrs = mine.last().map(|v| v.attrs.clone()).unwrap_or_default();
+                if let Ok(Value::Object(new)) = serde_json::from_str::<Value>(&a) {
+                    attrs.extend(new);
+                }
+                match mine.last_mut() {
+                    Some(v) if v.from_us == from => v.attrs = attrs,
+                    _ => mine.push(Version {
+                        id,
+                        from_us: from,
+                        to_us: None,
+                        attrs,
+                    }),
+                }
+            }
+            for i in 1..mine.len() {
+                mine[i - 1].to_us = Some(mine[i].from_us);
+            }
+            versions.extend(mine);
+        }
+        out.push((kind.table(), dim_batch(kind, &versions, &facts)?));
+    }
+    out.push(("dim_date", date_batch(ctx).await?));
+    Ok(out)
+}
+
+fn dim_batch(
+    kind: DimKind,
+    versions: &[Version],
+    facts: &BTreeMap<i64, Facts>,
+) -> Result<RecordBatch, DataFusionError> {
+    let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let cols = kind.event_columns();
+    let mut fields = vec![Field::new(kind.id_field(), DataType::Int64, false)];
+    let mut arrays: Vec<ArrayRef> = vec![Arc::new(Int64Array::from_iter_values(
+        versions.iter().map(|v| v.id),
+    ))];
+    for (c, (name, is_int)) in cols.iter().enumerate() {
+        // The upserted attribute of the same name wins over what events say.
+        let value = |v: &Version| -> Value {
+            v.attrs
+                .get(*name)
+                .cloned()
+                .or_else(|| facts.get(&v.id).map(|f| f.cols[c].clone()))
+                .unwrap_or(Value::Null)
+        };
+        if *is_int {
+            fields.push(Field::new(*name, DataType::Int64, true));
+            arrays.push(Arc::new(Int64Array::from_iter(versions.iter().map(
+                |v| match value(v) {
+                    Value::Number(n) => n.as_i64(),
+                    Value::String(s) => s.parse().ok(),
+                    _ => None,
+                },
+            ))));
+        } else {
+            fields.push(Field::new(*name, DataType::Utf8, true));
+            arrays.push(Arc::new(StringArray::from_iter(versions.iter().map(
+                |v| match value(v) {
+                    Value::String(s) => Some(s),
+                    Value::Null => None,
+                    other => Some(other.to_string()),
+                },
+            ))));
+        }
+    }
+    fields.extend([
+        Field::new("attributes", DataType::Utf8, false),
+        Field::new("first_seen", ts(), true),
+        Field::new("last_seen", ts(), true),
+        Field::new("valid_from", ts(), false),
+        Field::new("valid_to", ts(), true),
+        Field::new("is_current", DataType::Boolean, false),
+    ]);
+    let seen = |first: bool| {
+        TimestampMicrosecondArray::from_iter(versions.iter().map(|v| {
+            facts
+                .get(&v.id)
+                .map(|f| if first { f.first_us } else { f.last_us })
+        }))
+        .with_timezone("UTC")
+    };
+    arrays.extend([
+        Arc::new(StringArray::from_iter_values(
+            versions
+                .iter()
+                .map(|v| Value::Object(v.attrs.clone()).to_string()),
+        )) as ArrayRef,
+        Arc::new(seen(true)),
+        Arc::new(seen(false)),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(versions.iter().map(|v| v.from_us))
+                .with_timezone("UTC"),
+        ),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter(versions.iter().map(|v| v.to_us))
+                .with_timezone("UTC"),
+        ),
+        Arc::new(BooleanArray::from_iter(
+            versions.iter().map(|v| Some(v.to_us.is_none())),
+        )),
+    ]);
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?)
+}
+
+/// One row per date between the first and the last `event_date` in `events`.
+async fn date_batch(ctx: &SessionContext) -> Result<RecordBatch, DataFusionError> {
+    use chrono::Datelike;
+    let mut range: Option<(i32, i32)> = None;
+    for b in rows(
+        ctx,
+        "SELECT CAST(min(event_date) AS INT), CAST(max(event_date) AS INT) FROM events",
+    )
+    .await?
+    {
+        let a = cast(b.column(0), &DataType::Int32)?;
+        let z = cast(b.column(1), &DataType::Int32)?;
+        let (a, z) = (
+            a.as_primitive::<reelhouse_lake::deltalake::arrow::datatypes::Int32Type>(),
+            z.as_primitive::<reelhouse_lake::deltalake::arrow::datatypes::Int32Type>(),
+        );
+        if b.num_rows() > 0 && a.is_valid(0) && z.is_valid(0) {
+            range = Some((a.value(0), z.value(0)));
+        }
+    }
+    let days: Vec<i32> = range.map_or(Vec::new(), |(a, z)| (a..=z).collect());
+    let epoch = chrono::NaiveDate::default();
+    let dates: Vec<chrono::NaiveDate> = days
+        .iter()
+        .map(|d| epoch + chrono::Duration::days(*d as i64))
+        .collect();
+    let int = |f: &dyn Fn(&chrono::NaiveDate) -> i32| {
+        Arc::new(Int32Array::from_iter_values(dates.iter().map(f))) as ArrayRef
+    };
+    let schema = Schema::new(vec![
+        Field::new("date", DataType::Date32, false),
+        Field::new("year", DataType::Int32, false),
+        Field::new("quarter", DataType::Int32, false),
+        Field::new("month", DataType::Int32, false),
+        Field::new("day", DataType::Int32, false),
+        Field::new("day_of_week", DataType::Int32, false),
+        Field::new("iso_week", DataType::Int32, false),
+        Field::new("is_weekend", DataType::Boolean, false),
+    ]);
+    Ok(RecordBatch::try_new(
+        Arc::new(schema),
+        vec![
+            Arc::new(Date32Array::from(days.clone())),
+            int(&|d| d.year()),
+            int(&|d| (d.month0() / 3 + 1) as i32),
+            int(&|d| d.month() as i32),
+            int(&|d| d.day() as i32),
+            int(&|d| d.weekday().number_from_monday() as i32),
+            int(&|d| d.iso_week().week() as i32),
+            Arc::new(BooleanArray::from_iter(
+                dates
+                    .iter()
+                    .map(|d| Some(d.weekday().number_from_monday() >= 6)),
+            )),
+        ],
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upserts_parse_with_specific_errors() {
+        let body = br#"{"user_id": 5, "country": "FR"}
+
+{"user_id": "x"}
+[1]
+{"user_id":1,"valid_to":1}
+{"user_id":2,"tags":[1]}
+{"user_id":3,"valid_from":"2026-01-02T00:00:00Z"}"#;
+        let (batch, n, errors) = parse_upserts(DimKind::Users, body, 1_000);
+        assert_eq!(n, 2);
+        let b = batch.unwrap();
+        assert_eq!(b.num_rows(), 2);
+        let idx: Vec<usize> = errors.iter().map(|e| e.index).collect();
+        assert_eq!(idx, vec![1, 2, 3, 4]);
+        assert!(errors[0].reason.contains("user_id"));
+        assert!(errors[2].reason.contains("valid_to"));
+    }
+}
