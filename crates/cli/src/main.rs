@@ -49,6 +49,8 @@ enum Command {
     Materialize(MaterializeArgs),
     /// Include events beyond the allowed lateness for dates FROM..=TO and rebuild.
     Restate(RestateArgs),
+    /// Erase or anonymize one user everywhere (SPEC §7) and print the receipt.
+    Forget(ForgetArgs),
     /// Compare the online feature store's totals with the warehouse; exit 1 on any difference.
     Check(CheckArgs),
     /// Measure system figures and write them to bench/results/.
@@ -149,6 +151,20 @@ struct MaterializeArgs {
 }
 
 #[derive(Args)]
+struct ForgetArgs {
+    /// The user id.
+    user: u64,
+    /// `erase` removes every row and byte; `anonymize` swaps the id for a random surrogate.
+    #[arg(long, value_parser = ["erase", "anonymize"])]
+    mode: String,
+    /// Ask a running server (e.g. http://127.0.0.1:8080) instead of opening --data-dir.
+    #[arg(long, env = "REELHOUSE_URL")]
+    url: Option<String>,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args)]
 struct CheckArgs {
     /// Ask a running server (e.g. http://127.0.0.1:8080) instead of opening --data-dir.
     #[arg(long, env = "REELHOUSE_URL")]
@@ -225,6 +241,7 @@ fn main() -> std::process::ExitCode {
                 materialize(a.data, Some(range)).await
             }
             Command::Check(a) => check(a).await,
+            Command::Forget(a) => forget(a).await,
             Command::Bench(a) => bench::run(a).await,
         }
     });
@@ -448,6 +465,61 @@ async fn ingest_retrying(
             other => return Ok(other?),
         }
     }
+}
+
+/// Runs a forget request to the end, through a running server or on the data directory.
+async fn forget(a: ForgetArgs) -> Result<()> {
+    let user = i64::try_from(a.user).context("user id must be at most 9223372036854775807")?;
+    let spinner = ProgressBar::new_spinner().with_message(format!("{}…", a.mode));
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let status: serde_json::Value = match &a.url {
+        Some(url) => {
+            let base = url.trim_end_matches('/');
+            let http = reqwest::Client::new();
+            let resp = http
+                .post(format!("{base}/v1/users/{user}/forget"))
+                .json(&serde_json::json!({ "mode": a.mode }))
+                .send()
+                .await?;
+            let code = resp.status();
+            let body: serde_json::Value = resp.json().await?;
+            if !code.is_success() {
+                bail!("server answered {code}: {}", body["error"]["message"]);
+            }
+            let id = body["request_id"].as_str().unwrap_or_default().to_string();
+            loop {
+                let s: serde_json::Value = http
+                    .get(format!("{base}/v1/privacy/requests/{id}"))
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                if s["status"] == "done" || s["status"] == "failed" {
+                    break s;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        None => {
+            let ingestor = Ingestor::open(a.data.ingest_config()).await?;
+            let mode = if a.mode == "erase" {
+                reelhouse_server::privacy::Mode::Erase
+            } else {
+                reelhouse_server::privacy::Mode::Anonymize
+            };
+            let id = ingestor.forget(user, mode).await?;
+            ingestor.run_request(&id).await;
+            let s = ingestor.privacy_request(&id).unwrap_or_default();
+            ingestor.flush().await?;
+            s
+        }
+    };
+    spinner.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&status)?);
+    if status["status"] != "done" {
+        bail!("the forget request did not complete");
+    }
+    Ok(())
 }
 
 /// Compares online totals with the warehouse: through a running server's

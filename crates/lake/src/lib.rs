@@ -11,6 +11,7 @@
 //!  SQL ─▶ Catalog: events = Delta scan ∪ in-memory buffered batches ─▶ DataFusion
 //! ```
 
+pub mod erase;
 pub mod query;
 
 pub mod schema;

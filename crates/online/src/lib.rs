@@ -239,6 +239,12 @@ struct UserState {
     likes: HashMap<i64, Lww>,
     follows: HashMap<i64, Lww>,
     sessions: HashMap<u64, SessionSeen>,
+    /// (video, share_id hash) and (video, comment event hash) of the user's shares and
+    /// comments, so erasure can take them out of the video counts.
+    #[serde(default)]
+    shares: Vec<(i64, u64)>,
+    #[serde(default)]
+    comments: Vec<(i64, u64)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -309,6 +315,18 @@ pub struct Totals {
     pub videos: HashMap<i64, (i64, i64, i64, i64)>,
     /// creator → followers net
     pub creators: HashMap<i64, i64>,
+}
+
+/// What [`FeatureStore::forget_user`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ForgetReport {
+    pub views: usize,
+    pub likes: usize,
+    pub follows: usize,
+    pub shares: usize,
+    pub comments: usize,
+    pub sessions: usize,
+    pub viewer_entries: usize,
 }
 
 /// Entry counts and an estimate of heap bytes, for health and the serve benchmark.
@@ -460,6 +478,13 @@ impl FeatureStore {
                 let fresh = self.inner.shares.write(key).insert(key, ()).is_none();
                 if fresh {
                     self.inner
+                        .users
+                        .write(r.user_id as u64)
+                        .entry(r.user_id as u64)
+                        .or_default()
+                        .shares
+                        .push((video, key));
+                    self.inner
                         .videos
                         .write(video as u64)
                         .entry(video as u64)
@@ -471,6 +496,13 @@ impl FeatureStore {
                 let key = hash64(r.event_id);
                 let fresh = self.inner.comments.write(key).insert(key, ()).is_none();
                 if let (Some(video), true) = (r.video_id, fresh) {
+                    self.inner
+                        .users
+                        .write(r.user_id as u64)
+                        .entry(r.user_id as u64)
+                        .or_default()
+                        .comments
+                        .push((video, key));
                     self.inner
                         .videos
                         .write(video as u64)
@@ -625,6 +657,103 @@ impl FeatureStore {
                 percent: c.percent,
             },
         );
+    }
+
+    /// Removes a user from the store (erasure): their per-user state, and their views, likes,
+    /// follows, shares, comments and viewer entries from every video and creator count. Run
+    /// where no event is being applied (a WAL cut). Returns how many entries went.
+    pub fn forget_user(&self, user: i64) -> ForgetReport {
+        let now_minute = minute_of(self.clock.now_ms());
+        let mut report = ForgetReport::default();
+        let Some(u) = self.inner.users.write(user as u64).remove(&(user as u64)) else {
+            report.views = self.forget_views(user, now_minute);
+            report.viewer_entries = self.forget_viewer(user, now_minute);
+            return report;
+        };
+        for (video, l) in &u.likes {
+            if l.on {
+                if let Some(v) = self
+                    .inner
+                    .videos
+                    .write(*video as u64)
+                    .get_mut(&(*video as u64))
+                {
+                    v.likes -= 1;
+                }
+            }
+            report.likes += 1;
+        }
+        for (creator, f) in &u.follows {
+            if f.on {
+                let mut c = self.inner.creators.write(*creator as u64);
+                if let Some(c) = c.get_mut(&(*creator as u64)) {
+                    c.followers -= 1;
+                }
+            }
+            report.follows += 1;
+        }
+        for (video, key) in &u.shares {
+            self.inner.shares.write(*key).remove(key);
+            if let Some(v) = self
+                .inner
+                .videos
+                .write(*video as u64)
+                .get_mut(&(*video as u64))
+            {
+                v.shares = v.shares.saturating_sub(1);
+            }
+            report.shares += 1;
+        }
+        for (video, key) in &u.comments {
+            self.inner.comments.write(*key).remove(key);
+            if let Some(v) = self
+                .inner
+                .videos
+                .write(*video as u64)
+                .get_mut(&(*video as u64))
+            {
+                v.comments = v.comments.saturating_sub(1);
+            }
+            report.comments += 1;
+        }
+        report.sessions = u.sessions.len();
+        report.views = self.forget_views(user, now_minute);
+        report.viewer_entries = self.forget_viewer(user, now_minute);
+        report
+    }
+
+    fn forget_views(&self, user: i64, now_minute: u32) -> usize {
+        let mut gone = Vec::new();
+        for mut shard in self.inner.views.shards_mut() {
+            shard.retain(|_, v| {
+                let mine = v.user_id == user;
+                if mine {
+                    gone.push(v.contribution());
+                }
+                !mine
+            });
+        }
+        for c in &gone {
+            self.contribute(c, -1, now_minute);
+        }
+        gone.len()
+    }
+
+    fn forget_viewer(&self, user: i64, now_minute: u32) -> usize {
+        let one = Counts {
+            views: 1,
+            ..Counts::default()
+        };
+        let mut n = 0;
+        for mut shard in self.inner.videos.shards_mut() {
+            for v in shard.values_mut() {
+                if let Some(m) = v.viewers.remove(&user) {
+                    v.viewers_by_minute.apply(m, &one, -1, now_minute);
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     /// Drops state no window or feature can need any more: view pairing state older than the

@@ -131,6 +131,13 @@ pub struct BatchOutcome {
     pub rejected: usize,
     /// At most the first [`MAX_ERRORS`] rejections.
     pub errors: Vec<ItemError>,
+    /// Valid events of erased users, counted in `accepted` but not stored (omitted when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub erased_dropped: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The answer to `PUT /v1/dims/{kind}`.
@@ -155,6 +162,7 @@ pub struct IngestStats {
     pub replayed_rows: u64,
     pub wal_segment: u64,
     pub wal_fsyncs: u64,
+    pub erased_dropped: u64,
 }
 
 /// The u128 is already a good hash; use its low bits directly.
@@ -274,11 +282,11 @@ impl Pending {
 }
 
 /// What SQL sees: committed table versions plus pending batches, swapped together.
-struct View {
-    tables: HashMap<RawTable, DeltaTable>,
+pub(crate) struct View {
+    pub(crate) tables: HashMap<RawTable, DeltaTable>,
     pending: Pending,
     /// Warehouse tables by name (latest materialized version).
-    derived: HashMap<String, DeltaTable>,
+    pub(crate) derived: HashMap<String, DeltaTable>,
 }
 
 /// One step for the applier thread.
@@ -336,8 +344,8 @@ fn spawn_applier(
 
 /// The running pipeline. Cheap to share (`Arc`).
 pub struct Ingestor {
-    config: IngestConfig,
-    lake: Lake,
+    pub(crate) config: IngestConfig,
+    pub(crate) lake: Lake,
     wal: Wal,
     /// The online feature store, updated by the applier thread as each record becomes durable.
     features: Arc<FeatureStore>,
@@ -348,8 +356,8 @@ pub struct Ingestor {
     snapshot_segment: AtomicU64,
     last_snapshot: Mutex<Instant>,
     dedup: Mutex<Dedup>,
-    view: Arc<Mutex<View>>,
-    flush_lock: tokio::sync::Mutex<()>,
+    pub(crate) view: Arc<Mutex<View>>,
+    pub(crate) flush_lock: tokio::sync::Mutex<()>,
     accepted: AtomicU64,
     duplicates: AtomicU64,
     rejected: AtomicU64,
@@ -357,7 +365,11 @@ pub struct Ingestor {
     replayed: u64,
     /// Accepted-event count at the start of the last materialization (dirty check).
     materialized_at: AtomicU64,
-    materialize_lock: tokio::sync::Mutex<()>,
+    pub(crate) materialize_lock: tokio::sync::Mutex<()>,
+    /// Forget requests, tombstones and their state file.
+    pub(crate) privacy: crate::privacy::Privacy,
+    /// Events dropped because their user was erased.
+    erased_dropped: AtomicU64,
     /// Dimension upserts accepted since start (part of the dirty check) and their writer lock.
     dim_upserts: AtomicU64,
     dims_lock: tokio::sync::Mutex<()>,
@@ -539,7 +551,7 @@ impl Ingestor {
         let features = Arc::new(features);
         let view = Arc::new(Mutex::new(view));
         let applier = spawn_applier(Arc::clone(&features), Arc::clone(&view))?;
-        Ok(Arc::new(Ingestor {
+        let ingestor = Arc::new(Ingestor {
             config,
             lake,
             wal,
@@ -558,11 +570,15 @@ impl Ingestor {
             materialized_at: AtomicU64::new(0),
             materialize_lock: tokio::sync::Mutex::new(()),
             dim_upserts: AtomicU64::new(0),
+            privacy: crate::privacy::Privacy::open(&lake_root)?,
+            erased_dropped: AtomicU64::new(0),
             dims_lock: tokio::sync::Mutex::new(()),
             late: Mutex::new(LateState::load(&lake_root)?),
             dashboard: tokio::sync::Mutex::new(None),
             _lock: lock,
-        }))
+        });
+        ingestor.resume_privacy();
+        Ok(ingestor)
     }
 
     /// The data directory.
@@ -573,6 +589,30 @@ impl Ingestor {
     /// The online feature store.
     pub fn features(&self) -> &FeatureStore {
         &self.features
+    }
+
+    pub(crate) fn features_arc(&self) -> Arc<FeatureStore> {
+        Arc::clone(&self.features)
+    }
+
+    pub(crate) fn raw_table(&self, t: RawTable) -> Option<DeltaTable> {
+        let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        v.tables.get(&t).cloned()
+    }
+
+    pub(crate) fn set_raw_table(&self, t: RawTable, table: DeltaTable) {
+        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        v.tables.insert(t, table);
+    }
+
+    pub(crate) fn derived_table(&self, name: &str) -> Option<DeltaTable> {
+        let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        v.derived.get(name).cloned()
+    }
+
+    pub(crate) fn set_derived_table(&self, name: &str, table: DeltaTable) {
+        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        v.derived.insert(name.to_string(), table);
     }
 
     /// Validates, dedups and durably logs one body of events (NDJSON or a JSON array).
@@ -604,6 +644,17 @@ impl Ingestor {
             }
         }
         outcome.rejected = rejects.len();
+        if self.privacy.has_tombstones() {
+            // Late events of an erased user: dropped before anything is written.
+            let before = events.len();
+            events.retain(|e| !self.privacy.is_tombstoned(e.event.user_id.as_i64()));
+            let dropped = before - events.len();
+            if dropped > 0 {
+                self.erased_dropped
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
+            }
+            outcome.erased_dropped = dropped;
+        }
 
         // Dedup: claim each id before logging so concurrent batches cannot both store it.
         let mut claimed = Vec::with_capacity(events.len());
@@ -619,7 +670,7 @@ impl Ingestor {
                 fresh
             });
         }
-        outcome.accepted = events.len();
+        outcome.accepted = events.len() + outcome.erased_dropped;
         outcome.duplicates = items.len() - outcome.accepted - outcome.rejected;
 
         let result = self.log(&events, &rejects).await;
@@ -693,7 +744,7 @@ impl Ingestor {
     /// Rotates the WAL and runs `f` on the applier thread at that exact point of the log:
     /// after every record of the sealed segment is applied and visible in `pending`, before
     /// any record of the next.
-    fn rotate_cut<T: Send + 'static>(
+    pub(crate) fn rotate_cut<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<(SegmentId, T), IngestError> {
@@ -739,7 +790,7 @@ impl Ingestor {
 
     /// Commits what is pending; snapshots the feature store when `force` or when the last
     /// snapshot is older than `snapshot_interval`.
-    async fn flush_with(&self, force: bool) -> Result<usize, IngestError> {
+    pub(crate) async fn flush_with(&self, force: bool) -> Result<usize, IngestError> {
         let _guard = self.flush_lock.lock().await;
         let snapshot_due = force
             || self
@@ -876,6 +927,13 @@ impl Ingestor {
     /// versions to SQL at once.
     pub async fn materialize(&self) -> Result<reelhouse_warehouse::Report, IngestError> {
         let _guard = self.materialize_lock.lock().await;
+        self.materialize_locked().await
+    }
+
+    /// [`Ingestor::materialize`] for a caller that holds `materialize_lock`.
+    pub(crate) async fn materialize_locked(
+        &self,
+    ) -> Result<reelhouse_warehouse::Report, IngestError> {
         let seen = self.change_count();
         let catalog = self.catalog().await?;
         let current = {
@@ -984,8 +1042,25 @@ impl Ingestor {
             replayed_rows: self.replayed,
             wal_segment: wal.current_segment,
             wal_fsyncs: wal.fsyncs,
+            erased_dropped: self.erased_dropped.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Writes a small state file atomically: temp file, fsync, rename, fsync the directory.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = dir.join(name);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 /// Date closures and restatements, durable in `_state/late_data.json`.
@@ -1009,19 +1084,9 @@ impl LateState {
         }
     }
 
-    /// Writes atomically: temp file, fsync, rename, fsync the directory.
     fn save(&self, root: &Path) -> Result<(), IngestError> {
-        use std::io::Write;
-        let path = Self::path(root);
-        let dir = path.parent().unwrap_or(root);
-        std::fs::create_dir_all(dir)?;
-        let tmp = dir.join("late_data.json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec(self).unwrap_or_default())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(())
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        Ok(write_atomically(&Self::path(root), &bytes)?)
     }
 }
 

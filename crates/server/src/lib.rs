@@ -17,6 +17,7 @@ pub mod dashboard;
 pub mod features;
 pub mod ingest;
 pub mod lateness;
+pub mod privacy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -183,6 +184,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/cascades/{root}", get(cascades::get_cascade))
         .route("/v1/dims/{kind}", axum::routing::put(put_dims))
+        .route("/v1/users/{id}/forget", post(post_forget))
+        .route("/v1/privacy/requests/{id}", get(get_privacy_request))
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -293,6 +296,41 @@ async fn put_dims(
     ))?;
     let body = read_body(req.into_body(), s.max_body_bytes).await?;
     Ok(Json(s.ingestor.upsert_dims(kind, &body).await?).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct ForgetRequest {
+    mode: privacy::Mode,
+}
+
+async fn post_forget(
+    State(s): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let user = features::parse_id("user", &id)? as i64;
+    let body = read_body(req.into_body(), 1 << 16).await?;
+    let r: ForgetRequest = serde_json::from_slice(&body).map_err(|_| {
+        ApiError::BadRequest(
+            "body must be {\"mode\": \"erase\"} or {\"mode\": \"anonymize\"}".into(),
+        )
+    })?;
+    let request_id = s.ingestor.forget(user, r.mode).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"request_id": request_id, "status": "pending"})),
+    )
+        .into_response())
+}
+
+async fn get_privacy_request(
+    State(s): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    s.ingestor
+        .privacy_request(&id)
+        .map(|v| Json(v).into_response())
+        .ok_or(ApiError::NotFoundWhat("no privacy request has this id"))
 }
 
 async fn get_lateness(State(s): State<AppState>) -> Result<Response, ApiError> {

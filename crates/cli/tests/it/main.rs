@@ -8,5 +8,6 @@ mod dims;
 mod features;
 mod ingest_http;
 mod outside_reader;
+mod privacy;
 mod warehouse;
 mod workload_counts;
