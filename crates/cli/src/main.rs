@@ -49,6 +49,8 @@ enum Command {
     Materialize(MaterializeArgs),
     /// Include events beyond the allowed lateness for dates FROM..=TO and rebuild.
     Restate(RestateArgs),
+    /// Manage API tokens (SPEC §8).
+    Token(TokenArgs),
     /// Erase or anonymize one user everywhere (SPEC §7) and print the receipt.
     Forget(ForgetArgs),
     /// Compare the online feature store's totals with the warehouse; exit 1 on any difference.
@@ -99,6 +101,10 @@ struct ServeArgs {
     /// Largest request body in bytes (larger → 413).
     #[arg(long, env = "REELHOUSE_MAX_BODY_BYTES", default_value_t = 16 << 20)]
     max_body_bytes: usize,
+    /// API tokens file (see `reelhouse token add`); without it the server is open and binds
+    /// only to loopback.
+    #[arg(long, env = "REELHOUSE_TOKENS")]
+    tokens: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -148,6 +154,61 @@ struct IngestArgs {
 struct MaterializeArgs {
     #[command(flatten)]
     data: DataArgs,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    #[command(subcommand)]
+    what: TokenCommand,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token with a role, store its SHA-256 in FILE and print the token once.
+    Add {
+        /// Tokens file (created if missing).
+        #[arg(long, env = "REELHOUSE_TOKENS")]
+        file: PathBuf,
+        /// admin, ingest, analyst or creator:<id>.
+        #[arg(long)]
+        role: String,
+        /// A label for the token (no secret).
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn token(a: TokenArgs) -> Result<()> {
+    use reelhouse_server::auth::{hash_token, Role, TokenEntry, TokenFile};
+    let TokenCommand::Add { file, role, name } = a.what;
+    if Role::parse(&role).is_none() {
+        bail!("role must be admin, ingest, analyst or creator:<id>");
+    }
+    let mut tf: TokenFile = match std::fs::read(&file) {
+        Ok(b) => serde_json::from_slice(&b).context("the tokens file is not valid JSON")?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokenFile::default(),
+        Err(e) => return Err(e.into()),
+    };
+    let secret: [u8; 24] = rand::random();
+    let token: String = format!(
+        "rh_{}",
+        secret
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    tf.tokens.push(TokenEntry {
+        name,
+        sha256: hash_token(&token),
+        role,
+    });
+    std::fs::write(&file, serde_json::to_vec_pretty(&tf)?)?;
+    println!("{token}");
+    eprintln!(
+        "stored its SHA-256 in {}; the token is not shown again",
+        file.display()
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -242,6 +303,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Check(a) => check(a).await,
             Command::Forget(a) => forget(a).await,
+            Command::Token(a) => token(a),
             Command::Bench(a) => bench::run(a).await,
         }
     });
@@ -257,13 +319,21 @@ fn main() -> std::process::ExitCode {
 async fn serve(a: ServeArgs) -> Result<()> {
     let mut config = ServerConfig::new(a.data.ingest_config(), a.listen);
     config.max_body_bytes = a.max_body_bytes;
+    if let Some(f) = &a.tokens {
+        config.tokens =
+            Arc::new(reelhouse_server::auth::Tokens::load(f).map_err(anyhow::Error::msg)?);
+    }
     let server = reelhouse_server::start(config).await?;
     println!(
         "reelhouse serving http://{} (data dir {})",
         server.addr,
         a.data.data_dir.display()
     );
-    println!("open mode: no API tokens configured; listening on loopback only");
+    if a.tokens.is_none() {
+        println!("open mode: no API tokens configured; listening on loopback only");
+    } else {
+        println!("API tokens required (Authorization: Bearer <token>)");
+    }
     wait_for_signal().await;
     eprintln!("shutting down: flushing acknowledged events to Delta…");
     let rows = server.shutdown().await?;

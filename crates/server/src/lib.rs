@@ -12,6 +12,7 @@
 //!  GET  /v1/features/… ─▶ in-process feature store (see [`features`])
 //! ```
 
+pub mod auth;
 pub mod cascades;
 pub mod dashboard;
 pub mod features;
@@ -47,6 +48,8 @@ pub struct ServerConfig {
     pub max_sql_rows: usize,
     /// Rebuild the warehouse this often while new events arrive (`None`: only on request).
     pub materialize_interval: Option<Duration>,
+    /// API tokens (SPEC §8); empty: open, and only a loopback address is allowed.
+    pub tokens: Arc<auth::Tokens>,
 }
 
 impl ServerConfig {
@@ -58,6 +61,7 @@ impl ServerConfig {
             max_inflight: 64,
             max_sql_rows: 100_000,
             materialize_interval: Some(Duration::from_secs(10)),
+            tokens: Arc::new(auth::Tokens::default()),
         }
     }
 }
@@ -79,6 +83,10 @@ pub enum ApiError {
     Internal,
     #[error("no such endpoint")]
     NotFound,
+    #[error("missing or unknown API token; send Authorization: Bearer <token>")]
+    Unauthorized,
+    #[error("this token's role may not call this endpoint")]
+    Forbidden,
     #[error("{0}")]
     NotFoundWhat(&'static str),
 }
@@ -93,6 +101,8 @@ impl ApiError {
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::NotFound | ApiError::NotFoundWhat(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
         }
     }
 }
@@ -375,7 +385,7 @@ pub enum StartError {
     },
     #[error(
         "refusing to listen on non-loopback address {0} without API tokens; \
-         bind to 127.0.0.1 (token auth is described in SPEC §8)"
+         bind to 127.0.0.1 or pass --tokens FILE (see `reelhouse token add --help`)"
     )]
     NotLoopback(SocketAddr),
     #[error("cannot start the background materializer: {0}")]
@@ -403,7 +413,7 @@ fn spawn_materializer(
 
 /// Opens the data directory (replaying the WAL) and starts serving on `config.listen`.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
-    if !config.listen.ip().is_loopback() {
+    if !config.listen.ip().is_loopback() && config.tokens.is_empty() {
         return Err(StartError::NotLoopback(config.listen));
     }
     let ingestor = Ingestor::open(config.ingest.clone()).await?;
@@ -425,7 +435,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     };
     let (stop, rx) = watch::channel(false);
     let mut http_stop = rx.clone();
-    let app = router(state);
+    let app = router(state).layer(axum::middleware::from_fn_with_state(
+        Arc::clone(&config.tokens),
+        auth::check,
+    ));
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -438,7 +451,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         Some(i) => Some(spawn_materializer(Arc::clone(&ingestor), i, rx)?),
         None => None,
     };
-    tracing::info!(%addr, "reelhouse listening (open: no API tokens, loopback only)");
+    if config.tokens.is_empty() {
+        tracing::info!(%addr, "reelhouse listening (open: no API tokens, loopback only)");
+    } else {
+        tracing::info!(%addr, "reelhouse listening (API tokens required)");
+    }
     Ok(RunningServer {
         addr,
         ingestor,

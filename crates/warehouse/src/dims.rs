@@ -554,4 +554,17 @@ mod tests {
         assert!(errors[0].reason.contains("user_id"));
         assert!(errors[2].reason.contains("valid_to"));
     }
+
+    proptest::proptest! {
+        /// Any bytes: no panic, and every non-blank line is accepted or rejected exactly once.
+        #[test]
+        fn upsert_parser_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+                                      json_ish in "[{}\\[\\]\":,0-9a-z_ \n]{0,200}") {
+            for b in [body.as_slice(), json_ish.as_bytes()] {
+                let lines = b.split(|c| *c == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).count();
+                let (_, n, errors) = parse_upserts(DimKind::Videos, b, 0);
+                proptest::prop_assert_eq!(n + errors.len(), lines);
+            }
+        }
+    }
 }

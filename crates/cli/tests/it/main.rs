@@ -9,5 +9,6 @@ mod features;
 mod ingest_http;
 mod outside_reader;
 mod privacy;
+mod security;
 mod warehouse;
 mod workload_counts;
