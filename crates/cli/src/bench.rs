@@ -134,6 +134,9 @@ async fn ingest(b: IngestBench) -> Result<()> {
         flush_interval_ms: 10_000,
         allowed_lateness_days: 7,
         snapshot_interval_ms: 30_000,
+        retention_events_days: 90,
+        retention_quarantine_days: 14,
+        retention_facts_days: 730,
     };
     let listen: SocketAddr = "127.0.0.1:0".parse()?;
     let server = reelhouse_server::start(ServerConfig::new(data.ingest_config(), listen)).await?;
@@ -322,6 +325,9 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
         flush_interval_ms: 10_000,
         allowed_lateness_days: 7,
         snapshot_interval_ms: 30_000,
+        retention_events_days: 90,
+        retention_quarantine_days: 14,
+        retention_facts_days: 730,
     };
     let mut config = ServerConfig::new(data.ingest_config(), "127.0.0.1:0".parse()?);
     config.materialize_interval = None;

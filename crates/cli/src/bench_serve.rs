@@ -446,6 +446,9 @@ pub async fn serve(b: ServeBench) -> Result<()> {
         flush_interval_ms: 10_000,
         allowed_lateness_days: 7,
         snapshot_interval_ms: 30_000,
+        retention_events_days: 90,
+        retention_quarantine_days: 14,
+        retention_facts_days: 730,
     };
     let listen: SocketAddr = "127.0.0.1:0".parse()?;
     let mut config = ServerConfig::new(data.ingest_config(), listen);

@@ -49,6 +49,8 @@ enum Command {
     Materialize(MaterializeArgs),
     /// Include events beyond the allowed lateness for dates FROM..=TO and rebuild.
     Restate(RestateArgs),
+    /// Apply the retention policies now (the server also does it daily).
+    Retention(RetentionArgs),
     /// Manage API tokens (SPEC §8).
     Token(TokenArgs),
     /// Erase or anonymize one user everywhere (SPEC §7) and print the receipt.
@@ -78,6 +80,19 @@ pub struct DataArgs {
     /// (milliseconds); a restart replays the WAL written since.
     #[arg(long, env = "REELHOUSE_SNAPSHOT_INTERVAL_MS", default_value_t = 30_000)]
     pub snapshot_interval_ms: u64,
+    /// Days of raw events kept (by event date).
+    #[arg(long, env = "REELHOUSE_RETENTION_EVENTS_DAYS", default_value_t = 90)]
+    pub retention_events_days: u32,
+    /// Days of quarantined payloads kept (by received date).
+    #[arg(
+        long,
+        env = "REELHOUSE_RETENTION_QUARANTINE_DAYS",
+        default_value_t = 14
+    )]
+    pub retention_quarantine_days: u32,
+    /// Days of facts kept (aggregates are kept without limit).
+    #[arg(long, env = "REELHOUSE_RETENTION_FACTS_DAYS", default_value_t = 730)]
+    pub retention_facts_days: u32,
 }
 
 impl DataArgs {
@@ -87,6 +102,11 @@ impl DataArgs {
         c.flush_interval = Duration::from_millis(self.flush_interval_ms);
         c.dedup_window = Duration::from_secs(self.allowed_lateness_days * 86_400);
         c.snapshot_interval = Duration::from_millis(self.snapshot_interval_ms);
+        c.retention = reelhouse_server::ingest::Retention {
+            events_days: self.retention_events_days,
+            quarantine_days: self.retention_quarantine_days,
+            facts_days: self.retention_facts_days,
+        };
         c
     }
 }
@@ -154,6 +174,32 @@ struct IngestArgs {
 struct MaterializeArgs {
     #[command(flatten)]
     data: DataArgs,
+}
+
+#[derive(Args)]
+struct RetentionArgs {
+    #[command(subcommand)]
+    what: RetentionCommand,
+}
+
+#[derive(Subcommand)]
+enum RetentionCommand {
+    /// Drop expired partitions of events and quarantine, vacuum them, rebuild the warehouse.
+    Apply {
+        #[command(flatten)]
+        data: DataArgs,
+    },
+}
+
+async fn retention(a: RetentionArgs) -> Result<()> {
+    let RetentionCommand::Apply { data } = a.what;
+    let ingestor = Ingestor::open(data.ingest_config()).await?;
+    let spinner = ProgressBar::new_spinner().with_message("applying retention…");
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let r = ingestor.apply_retention().await?;
+    spinner.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
 }
 
 #[derive(Args)]
@@ -304,6 +350,7 @@ fn main() -> std::process::ExitCode {
             Command::Check(a) => check(a).await,
             Command::Forget(a) => forget(a).await,
             Command::Token(a) => token(a),
+            Command::Retention(a) => retention(a).await,
             Command::Bench(a) => bench::run(a).await,
         }
     });

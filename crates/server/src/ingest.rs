@@ -52,6 +52,8 @@ pub struct IngestConfig {
     pub flush_interval: Duration,
     /// Event ids are remembered for dedup for at least this long (the allowed lateness).
     pub dedup_window: Duration,
+    /// Retention policies (SPEC §7), in days.
+    pub retention: Retention,
     /// The feature store is snapshotted at a flush once the last snapshot is this old; WAL
     /// segments are kept until a snapshot covers them.
     pub snapshot_interval: Duration,
@@ -68,9 +70,40 @@ impl IngestConfig {
             flush_interval: Duration::from_secs(10),
             dedup_window: Duration::from_secs(7 * 86_400),
             snapshot_interval: Duration::from_secs(30),
+            retention: Retention::default(),
             clock,
         }
     }
+}
+
+/// How long each kind of table keeps its rows (SPEC §7 defaults).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Retention {
+    /// Raw `events`, by `event_date`.
+    pub events_days: u32,
+    /// `quarantine`, by `received_date`.
+    pub quarantine_days: u32,
+    /// Facts (`fact_*`), by `event_date`; aggregates are kept without limit.
+    pub facts_days: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            events_days: 90,
+            quarantine_days: 14,
+            facts_days: 730,
+        }
+    }
+}
+
+/// What one retention run removed.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetentionReport {
+    pub events_before: String,
+    pub quarantine_before: String,
+    pub facts_before: String,
+    pub tables: Vec<reelhouse_lake::erase::TableErasure>,
 }
 
 /// Errors of the pipeline; the HTTP layer maps each to one status.
@@ -954,6 +987,10 @@ impl Ingestor {
                 now_ms: now,
                 closures: late.closures.clone(),
                 restatements: late.restatements.clone(),
+                frozen_before: late.frozen_before,
+                facts_before: late.frozen_before.map(|_| {
+                    reelhouse_event::time::day_of(now) - self.config.retention.facts_days as i32
+                }),
             }
         };
         let (report, handles) =
@@ -981,6 +1018,72 @@ impl Ingestor {
         let idx = Arc::new(crate::dashboard::DashboardIndex::build(&catalog).await?);
         *slot = Some(Arc::clone(&idx));
         Ok(idx)
+    }
+
+    /// Applies the retention policies: whole expired partitions of `events` and `quarantine`
+    /// are deleted and their files vacuumed; date-keyed facts and aggregates keep their rows for
+    /// those dates (facts until `facts_days`) at every later rebuild.
+    pub async fn apply_retention(&self) -> Result<RetentionReport, IngestError> {
+        use reelhouse_lake::erase::{delete_where, purge_history, TableErasure};
+        let r = self.config.retention;
+        let today = reelhouse_event::time::day_of(self.config.clock.now_ms());
+        let date = |d: i32| {
+            (chrono::NaiveDate::default() + chrono::Duration::days(d as i64))
+                .format("%Y-%m-%d")
+                .to_string()
+        };
+        let (ev, q, f) = (
+            today - r.events_days as i32,
+            today - r.quarantine_days as i32,
+            today - r.facts_days as i32,
+        );
+        self.flush().await?;
+        let _flush = self.flush_lock.lock().await;
+        let _mat = self.materialize_lock.lock().await;
+        let mut tables = Vec::new();
+        for (t, col, before) in [
+            (RawTable::Events, "event_date", ev),
+            (RawTable::Quarantine, "received_date", q),
+        ] {
+            let Some(table) = self.raw_table(t) else {
+                continue;
+            };
+            let mut rep = TableErasure {
+                table: t.name().to_string(),
+                ..TableErasure::default()
+            };
+            let pred = format!("{col} < '{}'", date(before));
+            let table = delete_where(table, &pred, &mut rep).await?;
+            let table = purge_history(table, &mut rep).await?;
+            self.set_raw_table(t, table);
+            tables.push(rep);
+        }
+        {
+            let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
+            late.frozen_before = Some(late.frozen_before.map_or(ev, |x| x.max(ev)));
+            late.save(self.lake.root())?;
+        }
+        self.materialize_locked().await?;
+        Ok(RetentionReport {
+            events_before: date(ev),
+            quarantine_before: date(q),
+            facts_before: date(f),
+            tables,
+        })
+    }
+
+    /// Runs [`Ingestor::apply_retention`] once a day until `stop` changes.
+    pub async fn run_retention(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(86_400)) => {}
+                _ = stop.changed() => return,
+            }
+            match self.apply_retention().await {
+                Ok(r) => tracing::info!(tables = r.tables.len(), "applied retention"),
+                Err(e) => tracing::error!(error = %e, "retention failed; will retry tomorrow"),
+            }
+        }
     }
 
     /// Allowed lateness: events later than this count in the warehouse only once their date
@@ -1068,6 +1171,9 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()>
 struct LateState {
     closures: Vec<(i32, i64)>,
     restatements: Vec<(i32, i32, i64)>,
+    /// Raw events of dates before this day were dropped by retention.
+    #[serde(default)]
+    frozen_before: Option<i32>,
 }
 
 impl LateState {

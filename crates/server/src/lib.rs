@@ -447,6 +447,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             .await
     });
     let flusher = tokio::spawn(Arc::clone(&ingestor).run_flusher(rx.clone()));
+    // Daily retention; it ends with the stop signal.
+    tokio::spawn(Arc::clone(&ingestor).run_retention(rx.clone()));
     let materializer = match config.materialize_interval {
         Some(i) => Some(spawn_materializer(Arc::clone(&ingestor), i, rx)?),
         None => None,

@@ -61,7 +61,7 @@ struct Model {
 const EV_COLUMNS: &str = "event_id, event_type, event_time, user_id, session_id, video_id, \
   creator_id, view_id, source, via_share_id, watch_ms, video_duration_ms, comment_id, share_id, \
   parent_share_id, channel, received_at, event_date";
-const EV_FILTER: &str = "$closed_at IS NULL OR CAST(received_at AS BIGINT) < $closed_at * 1000";
+const EV_FILTER: &str = "$closed_at IS NULL OR CAST(received_at AS BIGINT) <= $closed_at * 1000";
 
 /// Checks whether any `event_id` is stored twice (ingest dedups within the allowed lateness,
 /// so this is rare; a hash count is far cheaper than sorting every event to find out).
@@ -425,6 +425,79 @@ pub struct Inputs {
     pub closures: Vec<(i32, i64)>,
     /// `(from, to, at_ms)`: dates `from..=to` restated at `at_ms`.
     pub restatements: Vec<(i32, i32, i64)>,
+    /// Retention (SPEC §7): raw events of dates before this day (days since epoch) have been
+    /// dropped, so date-keyed facts and aggregates keep their rows for those dates from the
+    /// previous version instead of recomputing them from nothing.
+    pub frozen_before: Option<i32>,
+    /// Facts of dates before this day are dropped (facts retention); aggregates are kept.
+    pub facts_before: Option<i32>,
+}
+
+/// The date column of a model whose rows carry over across raw-event retention, and whether it
+/// is a fact (subject to facts retention) rather than an aggregate.
+fn frozen_column(name: &str) -> Option<(&'static str, bool)> {
+    match name {
+        "fact_video_view" | "fact_session" | "fact_engagement" | "fact_follow" => {
+            Some(("event_date", true))
+        }
+        "agg_video_hourly" => Some(("event_date", false)),
+        "agg_creator_daily" => Some(("date", false)),
+        _ => None,
+    }
+}
+
+/// Rebuilt rows of dates ≥ `frozen_before`, plus the previous version's rows of earlier dates
+/// (minus facts older than `facts_before`).
+async fn carry_over(
+    name: &str,
+    current: Option<&DeltaTable>,
+    schema: &reelhouse_lake::deltalake::arrow::datatypes::SchemaRef,
+    batches: Vec<RecordBatch>,
+    inputs: &Inputs,
+) -> std::result::Result<
+    Vec<RecordBatch>,
+    reelhouse_lake::deltalake::datafusion::error::DataFusionError,
+> {
+    use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
+    let (Some(frozen), Some((col, is_fact))) = (inputs.frozen_before, frozen_column(name)) else {
+        return Ok(batches);
+    };
+    let ctx = SessionContext::new();
+    ctx.register_table(
+        "new_rows",
+        Arc::new(MemTable::try_new(Arc::clone(schema), vec![batches])?),
+    )?;
+    let day = |d: i32| format!("CAST(DATE '1970-01-01' + INTERVAL '{d} days' AS DATE)");
+    let mut sql = format!("SELECT * FROM new_rows WHERE {col} >= {}", day(frozen));
+    if let Some(t) = current {
+        ctx.register_table("old_rows", t.table_provider().await?)?;
+        let mut keep = format!("{col} < {}", day(frozen));
+        if let (true, Some(f)) = (is_fact, inputs.facts_before) {
+            keep = format!("{keep} AND {col} >= {}", day(f));
+        }
+        let cols: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| format!("\"{}\"", f.name()))
+            .collect();
+        sql = format!(
+            "{sql} UNION ALL SELECT {} FROM old_rows WHERE {keep}",
+            cols.join(", ")
+        );
+    }
+    let out = ctx.sql(&sql).await?.collect().await?;
+    // Same column types as the model (the Delta scan may hand out other physical types).
+    out.iter()
+        .map(|b| {
+            let cols = schema
+                .fields()
+                .iter()
+                .zip(b.columns())
+                .map(|(f, c)| reelhouse_lake::deltalake::arrow::compute::cast(c, f.data_type()))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(RecordBatch::try_new(Arc::clone(schema), cols)?)
+        })
+        .collect()
 }
 
 impl Inputs {
@@ -511,6 +584,9 @@ pub async fn materialize(
             });
             continue;
         }
+        let batches = carry_over(m.name, current.get(m.name), &schema, batches, inputs)
+            .await
+            .map_err(model_err)?;
         let batches = if batches.is_empty() {
             vec![RecordBatch::new_empty(Arc::clone(&schema))]
         } else {

@@ -9,6 +9,7 @@ mod features;
 mod ingest_http;
 mod outside_reader;
 mod privacy;
+mod retention;
 mod security;
 mod warehouse;
 mod workload_counts;
