@@ -128,16 +128,7 @@ async fn ingest(b: IngestBench) -> Result<()> {
         ndjson_bytes as f64 / 1e6
     );
 
-    let data = DataArgs {
-        data_dir: dir.path().join("data"),
-        flush_rows: 1_000_000,
-        flush_interval_ms: 10_000,
-        allowed_lateness_days: 7,
-        snapshot_interval_ms: 30_000,
-        retention_events_days: 90,
-        retention_quarantine_days: 14,
-        retention_facts_days: 730,
-    };
+    let data = DataArgs::defaults(dir.path().join("data"));
     let listen: SocketAddr = "127.0.0.1:0".parse()?;
     let server = reelhouse_server::start(ServerConfig::new(data.ingest_config(), listen)).await?;
     let url = format!("http://{}", server.addr);
@@ -319,16 +310,7 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
     cfg.days = b.days;
     let w = reelhouse_workload::generate(&cfg);
     let m = w.manifest.clone();
-    let data = DataArgs {
-        data_dir: dir.path().join("data"),
-        flush_rows: 1_000_000,
-        flush_interval_ms: 10_000,
-        allowed_lateness_days: 7,
-        snapshot_interval_ms: 30_000,
-        retention_events_days: 90,
-        retention_quarantine_days: 14,
-        retention_facts_days: 730,
-    };
+    let data = DataArgs::defaults(dir.path().join("data"));
     let mut config = ServerConfig::new(data.ingest_config(), "127.0.0.1:0".parse()?);
     config.materialize_interval = None;
     let server = reelhouse_server::start(config).await?;

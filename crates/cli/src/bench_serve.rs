@@ -440,16 +440,7 @@ pub async fn serve(b: ServeBench) -> Result<()> {
     eprintln!("measuring the store's memory on {} events…", w.lines.len());
     let memory = measure_memory(&w.lines, now)?;
 
-    let data = DataArgs {
-        data_dir: dir.path().join("data"),
-        flush_rows: 1_000_000,
-        flush_interval_ms: 10_000,
-        allowed_lateness_days: 7,
-        snapshot_interval_ms: 30_000,
-        retention_events_days: 90,
-        retention_quarantine_days: 14,
-        retention_facts_days: 730,
-    };
+    let data = DataArgs::defaults(dir.path().join("data"));
     let listen: SocketAddr = "127.0.0.1:0".parse()?;
     let mut config = ServerConfig::new(data.ingest_config(), listen);
     config.materialize_interval = None;

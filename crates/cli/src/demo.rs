@@ -83,16 +83,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         m.creators
     );
 
-    let data = DataArgs {
-        data_dir: data_dir.clone(),
-        flush_rows: 1_000_000,
-        flush_interval_ms: 10_000,
-        allowed_lateness_days: 7,
-        snapshot_interval_ms: 30_000,
-        retention_events_days: 90,
-        retention_quarantine_days: 14,
-        retention_facts_days: 730,
-    };
+    let data = DataArgs::defaults(data_dir.clone());
     let server = reelhouse_server::start(ServerConfig::new(data.ingest_config(), a.listen)).await?;
     let url = format!("http://{}", server.addr);
     println!("server listening on {url}");

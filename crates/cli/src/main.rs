@@ -96,6 +96,20 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
+    /// The defaults of every flag, on `data_dir` (for in-process servers of demo and benches).
+    pub fn defaults(data_dir: PathBuf) -> DataArgs {
+        DataArgs {
+            data_dir,
+            flush_rows: 1_000_000,
+            flush_interval_ms: 10_000,
+            allowed_lateness_days: 7,
+            snapshot_interval_ms: 30_000,
+            retention_events_days: 90,
+            retention_quarantine_days: 14,
+            retention_facts_days: 730,
+        }
+    }
+
     pub fn ingest_config(&self) -> IngestConfig {
         let mut c = IngestConfig::new(&self.data_dir, Arc::new(SystemClock));
         c.flush_rows = self.flush_rows;

@@ -53,13 +53,17 @@ pub async fn update_where(
     Ok(table)
 }
 
-/// Removes every file and log entry of versions before the latest one.
+/// Removes every file and log entry of versions before the latest one, and every data file
+/// the log does not reference.
 pub async fn purge_history(table: DeltaTable, report: &mut TableErasure) -> Result<DeltaTable> {
     let (mut table, m) = table
         .vacuum()
         .with_retention_period(chrono::Duration::zero())
         .with_enforce_retention_duration(false)
         .with_dry_run(false)
+        // Full: also files the log never knew, e.g. Parquet written by a commit that a crash
+        // interrupted (they can hold exactly the rows being erased).
+        .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
         .await?;
     report.files_vacuumed += m.files_deleted.len();
     table.update_state().await?;

@@ -692,30 +692,26 @@ impl FeatureStore {
             }
             report.follows += 1;
         }
-        for (video, key) in &u.shares {
-            self.inner.shares.write(*key).remove(key);
-            if let Some(v) = self
-                .inner
-                .videos
-                .write(*video as u64)
-                .get_mut(&(*video as u64))
-            {
-                v.shares = v.shares.saturating_sub(1);
+        // Shares and comments: forget the id (so a resend counts again) and the count.
+        for (list, set, is_share) in [
+            (&u.shares, &self.inner.shares, true),
+            (&u.comments, &self.inner.comments, false),
+        ] {
+            for (video, key) in list {
+                set.write(*key).remove(key);
+                let mut videos = self.inner.videos.write(*video as u64);
+                if let Some(v) = videos.get_mut(&(*video as u64)) {
+                    let n = if is_share {
+                        &mut v.shares
+                    } else {
+                        &mut v.comments
+                    };
+                    *n = n.saturating_sub(1);
+                }
             }
-            report.shares += 1;
         }
-        for (video, key) in &u.comments {
-            self.inner.comments.write(*key).remove(key);
-            if let Some(v) = self
-                .inner
-                .videos
-                .write(*video as u64)
-                .get_mut(&(*video as u64))
-            {
-                v.comments = v.comments.saturating_sub(1);
-            }
-            report.comments += 1;
-        }
+        report.shares = u.shares.len();
+        report.comments = u.comments.len();
         report.sessions = u.sessions.len();
         report.views = self.forget_views(user, now_minute);
         report.viewer_entries = self.forget_viewer(user, now_minute);

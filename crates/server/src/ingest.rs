@@ -405,7 +405,7 @@ pub struct Ingestor {
     erased_dropped: AtomicU64,
     /// Dimension upserts accepted since start (part of the dirty check) and their writer lock.
     dim_upserts: AtomicU64,
-    dims_lock: tokio::sync::Mutex<()>,
+    pub(crate) dims_lock: tokio::sync::Mutex<()>,
     /// Date closures and restatements (see `reelhouse_warehouse::Inputs`), persisted in
     /// `_state/late_data.json`.
     late: Mutex<LateState>,

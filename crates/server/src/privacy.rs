@@ -346,8 +346,10 @@ impl Ingestor {
         let wal_segments_left = reelhouse_wal::list_segments(&self.data_dir().join("_wal"))
             .map(|s| s.len())
             .unwrap_or(0);
+        // Nothing else writes these tables meanwhile (vacuum removes unreferenced files).
         let _flush = self.flush_lock.lock().await;
         let _mat = self.materialize_lock.lock().await;
+        let _dims = self.dims_lock.lock().await;
         // 3. events.
         let current = self.raw_table(RawTable::Events);
         if let Some(t) = current {

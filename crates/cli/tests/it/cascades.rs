@@ -7,19 +7,13 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use reelhouse_workload::{generate, WorkloadConfig};
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::common::{post, sql, start, url};
+use crate::common::{get, post, sql, start, url};
 
 async fn materialize(u: &str) {
     let (status, v) = post(u, "/v1/admin/materialize", "", "application/json").await;
     assert_eq!(status, 200, "{v}");
-}
-
-async fn get(u: &str, path: &str) -> (u16, Value) {
-    let r = reqwest::get(format!("{u}{path}")).await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 /// (size, depth, max breadth, structural virality) per root, by BFS over all pairs.

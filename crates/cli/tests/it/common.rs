@@ -64,3 +64,45 @@ pub async fn sql(url: &str, q: &str) -> Vec<Vec<Value>> {
 pub async fn scalar(url: &str, q: &str) -> i64 {
     sql(url, q).await[0][0].as_i64().expect("integer cell")
 }
+
+/// GETs a path; returns (status, JSON body or null).
+pub async fn get(url: &str, path: &str) -> (u16, Value) {
+    let r = reqwest::get(format!("{url}{path}")).await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts the real binary (`reelhouse serve`) on `port` with extra flags.
+pub fn spawn_serve(dir: &Path, port: u16, extra: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_reelhouse"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn reelhouse serve")
+}
+
+/// Waits (at most a minute) until `/v1/health` answers.
+pub async fn wait_healthy(url: &str) {
+    for _ in 0..600 {
+        if let Ok(r) = reqwest::get(format!("{url}/v1/health")).await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("server did not become healthy");
+}

@@ -15,7 +15,7 @@ use reelhouse_server::{IngestConfig, RunningServer, ServerConfig};
 use reelhouse_workload::{generate, WorkloadConfig};
 use serde_json::{json, Value};
 
-use crate::common::{post, sql, url};
+use crate::common::{free_port, get, post, spawn_serve, sql, url, wait_healthy};
 
 const NOW: i64 = 1_764_000_000_000 + 12 * 3_600_000 + 17 * 60_000 + 5_123;
 const MINUTE: i64 = 60_000;
@@ -274,12 +274,6 @@ fn reference(evs: &[Ev], now: i64) -> Reference {
     r
 }
 
-async fn get(url: &str, path: &str) -> (u16, Value) {
-    let resp = reqwest::get(format!("{url}{path}")).await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 /// Every video's features through the batch endpoint (order kept), by id.
 async fn all_videos(url: &str, ids: &[i64]) -> HashMap<i64, Value> {
     let mut out = HashMap::new();
@@ -454,30 +448,15 @@ async fn features_equal_reference_survive_restart_and_agree_with_warehouse() {
     assert!(stdout.contains(" 0 difference(s)"), "{stdout}");
 }
 
-fn spawn_server(dir: &std::path::Path, port: u16) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_reelhouse"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--flush-rows", "2000", "--flush-interval-ms", "200"])
-        .args(["--snapshot-interval-ms", "300"])
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn reelhouse serve")
-}
-
-async fn wait_healthy(url: &str) {
-    for _ in 0..600 {
-        if let Ok(r) = reqwest::get(format!("{url}/v1/health")).await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("server did not become healthy");
-}
+/// Frequent flushes and snapshots, so a SIGKILL finds both a snapshot and WAL after it.
+const FLAGS: [&str; 6] = [
+    "--flush-rows",
+    "2000",
+    "--flush-interval-ms",
+    "200",
+    "--snapshot-interval-ms",
+    "300",
+];
 
 fn wall_minute() -> i64 {
     chrono::Utc::now().timestamp_millis() / MINUTE
@@ -486,13 +465,9 @@ fn wall_minute() -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_restores_identical_features() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let u = format!("http://127.0.0.1:{port}");
-    let mut child = spawn_server(dir.path(), port);
+    let mut child = spawn_serve(dir.path(), port, &FLAGS);
     wait_healthy(&u).await;
     let now = chrono::Utc::now().timestamp_millis();
     let w = generate(&WorkloadConfig::new(12_000, 73, now + 160 * MINUTE));
@@ -516,7 +491,7 @@ async fn sigkill_restores_identical_features() {
         let before = everything(&u, &r).await;
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
-        child = spawn_server(dir.path(), port);
+        child = spawn_serve(dir.path(), port, &FLAGS);
         wait_healthy(&u).await;
         let after = everything(&u, &r).await;
         if wall_minute() != minute && attempt < 3 {

@@ -13,13 +13,7 @@ use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Int64Type};
 use reelhouse_workload::{generate, WorkloadConfig};
 use serde_json::{json, Value};
 
-use crate::common::{post, scalar, sql, start, url};
-
-async fn get(u: &str, path: &str) -> (u16, Value) {
-    let r = reqwest::get(format!("{u}{path}")).await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
+use crate::common::{free_port, get, post, scalar, spawn_serve, sql, start, url, wait_healthy};
 
 async fn ingest(u: &str, lines: &[String]) {
     for chunk in lines.chunks(2_000) {
@@ -323,40 +317,12 @@ async fn anonymize_keeps_aggregates_and_unlinks_the_user() {
     server.shutdown().await.unwrap();
 }
 
-fn spawn_server(dir: &Path, port: u16) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_reelhouse"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data-dir")
-        .arg(dir)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn reelhouse serve")
-}
-
-async fn wait_healthy(u: &str) {
-    for _ in 0..600 {
-        if reqwest::get(format!("{u}/v1/health"))
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("server did not become healthy");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_erasure_then_the_request_completes_after_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let u = format!("http://127.0.0.1:{port}");
-    let mut child = spawn_server(dir.path(), port);
+    let mut child = spawn_serve(dir.path(), port, &[]);
     wait_healthy(&u).await;
     let w = generate(&WorkloadConfig::new(
         6_000,
@@ -392,7 +358,7 @@ async fn sigkill_during_erasure_then_the_request_completes_after_restart() {
     child.kill().expect("SIGKILL");
     child.wait().unwrap();
 
-    let mut child = spawn_server(dir.path(), port);
+    let mut child = spawn_serve(dir.path(), port, &[]);
     wait_healthy(&u).await;
     let mut done = false;
     for _ in 0..600 {
