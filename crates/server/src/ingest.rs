@@ -476,7 +476,19 @@ pub async fn read_only_view(data_dir: &Path) -> Result<Catalog, IngestError> {
     let lake = Lake::open(data_dir)?;
     let tables = lake.load_all().await?;
     let (pending, _) = replay(&tables, &wal_dir(data_dir), false, None).await?;
-    Ok(Catalog::new(raw_parts(&tables, &pending)).await?)
+    let mut derived = Vec::new();
+    for name in derived_names() {
+        if let Some(t) = lake.load_derived(name).await? {
+            derived.push((name.to_string(), t));
+        }
+    }
+    Ok(Catalog::with_derived(raw_parts(&tables, &pending), derived).await?)
+}
+
+/// Every table under the data directory besides the raw ones.
+fn derived_names() -> impl Iterator<Item = &'static str> {
+    reelhouse_warehouse::table_names()
+        .chain([reelhouse_warehouse::dims::UPDATES_TABLE, "privacy_audit"])
 }
 
 /// Reads the WAL back: the records not yet in Delta become `pending`; the events of records

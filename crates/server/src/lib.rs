@@ -173,6 +173,7 @@ pub struct AppState {
 /// The API routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(index))
         .route("/v1/events", post(post_events))
         .route("/v1/sql", post(post_sql))
         .route("/v1/health", get(health))
@@ -199,6 +200,16 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound })
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// The web creator dashboard (SPEC §6): one static page that calls the dashboard API (and
+/// SQL, for the retention curve) from the browser; it holds no data itself.
+async fn index() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("../assets/dashboard.html"),
+    )
+        .into_response()
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {

@@ -446,6 +446,23 @@ async fn features_equal_reference_survive_restart_and_agree_with_warehouse() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains(" 0 difference(s)"), "{stdout}");
+    // `reelhouse sql --data-dir` reads the warehouse tables too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reelhouse"))
+        .args(["sql", "--json", "--data-dir"])
+        .arg(dir.path())
+        .arg("SELECT count(*) FROM fact_video_view")
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).expect("sql --json output");
+    assert_eq!(
+        v["rows"][0][0].as_u64(),
+        Some(
+            r.videos
+                .values()
+                .map(|v| v["views_total"].as_u64().unwrap())
+                .sum()
+        )
+    );
 }
 
 /// Frequent flushes and snapshots, so a SIGKILL finds both a snapshot and WAL after it.

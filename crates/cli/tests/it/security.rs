@@ -179,6 +179,15 @@ async fn tokens_and_roles_gate_every_endpoint() {
     )
     .await;
     assert_eq!(status, 400);
+    // The dashboard page is static: served without a token, and it holds no data.
+    let r = reqwest::get(format!("{u}/")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let page = r.text().await.unwrap();
+    assert!(page.contains("/v1/creators/") && page.contains("dashboard"));
     // Health is readable by every role.
     let (status, _) = call(&u, "GET", "/v1/health", Some(creator), "").await;
     assert_eq!(status, 200);
