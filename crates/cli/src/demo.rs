@@ -212,6 +212,9 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         print!("{}", print_table(&cols, &rows));
         println!("followers now: {}\n", d["followers"]);
     }
+    if let Some(c) = top.rows.first().map(|r| r[0].clone()) {
+        println!("web dashboard: {url}/?creator={c}");
+    }
     println!("query it yourself:");
     println!("  curl -s {url}/v1/sql -d '{{\"sql\":\"SELECT count(*) FROM events\"}}'");
     println!("  curl -s {url}/v1/ingest/lateness");
