@@ -206,14 +206,12 @@ impl Lake {
         open_dir(&self.derived_dir(name)).await
     }
 
-    /// Appends rows to a table under the data directory (created by the first append), in one
-    /// Delta commit; used for inputs that do not come through the WAL (dimension upserts).
-    pub async fn append_table(
+    /// The handle to write `name` with (created at the first write) and its zstd properties.
+    fn derived_writer(
         &self,
         name: &str,
         current: Option<DeltaTable>,
-        batch: RecordBatch,
-    ) -> Result<DeltaTable> {
+    ) -> Result<(DeltaTable, WriterProperties)> {
         let table = match current {
             Some(t) => t,
             None => handle_for_writing(&self.derived_dir(name))?,
@@ -222,6 +220,18 @@ impl Lake {
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(zstd))
             .build();
+        Ok((table, props))
+    }
+
+    /// Appends rows to a table under the data directory (created by the first append), in one
+    /// Delta commit; used for inputs that do not come through the WAL (dimension upserts).
+    pub async fn append_table(
+        &self,
+        name: &str,
+        current: Option<DeltaTable>,
+        batch: RecordBatch,
+    ) -> Result<DeltaTable> {
+        let (table, props) = self.derived_writer(name, current)?;
         Ok(table
             .write(vec![batch])
             .with_save_mode(SaveMode::Append)
@@ -241,14 +251,7 @@ impl Lake {
         partition_columns: &[&str],
     ) -> Result<DeltaTable> {
         let batch = concat_batches(&schema, &batches)?;
-        let table = match current {
-            Some(t) => t,
-            None => handle_for_writing(&self.derived_dir(name))?,
-        };
-        let zstd = ZstdLevel::try_new(3).map_err(Error::from_parquet)?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(zstd))
-            .build();
+        let (table, props) = self.derived_writer(name, current)?;
         Ok(table
             .write(vec![batch])
             .with_save_mode(SaveMode::Overwrite)

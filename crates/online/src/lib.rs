@@ -470,49 +470,49 @@ impl FeatureStore {
                     creators.entry(creator as u64).or_default().followers += delta;
                 }
             }
+            // A share counts once per share_id, a comment once per event.
             "share" => {
-                let (Some(video), Some(share)) = (r.video_id, r.share_id) else {
-                    return;
-                };
-                let key = hash64(share);
-                let fresh = self.inner.shares.write(key).insert(key, ()).is_none();
-                if fresh {
-                    self.inner
-                        .users
-                        .write(r.user_id as u64)
-                        .entry(r.user_id as u64)
-                        .or_default()
-                        .shares
-                        .push((video, key));
-                    self.inner
-                        .videos
-                        .write(video as u64)
-                        .entry(video as u64)
-                        .or_default()
-                        .shares += 1;
+                if let (Some(video), Some(share)) = (r.video_id, r.share_id) {
+                    self.count_once(r.user_id, video, hash64(share), true);
                 }
             }
             "comment" => {
-                let key = hash64(r.event_id);
-                let fresh = self.inner.comments.write(key).insert(key, ()).is_none();
-                if let (Some(video), true) = (r.video_id, fresh) {
-                    self.inner
-                        .users
-                        .write(r.user_id as u64)
-                        .entry(r.user_id as u64)
-                        .or_default()
-                        .comments
-                        .push((video, key));
-                    self.inner
-                        .videos
-                        .write(video as u64)
-                        .entry(video as u64)
-                        .or_default()
-                        .comments += 1;
+                if let Some(video) = r.video_id {
+                    self.count_once(r.user_id, video, hash64(r.event_id), false);
                 }
             }
             _ => {}
         }
+    }
+
+    /// Counts a share (`is_share`) or comment keyed `key` on `video` the first time the key is
+    /// seen, and remembers it under the user for erasure.
+    fn count_once(&self, user: i64, video: i64, key: u64, is_share: bool) {
+        let set = if is_share {
+            &self.inner.shares
+        } else {
+            &self.inner.comments
+        };
+        if set.write(key).insert(key, ()).is_some() {
+            return;
+        }
+        {
+            let mut users = self.inner.users.write(user as u64);
+            let u = users.entry(user as u64).or_default();
+            let list = if is_share {
+                &mut u.shares
+            } else {
+                &mut u.comments
+            };
+            list.push((video, key));
+        }
+        let mut videos = self.inner.videos.write(video as u64);
+        let v = videos.entry(video as u64).or_default();
+        *(if is_share {
+            &mut v.shares
+        } else {
+            &mut v.comments
+        }) += 1;
     }
 
     fn apply_view(&self, r: &Row<'_>, now_minute: u32) {

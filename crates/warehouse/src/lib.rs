@@ -615,7 +615,21 @@ pub async fn materialize(
         source,
     })?;
     report.share_links_broken = broken;
-    for ((name, partition_by), batch) in CASCADE_TABLES.into_iter().zip([fact, tree]) {
+    let mut computed: Vec<(&str, &[&str], RecordBatch, Instant)> = CASCADE_TABLES
+        .into_iter()
+        .zip([fact, tree])
+        .map(|((name, parts), b)| (name, parts, b, cascade_start))
+        .collect();
+    let dims_start = Instant::now();
+    let dims = dims::batches(ctx).await.map_err(|source| Error::Model {
+        model: "dim_*",
+        source,
+    })?;
+    computed.extend(
+        dims.into_iter()
+            .map(|(name, b)| (name, &[][..], b, dims_start)),
+    );
+    for (name, partition_by, batch, since) in computed {
         let rows = batch.num_rows();
         let table = lake
             .overwrite_derived(
@@ -630,31 +644,7 @@ pub async fn materialize(
             table: name.to_string(),
             rows,
             version: table.version(),
-            elapsed_ms: cascade_start.elapsed().as_millis() as u64,
-        });
-        handles.push((name.to_string(), table));
-    }
-    let dims_start = Instant::now();
-    let dims = dims::batches(ctx).await.map_err(|source| Error::Model {
-        model: "dim_*",
-        source,
-    })?;
-    for (name, batch) in dims {
-        let rows = batch.num_rows();
-        let table = lake
-            .overwrite_derived(
-                name,
-                current.get(name).cloned(),
-                batch.schema(),
-                vec![batch],
-                &[],
-            )
-            .await?;
-        report.tables.push(TableReport {
-            table: name.to_string(),
-            rows,
-            version: table.version(),
-            elapsed_ms: dims_start.elapsed().as_millis() as u64,
+            elapsed_ms: since.elapsed().as_millis() as u64,
         });
         handles.push((name.to_string(), table));
     }
