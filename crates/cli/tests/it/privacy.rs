@@ -127,6 +127,28 @@ fn assert_no_trace(dir: &Path, user: i64, ids: &HashSet<String>) -> usize {
     parquet_files
 }
 
+/// The user with the most stored events (ties: the smallest id), and that count.
+async fn most_active_user(u: &str) -> (i64, i64) {
+    let top = sql(
+        u,
+        "SELECT user_id, count(*) FROM events GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1",
+    )
+    .await;
+    (top[0][0].as_i64().unwrap(), top[0][1].as_i64().unwrap())
+}
+
+/// The event ids stored for `user`.
+async fn event_ids_of(u: &str, user: i64) -> HashSet<String> {
+    sql(
+        u,
+        &format!("SELECT event_id FROM events WHERE user_id = {user}"),
+    )
+    .await
+    .into_iter()
+    .map(|r| r[0].as_str().unwrap().to_string())
+    .collect()
+}
+
 /// Equal rows, floats to 1e-9 (sums in another order differ in the last digit).
 fn assert_rows_equal(a: &[Vec<Value>], b: &[Vec<Value>]) {
     assert_eq!(a.len(), b.len(), "row counts");
@@ -149,12 +171,7 @@ async fn erase_removes_every_trace_and_aggregates_equal_a_load_without_the_user(
     let server = start(dir.path(), 3_000).await;
     let u = url(&server);
     ingest(&u, &w.lines).await;
-    let top = sql(
-        &u,
-        "SELECT user_id, count(*) FROM events GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1",
-    )
-    .await;
-    let user = top[0][0].as_i64().unwrap();
+    let (user, _) = most_active_user(&u).await;
     // A rejected payload naming the user, and a dimension upsert for them.
     let bad = json!({"event_id": "bad-1", "event_type": "like", "user_id": user}).to_string();
     post(&u, "/v1/events", bad, "application/x-ndjson").await;
@@ -164,14 +181,7 @@ async fn erase_removes_every_trace_and_aggregates_equal_a_load_without_the_user(
         .send()
         .await
         .unwrap();
-    let ids: HashSet<String> = sql(
-        &u,
-        &format!("SELECT event_id FROM events WHERE user_id = {user}"),
-    )
-    .await
-    .into_iter()
-    .map(|r| r[0].as_str().unwrap().to_string())
-    .collect();
+    let ids = event_ids_of(&u, user).await;
     assert!(ids.len() > 10);
     let (status, v) = post(&u, "/v1/admin/materialize", "", "application/json").await;
     assert_eq!(status, 200, "{v}");
@@ -279,12 +289,7 @@ async fn anonymize_keeps_aggregates_and_unlinks_the_user() {
     let u = url(&server);
     ingest(&u, &w.lines).await;
     post(&u, "/v1/admin/materialize", "", "application/json").await;
-    let top = sql(
-        &u,
-        "SELECT user_id, count(*) FROM events GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1",
-    )
-    .await;
-    let (user, n) = (top[0][0].as_i64().unwrap(), top[0][1].as_i64().unwrap());
+    let (user, n) = most_active_user(&u).await;
     let total = scalar(&u, "SELECT count(*) FROM events").await;
     let before = sql(
         &u,
@@ -331,20 +336,8 @@ async fn sigkill_during_erasure_then_the_request_completes_after_restart() {
     ));
     ingest(&u, &w.lines).await;
     post(&u, "/v1/admin/materialize", "", "application/json").await;
-    let top = sql(
-        &u,
-        "SELECT user_id FROM events GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1",
-    )
-    .await;
-    let user = top[0][0].as_i64().unwrap();
-    let ids: HashSet<String> = sql(
-        &u,
-        &format!("SELECT event_id FROM events WHERE user_id = {user}"),
-    )
-    .await
-    .into_iter()
-    .map(|r| r[0].as_str().unwrap().to_string())
-    .collect();
+    let (user, _) = most_active_user(&u).await;
+    let ids = event_ids_of(&u, user).await;
     let (status, v) = post(
         &u,
         &format!("/v1/users/{user}/forget"),
