@@ -10,6 +10,19 @@ if ! python3 -c "import deltalake, pyarrow" >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check deltalake pyarrow
 fi
 
+# The Postgres-protocol test runs the stock client (psql); the browser test drives headless
+# Chromium. Both come from Debian packages.
+missing=()
+command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if ((${#missing[@]})); then
+  echo "installing ${missing[*]} (Debian packages) for the Postgres-protocol and browser tests…"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else

@@ -139,6 +139,10 @@ struct ServeArgs {
     /// only to loopback.
     #[arg(long, env = "REELHOUSE_TOKENS")]
     tokens: Option<PathBuf>,
+    /// Also serve read-only SQL over the Postgres wire protocol here (e.g. 127.0.0.1:5433),
+    /// for psql and BI tools; the password is an admin or analyst API token.
+    #[arg(long, env = "REELHOUSE_PG_LISTEN")]
+    pg_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -380,6 +384,7 @@ fn main() -> std::process::ExitCode {
 async fn serve(a: ServeArgs) -> Result<()> {
     let mut config = ServerConfig::new(a.data.ingest_config(), a.listen);
     config.max_body_bytes = a.max_body_bytes;
+    config.pg_listen = a.pg_listen;
     if let Some(f) = &a.tokens {
         config.tokens =
             Arc::new(reelhouse_server::auth::Tokens::load(f).map_err(anyhow::Error::msg)?);
@@ -390,6 +395,13 @@ async fn serve(a: ServeArgs) -> Result<()> {
         server.addr,
         a.data.data_dir.display()
     );
+    if let Some(pg) = server.pg_addr {
+        println!(
+            "postgres wire protocol on {pg} (e.g. psql -h {} -p {} -U reelhouse)",
+            pg.ip(),
+            pg.port()
+        );
+    }
     if a.tokens.is_none() {
         println!("open mode: no API tokens configured; listening on loopback only");
     } else {

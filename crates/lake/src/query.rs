@@ -188,14 +188,20 @@ impl Catalog {
 
     /// Runs one read-only statement; also returns the result schema (known even for 0 rows).
     pub async fn query_with_schema(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let df = self.plan(sql).await?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        Ok((schema, df.collect().await?))
+    }
+
+    /// Plans one read-only statement without running it (the Postgres wire protocol describes
+    /// a statement's columns before executing it, and streams its rows).
+    pub async fn plan(&self, sql: &str) -> Result<deltalake::datafusion::dataframe::DataFrame> {
         check_read_only(sql)?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
-        let df = self.ctx.sql_with_options(sql, options).await?;
-        let schema = Arc::new(df.schema().as_arrow().clone());
-        Ok((schema, df.collect().await?))
+        Ok(self.ctx.sql_with_options(sql, options).await?)
     }
 
     /// Runs one read-only statement and renders at most `max_rows` rows as JSON.
@@ -209,7 +215,8 @@ impl Catalog {
 
 /// Accepts only `SELECT`/`WITH`/`VALUES` queries, `EXPLAIN` of those, and `SHOW`.
 pub fn check_read_only(sql: &str) -> Result<()> {
-    let statements = DFParser::parse_sql(sql).map_err(|e| Error::ReadOnly(format!("{e}")))?;
+    // A syntax error is a query error (SQLSTATE 42601 over the Postgres protocol), not a write.
+    let statements = DFParser::parse_sql(sql)?;
     if statements.len() != 1 {
         return Err(Error::ReadOnly(format!(
             "send exactly one statement (got {})",

@@ -104,7 +104,8 @@ impl Tokens {
         self.by_hash.is_empty()
     }
 
-    fn role(&self, token: &str) -> Option<&Role> {
+    /// The role of a presented token (`None`: unknown).
+    pub fn role_of(&self, token: &str) -> Option<&Role> {
         self.by_hash.get(&hash_token(token))
     }
 }
@@ -151,7 +152,7 @@ pub async fn check(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(role) = bearer.and_then(|t| tokens.role(t)) else {
+    let Some(role) = bearer.and_then(|t| tokens.role_of(t)) else {
         return ApiError::Unauthorized.into_response();
     };
     if !allowed(role, req.method(), req.uri().path()) {

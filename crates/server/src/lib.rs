@@ -18,6 +18,7 @@ pub mod dashboard;
 pub mod features;
 pub mod ingest;
 pub mod lateness;
+pub mod pg;
 pub mod privacy;
 
 use std::net::SocketAddr;
@@ -50,6 +51,8 @@ pub struct ServerConfig {
     pub materialize_interval: Option<Duration>,
     /// API tokens (SPEC §8); empty: open, and only a loopback address is allowed.
     pub tokens: Arc<auth::Tokens>,
+    /// Also serve SQL over the Postgres wire protocol here (see [`pg`]).
+    pub pg_listen: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -62,6 +65,7 @@ impl ServerConfig {
             max_sql_rows: 100_000,
             materialize_interval: Some(Duration::from_secs(10)),
             tokens: Arc::new(auth::Tokens::default()),
+            pg_listen: None,
         }
     }
 }
@@ -377,9 +381,12 @@ async fn health(State(s): State<AppState>) -> Response {
 /// A server running in this process (for `serve`, the demo and tests).
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// Where the Postgres wire protocol listens, when asked for.
+    pub pg_addr: Option<SocketAddr>,
     pub ingestor: Arc<Ingestor>,
     stop: watch::Sender<bool>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
+    pg: Option<tokio::task::JoinHandle<()>>,
     flusher: tokio::task::JoinHandle<()>,
     materializer: Option<std::thread::JoinHandle<()>>,
 }
@@ -424,8 +431,10 @@ fn spawn_materializer(
 
 /// Opens the data directory (replaying the WAL) and starts serving on `config.listen`.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
-    if !config.listen.ip().is_loopback() && config.tokens.is_empty() {
-        return Err(StartError::NotLoopback(config.listen));
+    for addr in std::iter::once(config.listen).chain(config.pg_listen) {
+        if !addr.ip().is_loopback() && config.tokens.is_empty() {
+            return Err(StartError::NotLoopback(addr));
+        }
     }
     let ingestor = Ingestor::open(config.ingest.clone()).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -438,6 +447,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         addr: config.listen,
         source,
     })?;
+    let pg_listener = match config.pg_listen {
+        Some(a) => Some(
+            pg::bind(a)
+                .await
+                .map_err(|source| StartError::Listen { addr: a, source })?,
+        ),
+        None => None,
+    };
+    let pg_addr = pg_listener.as_ref().and_then(|l| l.local_addr().ok());
     let state = AppState {
         ingestor: Arc::clone(&ingestor),
         inflight: Arc::new(Semaphore::new(config.max_inflight)),
@@ -457,6 +475,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             })
             .await
     });
+    let pg = pg_listener.map(|l| {
+        pg::spawn(
+            l,
+            Arc::clone(&ingestor),
+            Arc::clone(&config.tokens),
+            rx.clone(),
+        )
+    });
+    if let Some(a) = pg_addr {
+        tracing::info!(addr = %a, "postgres wire protocol listening (read-only SQL)");
+    }
     let flusher = tokio::spawn(Arc::clone(&ingestor).run_flusher(rx.clone()));
     // Daily retention; it ends with the stop signal.
     tokio::spawn(Arc::clone(&ingestor).run_retention(rx.clone()));
@@ -471,9 +500,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     }
     Ok(RunningServer {
         addr,
+        pg_addr,
         ingestor,
         stop,
         http,
+        pg,
         flusher,
         materializer,
     })
@@ -485,6 +516,9 @@ impl RunningServer {
     pub async fn shutdown(self) -> Result<usize, IngestError> {
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(30), self.http).await;
+        if let Some(pg) = self.pg {
+            let _ = pg.await;
+        }
         let _ = self.flusher.await;
         if let Some(m) = self.materializer {
             let _ = tokio::task::spawn_blocking(move || m.join()).await;

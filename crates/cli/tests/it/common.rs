@@ -106,3 +106,21 @@ pub async fn wait_healthy(url: &str) {
     }
     panic!("server did not become healthy");
 }
+
+/// Writes a tokens file under `dir` with `(token, role)` pairs and loads it.
+pub fn write_tokens(dir: &Path, roles: &[(&str, &str)]) -> Arc<reelhouse_server::auth::Tokens> {
+    use reelhouse_server::auth::{hash_token, TokenEntry, TokenFile, Tokens};
+    let file = TokenFile {
+        tokens: roles
+            .iter()
+            .map(|(t, r)| TokenEntry {
+                name: r.to_string(),
+                sha256: hash_token(t),
+                role: r.to_string(),
+            })
+            .collect(),
+    };
+    let path = dir.join("tokens.json");
+    std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+    Arc::new(Tokens::load(&path).unwrap())
+}

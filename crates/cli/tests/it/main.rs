@@ -8,6 +8,7 @@ mod dims;
 mod features;
 mod ingest_http;
 mod outside_reader;
+mod pg;
 mod privacy;
 mod retention;
 mod security;

@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::common::write_tokens;
 use reelhouse_event::SystemClock;
-use reelhouse_server::auth::{hash_token, TokenEntry, TokenFile, Tokens};
 use reelhouse_server::{IngestConfig, ServerConfig};
 use serde_json::{json, Value};
 
@@ -30,29 +30,19 @@ async fn call(u: &str, method: &str, path: &str, token: Option<&str>, body: &str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_roles_gate_every_endpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let roles = [
-        ("a", "admin"),
-        ("i", "ingest"),
-        ("n", "analyst"),
-        ("c", "creator:9"),
-    ];
-    let file = TokenFile {
-        tokens: roles
-            .iter()
-            .map(|(t, r)| TokenEntry {
-                name: r.to_string(),
-                sha256: hash_token(&format!("secret-{t}")),
-                role: r.to_string(),
-            })
-            .collect(),
-    };
-    let path = dir.path().join("tokens.json");
-    std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
-    let tokens = Tokens::load(&path).unwrap();
+    let tokens = write_tokens(
+        dir.path(),
+        &[
+            ("secret-a", "admin"),
+            ("secret-i", "ingest"),
+            ("secret-n", "analyst"),
+            ("secret-c", "creator:9"),
+        ],
+    );
     let mut ingest = IngestConfig::new(dir.path().join("data"), Arc::new(SystemClock));
     ingest.flush_rows = 1_000_000;
     let mut config = ServerConfig::new(ingest, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
-    config.tokens = Arc::new(tokens);
+    config.tokens = tokens;
     config.max_body_bytes = 4096;
     config.materialize_interval = None;
     let server = reelhouse_server::start(config).await.unwrap();
