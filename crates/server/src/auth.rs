@@ -12,7 +12,7 @@
 //! | `admin` | everything |
 //! | `ingest` | `POST /v1/events` |
 //! | `analyst` | SQL, dashboards, features, cascades, lateness |
-//! | `creator:<id>` | `GET /v1/creators/<id>/dashboard` (their own only) |
+//! | `creator:<id>` | `GET /v1/creators/<id>/{dashboard,videos,cascades}` (their own only) |
 //!
 //! Every role may read `GET /v1/health`. The tokens file is JSON:
 //! `{"tokens":[{"name":"…","sha256":"<hex of sha256(token)>","role":"analyst"}]}`;
@@ -122,7 +122,10 @@ pub fn allowed(role: &Role, method: &Method, path: &str) -> bool {
         Role::Analyst => matches!(
             (method.as_str(), seg.as_slice()),
             ("POST", ["v1", "sql"])
-                | ("GET", ["v1", "creators", _, "dashboard"])
+                | (
+                    "GET",
+                    ["v1", "creators", _, "dashboard" | "videos" | "cascades"]
+                )
                 | ("GET", ["v1", "features", ..])
                 | ("POST", ["v1", "features", "videos:batch"])
                 | ("GET", ["v1", "videos", _, "cascades"])
@@ -131,7 +134,8 @@ pub fn allowed(role: &Role, method: &Method, path: &str) -> bool {
         ),
         Role::Creator(id) => matches!(
             (method.as_str(), seg.as_slice()),
-            ("GET", ["v1", "creators", c, "dashboard"]) if c.parse::<u64>().ok() == Some(*id)
+            ("GET", ["v1", "creators", c, "dashboard" | "videos" | "cascades"])
+                if c.parse::<u64>().ok() == Some(*id)
         ),
     }
 }
@@ -176,6 +180,10 @@ mod tests {
         assert!(!allowed(&Role::Analyst, &post, "/v1/users/5/forget"));
         assert!(!allowed(&Role::Analyst, &post, "/v1/admin/materialize"));
         assert!(allowed(&Role::Creator(7), &get, "/v1/creators/7/dashboard"));
+        assert!(allowed(&Role::Creator(7), &get, "/v1/creators/7/videos"));
+        assert!(allowed(&Role::Creator(7), &get, "/v1/creators/7/cascades"));
+        assert!(!allowed(&Role::Creator(7), &get, "/v1/creators/8/cascades"));
+        assert!(!allowed(&Role::Creator(7), &get, "/v1/videos/1/cascades"));
         assert!(!allowed(
             &Role::Creator(7),
             &get,

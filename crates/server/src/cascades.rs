@@ -3,7 +3,10 @@
 //! ```text
 //!  GET /v1/videos/{id}/cascades?limit=N   ─▶ the video's largest cascades with their metrics
 //!  GET /v1/cascades/{root_share_id}       ─▶ one cascade's metrics and its tree (for drawing)
+//!  GET /v1/creators/{id}/cascades?limit=N ─▶ the creator's largest cascades with their trees
 //! ```
+//!
+//! The creator endpoint is open to that creator's own token, so its nodes carry no user ids.
 //!
 //! Both read the warehouse as last materialized; before the first materialization they
 //! answer as if there were no shares.
@@ -50,16 +53,7 @@ pub(crate) async fn get_video_cascades(
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let id = crate::features::parse_id("video", &id)?;
-    let limit = match q.get("limit") {
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=MAX_LIMIT).contains(l))
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!("limit must be an integer in 1..={MAX_LIMIT}"))
-            })?,
-        None => 20,
-    };
+    let limit = crate::dashboard::limit_param(&q, 20, MAX_LIMIT)?;
     let cascades = match has_cascades(&s).await? {
         Some(c) => objects(
             c.query_json(
@@ -117,4 +111,54 @@ pub(crate) async fn get_cascade(
         out.insert("truncated".into(), Value::Bool(true));
     }
     Ok(Json(Value::Object(out)).into_response())
+}
+
+/// Nodes drawn per tree on the creator endpoint at most.
+const MAX_DRAWN_NODES: usize = 500;
+
+pub(crate) async fn get_creator_cascades(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let id: i64 =
+        id.parse().ok().filter(|c: &i64| *c >= 0).ok_or_else(|| {
+            ApiError::BadRequest("creator id must be a non-negative integer".into())
+        })?;
+    let limit = crate::dashboard::limit_param(&q, 5, 50)?;
+    let mut cascades = Vec::new();
+    if let Some(c) = has_cascades(&s).await? {
+        let heads = objects(
+            c.query_json(
+                &format!(
+                    "SELECT * FROM share_cascade WHERE creator_id = {id} \
+                     ORDER BY size DESC, structural_virality DESC, root_share_id LIMIT {limit}"
+                ),
+                limit,
+            )
+            .await?,
+        );
+        for mut head in heads {
+            let root = head["root_share_id"]
+                .as_str()
+                .unwrap_or_default()
+                .replace('\'', "''");
+            let nodes = c
+                .query_json(
+                    &format!(
+                        "SELECT share_id, parent_share_id, depth, event_time, channel \
+                         FROM fact_share WHERE root_share_id = '{root}' \
+                         ORDER BY depth, event_time, share_id"
+                    ),
+                    MAX_DRAWN_NODES,
+                )
+                .await?;
+            if let Value::Object(m) = &mut head {
+                m.insert("truncated".into(), Value::Bool(nodes.truncated));
+                m.insert("nodes".into(), Value::Array(objects(nodes)));
+            }
+            cascades.push(head);
+        }
+    }
+    Ok(Json(json!({"creator_id": id, "cascades": cascades})).into_response())
 }

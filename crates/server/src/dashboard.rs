@@ -128,12 +128,11 @@ impl DashboardIndex {
     }
 }
 
-/// Builds the dashboard of `creator_id` for `[from, to]` (inclusive).
-pub async fn dashboard(
-    ingestor: &Ingestor,
+/// The creator id and `[from, to]` range of a creator endpoint.
+fn creator_range(
     creator: &str,
     params: &HashMap<String, String>,
-) -> Result<Value, ApiError> {
+) -> Result<(i64, chrono::NaiveDate, chrono::NaiveDate), ApiError> {
     let creator_id: i64 = creator
         .parse()
         .ok()
@@ -148,6 +147,101 @@ pub async fn dashboard(
             "a range may cover at most {MAX_DAYS} days"
         )));
     }
+    Ok((creator_id, from, to))
+}
+
+/// The `limit` query parameter: 1..=`max`, `default` when absent.
+pub(crate) fn limit_param(
+    params: &HashMap<String, String>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    match params.get("limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=max).contains(l))
+            .ok_or_else(|| ApiError::BadRequest(format!("limit must be an integer in 1..={max}"))),
+        None => Ok(default),
+    }
+}
+
+/// `GET /v1/creators/{id}/videos?from&to&limit=N`: the creator's most viewed videos in the
+/// range (views, unique viewers, watch time, average percent viewed, completions, as in
+/// `agg_creator_daily` but per video) with each video's 101-point retention curve from
+/// `video_retention` (over all its ended views).
+pub async fn top_videos(
+    ingestor: &Ingestor,
+    creator: &str,
+    params: &HashMap<String, String>,
+) -> Result<Value, ApiError> {
+    let (creator_id, from, to) = creator_range(creator, params)?;
+    let limit = limit_param(params, 10, 100)?;
+    let catalog = ingestor.catalog().await?;
+    let has = |t: &str| catalog.context().table_exist(t).unwrap_or(false);
+    let mut videos = Vec::new();
+    if has("fact_video_view") && has("video_retention") {
+        let top = catalog
+            .query_json(
+                &format!(
+                    "SELECT video_id, count(*) AS views, count(DISTINCT user_id) AS unique_viewers, \
+                     coalesce(sum(watch_ms), 0) AS watch_time_ms, \
+                     avg(percent_viewed) FILTER (WHERE has_end) AS avg_percent_viewed, \
+                     count(*) FILTER (WHERE completed) AS completions \
+                     FROM fact_video_view WHERE creator_id = {creator_id} \
+                     AND event_date BETWEEN DATE '{from}' AND DATE '{to}' \
+                     GROUP BY video_id ORDER BY views DESC, video_id LIMIT {limit}"
+                ),
+                limit,
+            )
+            .await?;
+        let ids: Vec<String> = top
+            .rows
+            .iter()
+            .filter_map(|r| r.first().and_then(Value::as_i64).map(|v| v.to_string()))
+            .collect();
+        let mut curves: HashMap<i64, Vec<Value>> = HashMap::new();
+        if !ids.is_empty() {
+            let r = catalog
+                .query_json(
+                    &format!(
+                        "SELECT video_id, share_retained FROM video_retention \
+                         WHERE video_id IN ({}) ORDER BY video_id, p",
+                        ids.join(", ")
+                    ),
+                    usize::MAX,
+                )
+                .await?;
+            for row in r.rows {
+                let id = row[0].as_i64().unwrap_or(0);
+                curves.entry(id).or_default().push(row[1].clone());
+            }
+        }
+        for row in top.rows {
+            let mut m: Map<String, Value> = top.columns.iter().cloned().zip(row).collect();
+            let id = m.get("video_id").and_then(Value::as_i64).unwrap_or(0);
+            m.insert(
+                "retention".into(),
+                Value::Array(curves.remove(&id).unwrap_or_default()),
+            );
+            videos.push(Value::Object(m));
+        }
+    }
+    Ok(json!({
+        "creator_id": creator_id,
+        "from": from.to_string(),
+        "to": to.to_string(),
+        "videos": videos,
+    }))
+}
+
+/// Builds the dashboard of `creator_id` for `[from, to]` (inclusive).
+pub async fn dashboard(
+    ingestor: &Ingestor,
+    creator: &str,
+    params: &HashMap<String, String>,
+) -> Result<Value, ApiError> {
+    let (creator_id, from, to) = creator_range(creator, params)?;
     let idx = ingestor.dashboard_index().await?;
     let empty = CreatorIndex::default();
     let c = idx.creators.get(&creator_id).unwrap_or(&empty);

@@ -185,6 +185,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/restate", post(post_restate))
         .route("/v1/ingest/lateness", get(get_lateness))
         .route("/v1/creators/{id}/dashboard", get(get_dashboard))
+        .route("/v1/creators/{id}/videos", get(get_creator_videos))
+        .route(
+            "/v1/creators/{id}/cascades",
+            get(cascades::get_creator_cascades),
+        )
         .route("/v1/features/videos/{id}", get(features::get_video))
         .route(
             "/v1/features/videos:batch",
@@ -368,6 +373,14 @@ async fn get_dashboard(
     axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     Ok(Json(dashboard::dashboard(&s.ingestor, &id, &params).await?).into_response())
+}
+
+async fn get_creator_videos(
+    State(s): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    Ok(Json(dashboard::top_videos(&s.ingestor, &id, &params).await?).into_response())
 }
 
 async fn health(State(s): State<AppState>) -> Response {

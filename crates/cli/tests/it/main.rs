@@ -1,6 +1,7 @@
 //! End-to-end tests: the real server on 127.0.0.1 with a temp data dir, real Delta files,
 //! real fsync. One binary for the crate (link time); modules by concern.
 
+mod browser;
 mod cascades;
 mod common;
 mod crash;

@@ -179,7 +179,10 @@ async fn psql_gets_the_same_rows_as_http_and_writes_are_refused() {
     // Unknown token, and roles that may not run SQL (psql prints no SQLSTATE for errors at
     // connection time, so the messages are checked).
     let (ok, _, err) = psql.run("wrong", "SELECT 1");
-    assert!(!ok && err.contains("password authentication failed"), "{err}");
+    assert!(
+        !ok && err.contains("password authentication failed"),
+        "{err}"
+    );
     for t in ["pg-ingest", "pg-creator"] {
         let (ok, _, err) = psql.run(t, "SELECT 1");
         assert!(!ok && err.contains("may not run SQL"), "{t}: {err}");

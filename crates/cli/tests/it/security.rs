@@ -91,6 +91,30 @@ async fn tokens_and_roles_gate_every_endpoint() {
             vec![admin, analyst],
         ),
         (
+            "GET",
+            "/v1/creators/9/videos?from=2025-01-01&to=2025-01-02".into(),
+            String::new(),
+            vec![admin, analyst, creator],
+        ),
+        (
+            "GET",
+            "/v1/creators/8/videos?from=2025-01-01&to=2025-01-02".into(),
+            String::new(),
+            vec![admin, analyst],
+        ),
+        (
+            "GET",
+            "/v1/creators/9/cascades".into(),
+            String::new(),
+            vec![admin, analyst, creator],
+        ),
+        (
+            "GET",
+            "/v1/creators/8/cascades".into(),
+            String::new(),
+            vec![admin, analyst],
+        ),
+        (
             "POST",
             "/v1/admin/materialize".into(),
             String::new(),
