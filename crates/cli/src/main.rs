@@ -192,6 +192,10 @@ struct IngestArgs {
 struct MaterializeArgs {
     #[command(flatten)]
     data: DataArgs,
+    /// Recompute every date instead of only the dates that received events since the last
+    /// rebuild (and the dates those affect).
+    #[arg(long)]
+    full: bool,
 }
 
 #[derive(Args)]
@@ -359,11 +363,11 @@ fn main() -> std::process::ExitCode {
             Command::Generate(a) => generate(a),
             Command::Ingest(a) => ingest(a).await,
             Command::Sql(a) => sql(a).await,
-            Command::Materialize(a) => materialize(a.data, None).await,
+            Command::Materialize(a) => materialize(a.data, None, a.full).await,
             Command::Restate(a) => {
                 let range = reelhouse_server::parse_range(&a.from, &a.to)
                     .map_err(|e| anyhow::anyhow!(e.to_string()))?;
-                materialize(a.data, Some(range)).await
+                materialize(a.data, Some(range), false).await
             }
             Command::Check(a) => check(a).await,
             Command::Forget(a) => forget(a).await,
@@ -712,7 +716,7 @@ async fn check(a: CheckArgs) -> Result<()> {
     Ok(())
 }
 
-async fn materialize(data: DataArgs, restate: Option<(i32, i32)>) -> Result<()> {
+async fn materialize(data: DataArgs, restate: Option<(i32, i32)>, full: bool) -> Result<()> {
     let ingestor = Ingestor::open(data.ingest_config()).await?;
     let spinner = ProgressBar::new_spinner().with_message("committing pending events…");
     spinner.enable_steady_tick(Duration::from_millis(120));
@@ -720,6 +724,7 @@ async fn materialize(data: DataArgs, restate: Option<(i32, i32)>) -> Result<()> 
     spinner.set_message("rebuilding the warehouse…");
     let report = match restate {
         Some((from, to)) => ingestor.restate(from, to).await?,
+        None if full => ingestor.materialize_full().await?,
         None => ingestor.materialize().await?,
     };
     spinner.finish_and_clear();
@@ -742,6 +747,11 @@ async fn materialize(data: DataArgs, restate: Option<(i32, i32)>) -> Result<()> 
         "ms".into(),
     ];
     print!("{}", send::print_table(&cols, &rows));
+    match &report.dates {
+        Some(d) if d.is_empty() => println!("incremental: no date needed rebuilding"),
+        Some(d) => println!("incremental: rebuilt {} date(s): {}", d.len(), d.join(", ")),
+        None => println!("full rebuild of every date"),
+    }
     println!("materialized in {:.1}s", report.elapsed_ms as f64 / 1000.0);
     Ok(())
 }

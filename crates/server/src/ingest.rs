@@ -320,6 +320,11 @@ pub(crate) struct View {
     pending: Pending,
     /// Warehouse tables by name (latest materialized version).
     pub(crate) derived: HashMap<String, DeltaTable>,
+    /// `event_date`s (days since epoch) of the events made visible since the last rebuild took
+    /// its snapshot; `None` when unknown (after a start, or after a change that needs a full
+    /// rebuild). Updated under the same lock as `pending`, so a rebuild that takes it together
+    /// with its snapshot misses nothing.
+    dirty: Option<std::collections::BTreeSet<i32>>,
 }
 
 /// One step for the applier thread.
@@ -362,10 +367,11 @@ fn spawn_applier(
                                 tracing::error!(error = %err, "feature store skipped a batch");
                             }
                         }
-                        view.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .pending
-                            .push(seg, events, quarantine);
+                        let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
+                        if let (Some(dirty), Some(e)) = (v.dirty.as_mut(), events.as_ref()) {
+                            note_dates(dirty, e);
+                        }
+                        v.pending.push(seg, events, quarantine);
                         let _ = ack.send(Ok(()));
                     }
                     Apply::Cut(f) => f(),
@@ -374,6 +380,31 @@ fn spawn_applier(
         })?;
     Ok(tx)
 }
+
+/// Adds the `event_date`s of an events batch to `dirty`.
+fn note_dates(dirty: &mut std::collections::BTreeSet<i32>, events: &RecordBatch) {
+    use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
+    use reelhouse_lake::deltalake::arrow::datatypes::Date32Type;
+    if let Some(c) = events
+        .column_by_name("event_date")
+        .and_then(|c| c.as_primitive_opt::<Date32Type>())
+    {
+        // Batches are small and mostly one date: skip repeats cheaply.
+        let mut last = None;
+        for i in 0..c.len() {
+            let d = c.value(i);
+            if !c.is_null(i) && last != Some(d) {
+                dirty.insert(d);
+                last = Some(d);
+            }
+        }
+    }
+}
+
+/// How far back from the last rebuild's snapshot the events' `received_at` is searched for
+/// dirty dates after a restart (an event gets `received_at` when parsed and becomes visible
+/// a little later).
+const RESTART_DIRTY_MARGIN_MS: i64 = 10 * 60 * 1000;
 
 /// The running pipeline. Cheap to share (`Arc`).
 pub struct Ingestor {
@@ -576,6 +607,7 @@ impl Ingestor {
             tables,
             pending,
             derived,
+            dirty: None,
         };
         match snapshot_segment {
             Some(_) => {
@@ -910,17 +942,42 @@ impl Ingestor {
     /// A SQL catalog over exactly what has been acknowledged so far, plus the latest
     /// materialized warehouse tables.
     pub async fn catalog(&self) -> Result<Catalog, IngestError> {
-        let (parts, derived) = {
-            let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(self.catalog_taking_dirty(false).await?.0)
+    }
+
+    /// [`Ingestor::catalog`]; with `take`, also takes the dirty dates (atomically with the
+    /// snapshot) and starts a new set.
+    async fn catalog_taking_dirty(
+        &self,
+        take: bool,
+    ) -> Result<(Catalog, Option<Vec<i32>>), IngestError> {
+        let (parts, derived, dirty) = {
+            let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
             let parts = raw_parts(&v.tables, &v.pending);
             let derived = v
                 .derived
                 .iter()
                 .map(|(n, t)| (n.clone(), t.clone()))
                 .collect();
-            (parts, derived)
+            let dirty = if take {
+                v.dirty
+                    .replace(Default::default())
+                    .map(|d| d.into_iter().collect())
+            } else {
+                None
+            };
+            (parts, derived, dirty)
         };
-        Ok(Catalog::with_derived(parts, derived).await?)
+        Ok((Catalog::with_derived(parts, derived).await?, dirty))
+    }
+
+    /// The next rebuild recomputes every date (after deletions: retention, erasure). Durable,
+    /// so a crash before that rebuild still leads to a full one.
+    pub(crate) fn force_full_rebuild(&self) -> Result<(), IngestError> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).dirty = None;
+        let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
+        late.materialized_at_ms = None;
+        late.save(self.lake.root())
     }
 
     /// True when events were accepted since the last materialization started.
@@ -968,10 +1025,18 @@ impl Ingestor {
         })
     }
 
-    /// Rebuilds the warehouse tables from every acknowledged event and publishes the new
-    /// versions to SQL at once.
+    /// Brings the warehouse tables up to every acknowledged event: recomputes the dates that
+    /// received events since the last rebuild and the dates they affect (all of them when
+    /// that is unknown), and publishes the new versions to SQL at once.
     pub async fn materialize(&self) -> Result<reelhouse_warehouse::Report, IngestError> {
         let _guard = self.materialize_lock.lock().await;
+        self.materialize_locked().await
+    }
+
+    /// [`Ingestor::materialize`] recomputing every date.
+    pub async fn materialize_full(&self) -> Result<reelhouse_warehouse::Report, IngestError> {
+        let _guard = self.materialize_lock.lock().await;
+        self.force_full_rebuild()?;
         self.materialize_locked().await
     }
 
@@ -980,13 +1045,63 @@ impl Ingestor {
         &self,
     ) -> Result<reelhouse_warehouse::Report, IngestError> {
         let seen = self.change_count();
-        let catalog = self.catalog().await?;
+        let now = self.config.clock.now_ms();
+        let (catalog, dirty) = match self.catalog_taking_dirty(true).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.view.lock().unwrap_or_else(|p| p.into_inner()).dirty = None;
+                return Err(e);
+            }
+        };
+        let result = self.materialize_with(catalog, dirty, now).await;
+        if result.is_err() {
+            // The taken dates were not rebuilt: rebuild everything next time.
+            self.view.lock().unwrap_or_else(|p| p.into_inner()).dirty = None;
+        }
+        let report = result?;
+        self.materialized_at.store(seen, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    async fn materialize_with(
+        &self,
+        catalog: Catalog,
+        dirty: Option<Vec<i32>>,
+        now: i64,
+    ) -> Result<reelhouse_warehouse::Report, IngestError> {
+        // After a start the dirty dates are not known in memory: the events received since
+        // the last rebuild's snapshot (with a margin) name them.
+        let since = self
+            .late
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .materialized_at_ms;
+        let dirty = match (dirty, since) {
+            (Some(d), _) => Some(d),
+            (None, Some(t)) => {
+                let from = t - RESTART_DIRTY_MARGIN_MS;
+                let b = catalog
+                    .query(&format!(
+                        "SELECT DISTINCT CAST(event_date AS INT) FROM events \
+                         WHERE CAST(received_at AS BIGINT) >= {from} * 1000"
+                    ))
+                    .await?;
+                let mut d = Vec::new();
+                for b in &b {
+                    use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
+                    use reelhouse_lake::deltalake::arrow::datatypes::Int32Type;
+                    let c = b.column(0).as_primitive::<Int32Type>();
+                    d.extend((0..c.len()).filter(|i| !c.is_null(*i)).map(|i| c.value(i)));
+                }
+                Some(d)
+            }
+            (None, None) => None,
+        };
         let current = {
             let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
             v.derived.clone()
         };
         let inputs = {
-            let now = self.config.clock.now_ms();
             let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
             // Dates whose end plus the allowed lateness has passed close now.
             let window = self.config.dedup_window.as_millis() as i64;
@@ -1003,6 +1118,7 @@ impl Ingestor {
                 facts_before: late.frozen_before.map(|_| {
                     reelhouse_event::time::day_of(now) - self.config.retention.facts_days as i32
                 }),
+                dirty,
             }
         };
         let (report, handles) =
@@ -1014,7 +1130,11 @@ impl Ingestor {
             }
         }
         *self.dashboard.lock().await = None;
-        self.materialized_at.store(seen, Ordering::Relaxed);
+        {
+            let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
+            late.materialized_at_ms = Some(now);
+            late.save(self.lake.root())?;
+        }
         Ok(report)
     }
 
@@ -1075,6 +1195,7 @@ impl Ingestor {
             late.frozen_before = Some(late.frozen_before.map_or(ev, |x| x.max(ev)));
             late.save(self.lake.root())?;
         }
+        self.force_full_rebuild()?;
         self.materialize_locked().await?;
         Ok(RetentionReport {
             events_before: date(ev),
@@ -1117,7 +1238,17 @@ impl Ingestor {
                 .push((from, to, self.config.clock.now_ms()));
             late.save(self.lake.root())?;
         }
-        self.materialize().await
+        let _guard = self.materialize_lock.lock().await;
+        // The restated dates count more events now: rebuild them (and what they affect); with
+        // no dirty set in memory (just started), rebuild everything.
+        let known = {
+            let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+            v.dirty.as_mut().map(|d| d.extend(from..=to)).is_some()
+        };
+        if !known {
+            self.force_full_rebuild()?;
+        }
+        self.materialize_locked().await
     }
 
     /// Runs until `stop` changes: materializes while new events arrive, waiting `interval`
@@ -1186,6 +1317,10 @@ struct LateState {
     /// Raw events of dates before this day were dropped by retention.
     #[serde(default)]
     frozen_before: Option<i32>,
+    /// The clock when the last successful rebuild took its snapshot of the events (`None`:
+    /// unknown, or a change that needs a full rebuild is under way).
+    #[serde(default)]
+    materialized_at_ms: Option<i64>,
 }
 
 impl LateState {

@@ -266,8 +266,20 @@ async fn post_sql(State(s): State<AppState>, req: Request) -> Result<Response, A
     Ok(Json(result).into_response())
 }
 
-async fn post_materialize(State(s): State<AppState>) -> Result<Response, ApiError> {
-    let report = s.ingestor.materialize().await?;
+async fn post_materialize(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let full = match q.get("full").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(ApiError::BadRequest("full must be true or false".into())),
+    };
+    let report = if full {
+        s.ingestor.materialize_full().await?
+    } else {
+        s.ingestor.materialize().await?
+    };
     Ok(Json(report).into_response())
 }
 

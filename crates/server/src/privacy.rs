@@ -346,6 +346,9 @@ impl Ingestor {
         let wal_segments_left = reelhouse_wal::list_segments(&self.data_dir().join("_wal"))
             .map(|s| s.len())
             .unwrap_or(0);
+        // Every date of the user changes: the rebuild below must be a full one, even after a
+        // crash and resume.
+        self.force_full_rebuild()?;
         // Nothing else writes these tables meanwhile (vacuum removes unreferenced files).
         let _flush = self.flush_lock.lock().await;
         let _mat = self.materialize_lock.lock().await;

@@ -67,17 +67,240 @@ const EV_FILTER: &str = "$closed_at IS NULL OR CAST(received_at AS BIGINT) <= $c
 /// so this is rare; a hash count is far cheaper than sorting every event to find out).
 const EV_DUPLICATES: &str = "SELECT count(*) - count(DISTINCT event_id) FROM events WHERE $filter";
 
-/// Events, deduplicated by `event_id` when needed (the earliest received copy wins).
-fn ev_sql(has_duplicates: bool) -> String {
+/// Events, deduplicated by `event_id` when needed (the earliest received copy wins); with
+/// `incremental`, only the events an incremental rebuild reads (see [`incremental_dates`]).
+fn ev_sql(has_duplicates: bool, incremental: bool) -> String {
+    let filter = if incremental {
+        format!("({EV_FILTER}) AND event_id IN (SELECT event_id FROM {REBUILD_EVENTS})")
+    } else {
+        EV_FILTER.to_string()
+    };
     if has_duplicates {
         format!(
             "SELECT {EV_COLUMNS} FROM (SELECT {EV_COLUMNS}, row_number() OVER \
              (PARTITION BY event_id ORDER BY received_at, event_time) AS __rn \
-             FROM events WHERE {EV_FILTER}) WHERE __rn = 1"
+             FROM events WHERE {filter}) WHERE __rn = 1"
         )
     } else {
-        format!("SELECT {EV_COLUMNS} FROM events WHERE {EV_FILTER}")
+        format!("SELECT {EV_COLUMNS} FROM events WHERE {filter}")
     }
+}
+
+/// The `event_id`s an incremental rebuild reads, registered by [`incremental_dates`].
+const REBUILD_EVENTS: &str = "__rebuild_events";
+
+/// Rounds of [`key_closure`] before giving up and rebuilding everything.
+const MAX_CLOSURE_ROUNDS: usize = 16;
+
+/// Columns of `events` that name the groups a row is computed from.
+const KEY_COLUMNS: &str =
+    "event_id, event_type, event_date, view_id, session_id, user_id, video_id, creator_id";
+
+/// The events of `base` (a predicate on `events`) plus every event that shares a group with
+/// one of them, transitively: a view (`view_id`), a session (`session_id`), a like key
+/// (user, video), a follow key (user, creator) and, when stored twice, an `event_id`. Returns
+/// their key columns; `None` when it does not settle within [`MAX_CLOSURE_ROUNDS`].
+async fn key_closure(
+    catalog: &Catalog,
+    base: &str,
+    has_duplicates: bool,
+) -> Result<Option<Vec<RecordBatch>>> {
+    let ctx = catalog.context();
+    let err = |source| Error::Model {
+        model: "incremental closure",
+        source,
+    };
+    let like = "'like', 'unlike'";
+    let follow = "'follow_creator', 'unfollow_creator'";
+    let keys = [
+        (
+            "__k_view",
+            "SELECT DISTINCT view_id FROM __m WHERE view_id IS NOT NULL".to_string(),
+            format!(
+                "SELECT {KEY_COLUMNS} FROM events WHERE view_id IN (SELECT view_id FROM __k_view)"
+            ),
+        ),
+        (
+            "__k_session",
+            "SELECT DISTINCT session_id FROM __m WHERE session_id IS NOT NULL".to_string(),
+            format!(
+                "SELECT {KEY_COLUMNS} FROM events WHERE session_id IN \
+                 (SELECT session_id FROM __k_session)"
+            ),
+        ),
+        (
+            "__k_like",
+            format!("SELECT DISTINCT user_id, video_id FROM __m WHERE event_type IN ({like})"),
+            format!(
+                "SELECT {} FROM events e JOIN __k_like k ON e.user_id = k.user_id \
+                 AND e.video_id = k.video_id WHERE e.event_type IN ({like})",
+                prefixed("e")
+            ),
+        ),
+        (
+            "__k_follow",
+            format!("SELECT DISTINCT user_id, creator_id FROM __m WHERE event_type IN ({follow})"),
+            format!(
+                "SELECT {} FROM events e JOIN __k_follow k ON e.user_id = k.user_id \
+                 AND e.creator_id = k.creator_id WHERE e.event_type IN ({follow})",
+                prefixed("e")
+            ),
+        ),
+        (
+            "__k_id",
+            format!(
+                "SELECT DISTINCT event_id FROM __m WHERE {}",
+                if has_duplicates { "true" } else { "false" }
+            ),
+            format!(
+                "SELECT {KEY_COLUMNS} FROM events WHERE event_id IN (SELECT event_id FROM __k_id)"
+            ),
+        ),
+    ];
+    let register = |name: &str, batches: Vec<RecordBatch>, schema| -> Result<()> {
+        let _ = ctx.deregister_table(name);
+        let t = MemTable::try_new(schema, vec![batches]).map_err(err)?;
+        ctx.register_table(name, Arc::new(t)).map_err(err)?;
+        Ok(())
+    };
+    let collect = |sql: String| async move {
+        let df = ctx.sql(&sql).await.map_err(err)?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
+        Ok::<_, Error>((schema, df.collect().await.map_err(err)?))
+    };
+    let (schema, mut matched) =
+        collect(format!("SELECT {KEY_COLUMNS} FROM events WHERE {base}")).await?;
+    let mut last = usize::MAX;
+    for _ in 0..MAX_CLOSURE_ROUNDS {
+        register("__m", matched.clone(), Arc::clone(&schema))?;
+        let mut total = 0;
+        for (name, sql, _) in &keys {
+            let (s, b) = collect(sql.clone()).await?;
+            total += b.iter().map(|b| b.num_rows()).sum::<usize>();
+            register(name, b, s)?;
+        }
+        if total == last {
+            return Ok(Some(matched));
+        }
+        last = total;
+        let union: Vec<String> =
+            std::iter::once(format!("SELECT {KEY_COLUMNS} FROM events WHERE {base}"))
+                .chain(keys.iter().map(|(_, _, m)| m.clone()))
+                .collect();
+        matched = collect(format!(
+            "SELECT DISTINCT * FROM ({})",
+            union.join(" UNION ALL ")
+        ))
+        .await?
+        .1;
+    }
+    Ok(None)
+}
+
+/// [`KEY_COLUMNS`] qualified by a table alias.
+fn prefixed(alias: &str) -> String {
+    KEY_COLUMNS
+        .split(", ")
+        .map(|c| format!("{alias}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Plans an incremental rebuild from the dates that received events (`seeds`); returns the
+/// dates to rewrite, and registers the events to read as [`REBUILD_EVENTS`].
+///
+/// Every date-keyed row (a view, a session and the positions of its views, a like or follow
+/// transition, a creator-day, a video-hour) is a function of the events of its groups (see
+/// [`key_closure`]), and sits on the date of one of those events. So:
+/// 1. the rows that can change are those of the groups of the seed dates' events: the dates
+///    to rewrite `W` are the dates of the closure of those events (a session that crosses
+///    midnight brings the next date; other sessions of that date do not);
+/// 2. every row on `W` is recomputed from complete groups: the events read are the closure
+///    of all events on `W`; rows it yields outside `W` are dropped (they did not change).
+///
+/// Dates with sessions still `open` are seeds too (they may have timed out since).
+/// `None` when a closure does not settle (rebuild everything).
+pub async fn incremental_dates(
+    catalog: &Catalog,
+    seeds: &[i32],
+    has_duplicates: bool,
+) -> Result<Option<Vec<i32>>> {
+    use std::collections::BTreeSet;
+    let dates_of = |batches: &[RecordBatch], col: usize| -> BTreeSet<i32> {
+        use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
+        use reelhouse_lake::deltalake::arrow::datatypes::Int32Type;
+        let mut out = BTreeSet::new();
+        for b in batches {
+            if let Ok(c) = reelhouse_lake::deltalake::arrow::compute::cast(
+                b.column(col),
+                &reelhouse_lake::deltalake::arrow::datatypes::DataType::Int32,
+            ) {
+                let c = c.as_primitive::<Int32Type>();
+                out.extend((0..c.len()).filter(|i| !c.is_null(*i)).map(|i| c.value(i)));
+            }
+        }
+        out
+    };
+    let mut seeds: BTreeSet<i32> = seeds.iter().copied().collect();
+    if catalog
+        .context()
+        .table_exist("fact_session")
+        .unwrap_or(false)
+    {
+        let open = catalog
+            .query("SELECT DISTINCT event_date FROM fact_session WHERE ended_by = 'open'")
+            .await?;
+        seeds.extend(dates_of(&open, 0));
+    }
+    let ctx = catalog.context();
+    let err = |source| Error::Model {
+        model: "incremental closure",
+        source,
+    };
+    let register = |events: Vec<RecordBatch>| -> Result<()> {
+        let schema = Arc::new(reelhouse_lake::deltalake::arrow::datatypes::Schema::new(
+            vec![reelhouse_lake::deltalake::arrow::datatypes::Field::new(
+                "event_id",
+                reelhouse_lake::deltalake::arrow::datatypes::DataType::Utf8,
+                true,
+            )],
+        ));
+        let ids = events
+            .iter()
+            .map(|b| {
+                let c = reelhouse_lake::deltalake::arrow::compute::cast(
+                    b.column(0),
+                    &reelhouse_lake::deltalake::arrow::datatypes::DataType::Utf8,
+                )?;
+                RecordBatch::try_new(Arc::clone(&schema), vec![c])
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| err(e.into()))?;
+        let _ = ctx.deregister_table(REBUILD_EVENTS);
+        let t = MemTable::try_new(schema, vec![ids]).map_err(err)?;
+        ctx.register_table(REBUILD_EVENTS, Arc::new(t))
+            .map_err(err)?;
+        Ok(())
+    };
+    if seeds.is_empty() {
+        register(Vec::new())?;
+        return Ok(Some(Vec::new()));
+    }
+    let seed_list: Vec<i32> = seeds.into_iter().collect();
+    let pred = reelhouse_lake::dates_predicate("event_date", &seed_list);
+    let Some(touched) = key_closure(catalog, &pred, has_duplicates).await? else {
+        return Ok(None);
+    };
+    // Column 2 of KEY_COLUMNS is event_date.
+    let mut write: BTreeSet<i32> = dates_of(&touched, 2);
+    write.extend(seed_list);
+    let write: Vec<i32> = write.into_iter().collect();
+    let pred = reelhouse_lake::dates_predicate("event_date", &write);
+    let Some(read) = key_closure(catalog, &pred, has_duplicates).await? else {
+        return Ok(None);
+    };
+    register(read)?;
+    Ok(Some(write))
 }
 
 const FACT_VIDEO_VIEW: &str = "
@@ -341,18 +564,6 @@ const MODELS: &[Model] = &[
         sql: FOLLOW_TRANSITIONS,
     },
     Model {
-        name: "like_state",
-        partition_by: &[],
-        internal: false,
-        sql: LIKE_STATE,
-    },
-    Model {
-        name: "follow_state",
-        partition_by: &[],
-        internal: false,
-        sql: FOLLOW_STATE,
-    },
-    Model {
         name: "agg_creator_daily",
         partition_by: &[],
         internal: false,
@@ -363,6 +574,18 @@ const MODELS: &[Model] = &[
         partition_by: &["event_date"],
         internal: false,
         sql: AGG_VIDEO_HOURLY,
+    },
+    Model {
+        name: "like_state",
+        partition_by: &[],
+        internal: false,
+        sql: LIKE_STATE,
+    },
+    Model {
+        name: "follow_state",
+        partition_by: &[],
+        internal: false,
+        sql: FOLLOW_STATE,
     },
     Model {
         name: "video_retention",
@@ -392,6 +615,11 @@ const CASCADE_TABLES: [(&str, &[&str]); 2] =
 /// What one materialization did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
+    /// `full` (every date) or `incremental` (only `dates`).
+    pub mode: &'static str,
+    /// The dates whose rows were recomputed in an incremental rebuild (`YYYY-MM-DD`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dates: Option<Vec<String>>,
     pub tables: Vec<TableReport>,
     pub elapsed_ms: u64,
     /// Share parent links ignored as invalid: self-parents, parents of another video, and one
@@ -431,6 +659,9 @@ pub struct Inputs {
     pub frozen_before: Option<i32>,
     /// Facts of dates before this day are dropped (facts retention); aggregates are kept.
     pub facts_before: Option<i32>,
+    /// Dates (days since epoch) that received events since the last rebuild: rebuild only the
+    /// dates they affect (see [`incremental_dates`]). `None`: rebuild everything.
+    pub dirty: Option<Vec<i32>>,
 }
 
 /// The date column of a model whose rows carry over across raw-event retention, and whether it
@@ -500,6 +731,30 @@ async fn carry_over(
         .collect()
 }
 
+/// The rows of `batches` whose `col` is one of `days` (an incremental rebuild writes only
+/// those; rows of dates left out for retention keep their previous version).
+async fn keep_dates(
+    schema: &reelhouse_lake::deltalake::arrow::datatypes::SchemaRef,
+    batches: Vec<RecordBatch>,
+    col: &str,
+    days: &[i32],
+) -> std::result::Result<
+    Vec<RecordBatch>,
+    reelhouse_lake::deltalake::datafusion::error::DataFusionError,
+> {
+    use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
+    let ctx = SessionContext::new();
+    ctx.register_table(
+        "new_rows",
+        Arc::new(MemTable::try_new(Arc::clone(schema), vec![batches])?),
+    )?;
+    let pred = reelhouse_lake::dates_predicate(col, days);
+    ctx.sql(&format!("SELECT * FROM new_rows WHERE {pred}"))
+        .await?
+        .collect()
+        .await
+}
+
 impl Inputs {
     /// SQL for the epoch-ms instant the row's `event_date` closed (NULL while open).
     fn closed_at_sql(&self) -> String {
@@ -540,7 +795,7 @@ pub async fn materialize(
     let start = Instant::now();
     let ctx = catalog.context();
     let mut report = Report::default();
-    let mut handles = Vec::new();
+    let mut handles: Vec<(String, DeltaTable)> = Vec::new();
     let closed_at = inputs.closed_at_sql();
     let dup_sql = EV_DUPLICATES.replace("$filter", &EV_FILTER.replace("$closed_at", &closed_at));
     let dups = catalog.query(&dup_sql).await?;
@@ -553,9 +808,71 @@ pub async fn materialize(
             (!c.is_empty()).then(|| c.value(0) > 0)
         })
         .unwrap_or(true);
-    let ev = ev_sql(has_duplicates);
+    let scope = match &inputs.dirty {
+        Some(seeds) if table_names().all(|t| current.contains_key(t)) => {
+            incremental_dates(catalog, seeds, has_duplicates).await?
+        }
+        _ => None,
+    };
+    report.mode = if scope.is_some() {
+        "incremental"
+    } else {
+        "full"
+    };
+    report.dates = scope.as_ref().map(|d| {
+        d.iter()
+            .map(|d| {
+                (chrono::NaiveDate::default() + chrono::Duration::days(*d as i64))
+                    .format("%Y-%m-%d")
+                    .to_string()
+            })
+            .collect()
+    });
+    // Retention: expired dates keep their rows (their events are gone).
+    let scope = scope.map(|mut d| {
+        d.retain(|d| inputs.frozen_before.is_none_or(|f| *d >= f));
+        d
+    });
+    let ev = ev_sql(has_duplicates, scope.is_some());
+    let mut switched = false;
     for m in MODELS {
         let model_start = Instant::now();
+        let dated = frozen_column(m.name).map(|(col, _)| col);
+        if let (Some(_), None, false) = (&scope, dated, m.internal) {
+            if !switched {
+                // The models after the date-keyed ones (state, retention curves, cascades)
+                // read every event and every view: the dates just rebuilt plus the rest.
+                switched = true;
+                let all = ev_sql(has_duplicates, false).replace("$closed_at", &closed_at);
+                let view = ctx.sql(&all).await.map_err(|source| Error::Model {
+                    model: "ev",
+                    source,
+                })?;
+                let _ = ctx.deregister_table("ev");
+                ctx.register_table("ev", view.into_view())
+                    .map_err(|source| Error::Model {
+                        model: "ev",
+                        source,
+                    })?;
+                let fvv = handles
+                    .iter()
+                    .find(|(n, _)| n == "fact_video_view")
+                    .map(|(_, t)| t)
+                    .or_else(|| current.get("fact_video_view"));
+                if let Some(t) = fvv {
+                    let provider = t.table_provider().await.map_err(|e| Error::Model {
+                        model: "fact_video_view",
+                        source: e,
+                    })?;
+                    let _ = ctx.deregister_table("fact_video_view");
+                    ctx.register_table("fact_video_view", provider)
+                        .map_err(|source| Error::Model {
+                            model: "fact_video_view",
+                            source,
+                        })?;
+                }
+            }
+        }
         let sql = m
             .sql
             .replace("$ev", &ev)
@@ -584,23 +901,43 @@ pub async fn materialize(
             });
             continue;
         }
-        let batches = carry_over(m.name, current.get(m.name), &schema, batches, inputs)
-            .await
-            .map_err(model_err)?;
-        let batches = if batches.is_empty() {
-            vec![RecordBatch::new_empty(Arc::clone(&schema))]
-        } else {
-            batches
+        let table = match (&scope, dated, current.get(m.name)) {
+            (Some(dates), Some(_), Some(_)) if dates.is_empty() => {
+                // Nothing to recompute for date-keyed tables: their version stays.
+                report.tables.push(TableReport {
+                    table: m.name.to_string(),
+                    rows: 0,
+                    version: None,
+                    elapsed_ms: model_start.elapsed().as_millis() as u64,
+                });
+                continue;
+            }
+            (Some(dates), Some(col), Some(cur)) => {
+                let batches = keep_dates(&schema, batches, col, dates)
+                    .await
+                    .map_err(model_err)?;
+                lake.replace_dates(m.name, cur.clone(), schema, batches, col, dates)
+                    .await?
+            }
+            _ => {
+                let batches = carry_over(m.name, current.get(m.name), &schema, batches, inputs)
+                    .await
+                    .map_err(model_err)?;
+                let batches = if batches.is_empty() {
+                    vec![RecordBatch::new_empty(Arc::clone(&schema))]
+                } else {
+                    batches
+                };
+                lake.overwrite_derived(
+                    m.name,
+                    current.get(m.name).cloned(),
+                    schema,
+                    batches,
+                    m.partition_by,
+                )
+                .await?
+            }
         };
-        let table = lake
-            .overwrite_derived(
-                m.name,
-                current.get(m.name).cloned(),
-                schema,
-                batches,
-                m.partition_by,
-            )
-            .await?;
         report.tables.push(TableReport {
             table: m.name.to_string(),
             rows,

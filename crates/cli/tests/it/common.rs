@@ -21,6 +21,17 @@ pub async fn start(dir: &Path, flush_rows: usize) -> RunningServer {
         .expect("server starts")
 }
 
+/// Starts an in-process server whose clock stands still at `now` (no background rebuilds).
+pub async fn start_at(dir: &Path, now: i64) -> RunningServer {
+    let mut ingest = IngestConfig::new(dir, Arc::new(reelhouse_event::FixedClock(now)));
+    ingest.flush_rows = 4_000;
+    let mut config = ServerConfig::new(ingest, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
+    config.materialize_interval = None;
+    reelhouse_server::start(config)
+        .await
+        .expect("server starts")
+}
+
 pub fn url(s: &RunningServer) -> String {
     format!("http://{}", s.addr)
 }

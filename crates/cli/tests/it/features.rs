@@ -5,28 +5,16 @@
 //! SIGKILL of the real binary restores identical features.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
-use std::sync::Arc;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use reelhouse_event::FixedClock;
-use reelhouse_server::{IngestConfig, RunningServer, ServerConfig};
 use reelhouse_workload::{generate, WorkloadConfig};
 use serde_json::{json, Value};
 
-use crate::common::{free_port, get, post, spawn_serve, sql, url, wait_healthy};
+use crate::common::{free_port, get, post, spawn_serve, sql, start_at, url, wait_healthy};
 
 const NOW: i64 = 1_764_000_000_000 + 12 * 3_600_000 + 17 * 60_000 + 5_123;
 const MINUTE: i64 = 60_000;
-
-async fn start_at(dir: &std::path::Path, now: i64) -> RunningServer {
-    let mut ingest = IngestConfig::new(dir, Arc::new(FixedClock(now)));
-    ingest.flush_rows = 4_000;
-    let mut config = ServerConfig::new(ingest, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
-    config.materialize_interval = None;
-    reelhouse_server::start(config).await.unwrap()
-}
 
 /// One stored event, as the reference reads it back through SQL.
 #[derive(Debug, Clone)]
