@@ -89,18 +89,26 @@ fn ev_sql(has_duplicates: bool, incremental: bool) -> String {
 /// The `event_id`s an incremental rebuild reads, registered by [`incremental_dates`].
 const REBUILD_EVENTS: &str = "__rebuild_events";
 
-/// Rounds of [`key_closure`] before giving up and rebuilding everything.
-const MAX_CLOSURE_ROUNDS: usize = 16;
-
 /// Columns of `events` that name the groups a row is computed from.
 const KEY_COLUMNS: &str =
     "event_id, event_type, event_date, view_id, session_id, user_id, video_id, creator_id";
 
-/// The events of `base` (a predicate on `events`) plus every event that shares a group with
-/// one of them, transitively: a view (`view_id`), a session (`session_id`), a like key
-/// (user, video), a follow key (user, creator) and, when stored twice, an `event_id`. Returns
-/// their key columns; `None` when it does not settle within [`MAX_CLOSURE_ROUNDS`].
-async fn key_closure(
+/// Rounds of the view/session closure in [`expand`] before giving up (full rebuild).
+const MAX_CLOSURE_ROUNDS: usize = 8;
+
+/// The events of `base` (a predicate on `events`) and the complete groups they belong to:
+/// every event of the same views and sessions, transitively (a view whose events name two
+/// sessions joins them; in practice one round adds nothing), then every event of the like
+/// keys (user, video) and follow keys (user, creator) of the base events, one hop, and, when
+/// some `event_id` is stored twice, every copy of all of these. Returns their
+/// [`KEY_COLUMNS`]; `None` when the view/session closure does not settle within
+/// [`MAX_CLOSURE_ROUNDS`].
+///
+/// Like and follow keys are deliberately not followed transitively: a like key reaches the
+/// user's other sessions, whose like keys reach yet others, across the calendar. That is not
+/// needed (see [`incremental_dates`]): a group read only in part yields rows only on the dates
+/// of the events read, which are rows the rebuild drops.
+async fn expand(
     catalog: &Catalog,
     base: &str,
     has_duplicates: bool,
@@ -110,53 +118,6 @@ async fn key_closure(
         model: "incremental closure",
         source,
     };
-    let like = "'like', 'unlike'";
-    let follow = "'follow_creator', 'unfollow_creator'";
-    let keys = [
-        (
-            "__k_view",
-            "SELECT DISTINCT view_id FROM __m WHERE view_id IS NOT NULL".to_string(),
-            format!(
-                "SELECT {KEY_COLUMNS} FROM events WHERE view_id IN (SELECT view_id FROM __k_view)"
-            ),
-        ),
-        (
-            "__k_session",
-            "SELECT DISTINCT session_id FROM __m WHERE session_id IS NOT NULL".to_string(),
-            format!(
-                "SELECT {KEY_COLUMNS} FROM events WHERE session_id IN \
-                 (SELECT session_id FROM __k_session)"
-            ),
-        ),
-        (
-            "__k_like",
-            format!("SELECT DISTINCT user_id, video_id FROM __m WHERE event_type IN ({like})"),
-            format!(
-                "SELECT {} FROM events e JOIN __k_like k ON e.user_id = k.user_id \
-                 AND e.video_id = k.video_id WHERE e.event_type IN ({like})",
-                prefixed("e")
-            ),
-        ),
-        (
-            "__k_follow",
-            format!("SELECT DISTINCT user_id, creator_id FROM __m WHERE event_type IN ({follow})"),
-            format!(
-                "SELECT {} FROM events e JOIN __k_follow k ON e.user_id = k.user_id \
-                 AND e.creator_id = k.creator_id WHERE e.event_type IN ({follow})",
-                prefixed("e")
-            ),
-        ),
-        (
-            "__k_id",
-            format!(
-                "SELECT DISTINCT event_id FROM __m WHERE {}",
-                if has_duplicates { "true" } else { "false" }
-            ),
-            format!(
-                "SELECT {KEY_COLUMNS} FROM events WHERE event_id IN (SELECT event_id FROM __k_id)"
-            ),
-        ),
-    ];
     let register = |name: &str, batches: Vec<RecordBatch>, schema| -> Result<()> {
         let _ = ctx.deregister_table(name);
         let t = MemTable::try_new(schema, vec![batches]).map_err(err)?;
@@ -168,33 +129,60 @@ async fn key_closure(
         let schema = Arc::new(df.schema().as_arrow().clone());
         Ok::<_, Error>((schema, df.collect().await.map_err(err)?))
     };
-    let (schema, mut matched) =
+    let rows = |b: &[RecordBatch]| b.iter().map(|b| b.num_rows()).sum::<usize>();
+    let like = "'like', 'unlike'";
+    let follow = "'follow_creator', 'unfollow_creator'";
+    let e = prefixed("e");
+    let (schema, base_rows) =
         collect(format!("SELECT {KEY_COLUMNS} FROM events WHERE {base}")).await?;
-    let mut last = usize::MAX;
+    register("__base", base_rows.clone(), Arc::clone(&schema))?;
+    // 1. Views and sessions, until no event is added.
+    let mut m = base_rows;
+    let mut settled = false;
     for _ in 0..MAX_CLOSURE_ROUNDS {
-        register("__m", matched.clone(), Arc::clone(&schema))?;
-        let mut total = 0;
-        for (name, sql, _) in &keys {
-            let (s, b) = collect(sql.clone()).await?;
-            total += b.iter().map(|b| b.num_rows()).sum::<usize>();
-            register(name, b, s)?;
+        let before = rows(&m);
+        register("__m", m, Arc::clone(&schema))?;
+        m = collect(format!(
+            "SELECT DISTINCT * FROM (SELECT * FROM __m \
+             UNION ALL SELECT {KEY_COLUMNS} FROM events WHERE view_id IN \
+               (SELECT view_id FROM __m WHERE view_id IS NOT NULL) \
+             UNION ALL SELECT {KEY_COLUMNS} FROM events WHERE session_id IN \
+               (SELECT session_id FROM __m WHERE session_id IS NOT NULL))"
+        ))
+        .await?
+        .1;
+        if rows(&m) == before {
+            settled = true;
+            break;
         }
-        if total == last {
-            return Ok(Some(matched));
-        }
-        last = total;
-        let union: Vec<String> =
-            std::iter::once(format!("SELECT {KEY_COLUMNS} FROM events WHERE {base}"))
-                .chain(keys.iter().map(|(_, _, m)| m.clone()))
-                .collect();
-        matched = collect(format!(
-            "SELECT DISTINCT * FROM ({})",
-            union.join(" UNION ALL ")
+    }
+    if !settled {
+        return Ok(None);
+    }
+    // 2. The like and follow state machines of the base events, whole.
+    register("__m", m, Arc::clone(&schema))?;
+    let (_, mut m) = collect(format!(
+        "SELECT DISTINCT * FROM (SELECT * FROM __m \
+           UNION ALL SELECT {e} FROM events e JOIN \
+             (SELECT DISTINCT user_id, video_id FROM __base WHERE event_type IN ({like})) k \
+             ON e.user_id = k.user_id AND e.video_id = k.video_id WHERE e.event_type IN ({like}) \
+           UNION ALL SELECT {e} FROM events e JOIN \
+             (SELECT DISTINCT user_id, creator_id FROM __base WHERE event_type IN ({follow})) k \
+             ON e.user_id = k.user_id AND e.creator_id = k.creator_id \
+             WHERE e.event_type IN ({follow}))"
+    ))
+    .await?;
+    if has_duplicates {
+        // 3. Every stored copy of those events.
+        register("__m", m, Arc::clone(&schema))?;
+        m = collect(format!(
+            "SELECT DISTINCT * FROM (SELECT * FROM __m UNION ALL SELECT {KEY_COLUMNS} \
+             FROM events WHERE event_id IN (SELECT event_id FROM __m))"
         ))
         .await?
         .1;
     }
-    Ok(None)
+    Ok(Some(m))
 }
 
 /// [`KEY_COLUMNS`] qualified by a table alias.
@@ -210,16 +198,19 @@ fn prefixed(alias: &str) -> String {
 /// dates to rewrite, and registers the events to read as [`REBUILD_EVENTS`].
 ///
 /// Every date-keyed row (a view, a session and the positions of its views, a like or follow
-/// transition, a creator-day, a video-hour) is a function of the events of its groups (see
-/// [`key_closure`]), and sits on the date of one of those events. So:
-/// 1. the rows that can change are those of the groups of the seed dates' events: the dates
-///    to rewrite `W` are the dates of the closure of those events (a session that crosses
-///    midnight brings the next date; other sessions of that date do not);
-/// 2. every row on `W` is recomputed from complete groups: the events read are the closure
-///    of all events on `W`; rows it yields outside `W` are dropped (they did not change).
+/// transition, a creator-day, a video-hour) is a function of the events of its groups, and
+/// sits on the date of one of those events. So:
+/// 1. the rows that can change are those of the groups of the seed dates' events (and of the
+///    views of their sessions): the dates to rewrite, `W`, are the dates of [`expand`] of the
+///    seed dates' events. A session that crosses midnight brings the next date into `W`, but
+///    not that date's other sessions, so `W` does not snowball across the calendar;
+/// 2. the rows of `W` are recomputed from [`expand`] of all events on `W`: every group with a
+///    row on `W` has an event on `W`, so it is read whole. Groups read only in part (reached
+///    through a like key, say) have rows only on dates outside `W`, which are dropped; they
+///    did not change.
 ///
-/// Dates with sessions still `open` are seeds too (they may have timed out since).
-/// `None` when a closure does not settle (rebuild everything).
+/// Dates with sessions still `open` are seeds too (they may have timed out since). `None`
+/// when an expansion does not settle (rebuild everything).
 pub async fn incremental_dates(
     catalog: &Catalog,
     seeds: &[i32],
@@ -288,7 +279,7 @@ pub async fn incremental_dates(
     }
     let seed_list: Vec<i32> = seeds.into_iter().collect();
     let pred = reelhouse_lake::dates_predicate("event_date", &seed_list);
-    let Some(touched) = key_closure(catalog, &pred, has_duplicates).await? else {
+    let Some(touched) = expand(catalog, &pred, has_duplicates).await? else {
         return Ok(None);
     };
     // Column 2 of KEY_COLUMNS is event_date.
@@ -296,7 +287,7 @@ pub async fn incremental_dates(
     write.extend(seed_list);
     let write: Vec<i32> = write.into_iter().collect();
     let pred = reelhouse_lake::dates_predicate("event_date", &write);
-    let Some(read) = key_closure(catalog, &pred, has_duplicates).await? else {
+    let Some(read) = expand(catalog, &pred, has_duplicates).await? else {
         return Ok(None);
     };
     register(read)?;

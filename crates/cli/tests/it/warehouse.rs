@@ -627,24 +627,19 @@ async fn incremental_rebuilds_equal_a_full_rebuild() {
         check(&u, &evs).await;
         let incremental = snapshot(&u).await;
 
-        // A late trickle: one new like, days after its date, for a video already liked.
+        // A late trickle: one unlike, a day after the oldest like of the same (user, video),
+        // in a session of its own (so only the like key links it to the like's date).
         let liked = sql(
             &u,
-            "SELECT user_id, video_id, creator_id, CAST(event_time AS BIGINT) / 1000, session_id \
+            "SELECT user_id, video_id, creator_id, CAST(event_time AS BIGINT) / 1000 \
              FROM fact_engagement WHERE event_type = 'like' ORDER BY event_time LIMIT 1",
         )
         .await;
-        let (user, video, creator, t, session) = (
-            &liked[0][0],
-            &liked[0][1],
-            &liked[0][2],
-            &liked[0][3],
-            &liked[0][4],
-        );
+        let (user, video, creator, t) = (&liked[0][0], &liked[0][1], &liked[0][2], &liked[0][3]);
         let late = format!(
             "{{\"event_id\":\"late-{seed}\",\"event_type\":\"unlike\",\"event_time\":{},\
-             \"user_id\":{user},\"video_id\":{video},\"creator_id\":{creator},\"session_id\":{session}}}",
-            t.as_i64().unwrap() + 1_000
+             \"user_id\":{user},\"video_id\":{video},\"creator_id\":{creator},\"session_id\":\"late-s-{seed}\"}}",
+            t.as_i64().unwrap() + DAY
         );
         let (status, v) = post(&u, "/v1/events", late.clone(), "application/x-ndjson").await;
         assert_eq!((status, &v["accepted"]), (200, &Value::from(1)), "{v}");
