@@ -363,6 +363,11 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
     let day_report = server.ingestor.restate(day, day).await?;
     let day_s = t.elapsed().as_secs_f64();
     let day_dates = day_report.dates.as_ref().map_or(0, Vec::len);
+    let day_read = day_report
+        .tables
+        .iter()
+        .find(|t| t.table == "ev")
+        .map_or(0, |t| t.rows);
     let agg_rows = report
         .tables
         .iter()
@@ -419,10 +424,17 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
     }
     println!("  full rebuild {:.2}s = {:.0} events/s", full_s, eps);
     println!(
-        "  incremental, late trickle of {} events on 3 old dates: {:.2}s ({} dates rewritten, {})",
-        tw.manifest.valid_unique, trickle_s, trickle_dates, trickle_report.mode
+        "  incremental, late trickle of {} events on 3 old dates: {:.2}s ({} dates rewritten, {}, planning {} ms)",
+        tw.manifest.valid_unique, trickle_s, trickle_dates, trickle_report.mode,
+        trickle_report.plan_ms.unwrap_or(0)
     );
-    println!("  incremental, one whole day ({} events) rebuilt: {:.2}s = {:.0} events/s ({} dates rewritten, {})", day_events, day_s, day_events as f64 / day_s, day_dates, day_report.mode);
+    for t in &trickle_report.tables {
+        println!(
+            "    {:<20} {:>9} rows {:>7} ms",
+            t.table, t.rows, t.elapsed_ms
+        );
+    }
+    println!("  incremental, one whole day ({} events) rebuilt: {:.2}s ({} dates rewritten from {} events read = {:.0} events/s, {}, planning {} ms)", day_events, day_s, day_dates, day_read, day_read as f64 / day_s, day_report.mode, day_report.plan_ms.unwrap_or(0));
     println!("  dashboard (90 days, {} requests over loopback): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", b.requests, ms(50.0), ms(99.0), ms(100.0));
 
     let duck = duckdb_creator_daily(&data.data_dir);
@@ -450,9 +462,13 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
             "late_trickle_rebuild_s": trickle_s,
             "late_trickle_mode": trickle_report.mode,
             "late_trickle_dates_rewritten": trickle_dates,
+            "late_trickle_plan_ms": trickle_report.plan_ms,
+            "late_trickle_per_model_ms": trickle_report.tables.iter().map(|t| (t.table.clone(), t.elapsed_ms)).collect::<std::collections::BTreeMap<_, _>>(),
+            "one_day_plan_ms": day_report.plan_ms,
             "one_day_events": day_events,
             "one_day_rebuild_s": day_s,
-            "one_day_events_per_s": day_events as f64 / day_s,
+            "one_day_events_read": day_read,
+            "one_day_events_read_per_s": day_read as f64 / day_s,
             "one_day_dates_rewritten": day_dates,
             "one_day_mode": day_report.mode,
             "dashboard_ms": {"p50": ms(50.0), "p90": ms(90.0), "p99": ms(99.0), "max": ms(100.0)},

@@ -99,7 +99,9 @@ const MAX_CLOSURE_ROUNDS: usize = 8;
 /// The events of `base` (a predicate on `events`) and the complete groups they belong to:
 /// every event of the same views and sessions, transitively (a view whose events name two
 /// sessions joins them; in practice one round adds nothing), then every event of the like
-/// keys (user, video) and follow keys (user, creator) of the base events, one hop, and, when
+/// keys (user, video) and follow keys (user, creator) of the base events, one hop (with
+/// `successors_of` = a list of days: only the events whose predecessor in their key lies on
+/// one of those days, i.e. the transitions a new event there can change), and, when
 /// some `event_id` is stored twice, every copy of all of these. Returns their
 /// [`KEY_COLUMNS`]; `None` when the view/session closure does not settle within
 /// [`MAX_CLOSURE_ROUNDS`].
@@ -112,6 +114,7 @@ async fn expand(
     catalog: &Catalog,
     base: &str,
     has_duplicates: bool,
+    successors_of: Option<&str>,
 ) -> Result<Option<Vec<RecordBatch>>> {
     let ctx = catalog.context();
     let err = |source| Error::Model {
@@ -159,17 +162,36 @@ async fn expand(
     if !settled {
         return Ok(None);
     }
-    // 2. The like and follow state machines of the base events, whole.
+    // 2. The like and follow state machines of the base events: whole, or only the event
+    //    after each base event (the only other transition a new event can change).
     register("__m", m, Arc::clone(&schema))?;
+    let machine = |types: &str, key: &str| {
+        let on = key
+            .split(", ")
+            .map(|k| format!("e.{k} = k.{k}"))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let joined = format!(
+            "events e JOIN (SELECT DISTINCT {key} FROM __base WHERE event_type IN ({types})) k \
+             ON {on} WHERE e.event_type IN ({types})"
+        );
+        match successors_of {
+            None => format!("SELECT {e} FROM {joined}"),
+            Some(dates) => format!(
+                "SELECT {KEY_COLUMNS} FROM (SELECT {e}, lag(CAST(e.event_date AS INT)) OVER \
+                 (PARTITION BY {} ORDER BY e.event_time, e.event_id) AS __prev FROM {joined}) \
+                 WHERE __prev IN ({dates})",
+                key.split(", ")
+                    .map(|k| format!("e.{k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    };
     let (_, mut m) = collect(format!(
-        "SELECT DISTINCT * FROM (SELECT * FROM __m \
-           UNION ALL SELECT {e} FROM events e JOIN \
-             (SELECT DISTINCT user_id, video_id FROM __base WHERE event_type IN ({like})) k \
-             ON e.user_id = k.user_id AND e.video_id = k.video_id WHERE e.event_type IN ({like}) \
-           UNION ALL SELECT {e} FROM events e JOIN \
-             (SELECT DISTINCT user_id, creator_id FROM __base WHERE event_type IN ({follow})) k \
-             ON e.user_id = k.user_id AND e.creator_id = k.creator_id \
-             WHERE e.event_type IN ({follow}))"
+        "SELECT DISTINCT * FROM (SELECT * FROM __m UNION ALL {} UNION ALL {})",
+        machine(like, "user_id, video_id"),
+        machine(follow, "user_id, creator_id")
     ))
     .await?;
     if has_duplicates {
@@ -201,8 +223,9 @@ fn prefixed(alias: &str) -> String {
 /// transition, a creator-day, a video-hour) is a function of the events of its groups, and
 /// sits on the date of one of those events. So:
 /// 1. the rows that can change are those of the groups of the seed dates' events (and of the
-///    views of their sessions): the dates to rewrite, `W`, are the dates of [`expand`] of the
-///    seed dates' events. A session that crosses midnight brings the next date into `W`, but
+///    views of their sessions), and the like/follow transitions right after a seed date's
+///    event (a transition depends only on the previous event of its key): the dates to
+///    rewrite, `W`, are the dates of [`expand`] of the seed dates' events. A session that crosses midnight brings the next date into `W`, but
 ///    not that date's other sessions, so `W` does not snowball across the calendar;
 /// 2. the rows of `W` are recomputed from [`expand`] of all events on `W`: every group with a
 ///    row on `W` has an event on `W`, so it is read whole. Groups read only in part (reached
@@ -279,7 +302,9 @@ pub async fn incremental_dates(
     }
     let seed_list: Vec<i32> = seeds.into_iter().collect();
     let pred = reelhouse_lake::dates_predicate("event_date", &seed_list);
-    let Some(touched) = expand(catalog, &pred, has_duplicates).await? else {
+    let days: Vec<String> = seed_list.iter().map(i32::to_string).collect();
+    let Some(touched) = expand(catalog, &pred, has_duplicates, Some(&days.join(", "))).await?
+    else {
         return Ok(None);
     };
     // Column 2 of KEY_COLUMNS is event_date.
@@ -287,7 +312,7 @@ pub async fn incremental_dates(
     write.extend(seed_list);
     let write: Vec<i32> = write.into_iter().collect();
     let pred = reelhouse_lake::dates_predicate("event_date", &write);
-    let Some(read) = expand(catalog, &pred, has_duplicates).await? else {
+    let Some(read) = expand(catalog, &pred, has_duplicates, None).await? else {
         return Ok(None);
     };
     register(read)?;
@@ -611,6 +636,9 @@ pub struct Report {
     /// The dates whose rows were recomputed in an incremental rebuild (`YYYY-MM-DD`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dates: Option<Vec<String>>,
+    /// Time spent finding those dates and the events to read (incremental only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_ms: Option<u64>,
     pub tables: Vec<TableReport>,
     pub elapsed_ms: u64,
     /// Share parent links ignored as invalid: self-parents, parents of another video, and one
@@ -799,12 +827,16 @@ pub async fn materialize(
             (!c.is_empty()).then(|| c.value(0) > 0)
         })
         .unwrap_or(true);
+    let plan_start = Instant::now();
     let scope = match &inputs.dirty {
         Some(seeds) if table_names().all(|t| current.contains_key(t)) => {
             incremental_dates(catalog, seeds, has_duplicates).await?
         }
         _ => None,
     };
+    report.plan_ms = scope
+        .is_some()
+        .then(|| plan_start.elapsed().as_millis() as u64);
     report.mode = if scope.is_some() {
         "incremental"
     } else {
