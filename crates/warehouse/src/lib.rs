@@ -132,19 +132,33 @@ async fn expand(
         let schema = Arc::new(df.schema().as_arrow().clone());
         Ok::<_, Error>((schema, df.collect().await.map_err(err)?))
     };
-    let rows = |b: &[RecordBatch]| b.iter().map(|b| b.num_rows()).sum::<usize>();
     let like = "'like', 'unlike'";
     let follow = "'follow_creator', 'unfollow_creator'";
     let e = prefixed("e");
     let (schema, base_rows) =
         collect(format!("SELECT {KEY_COLUMNS} FROM events WHERE {base}")).await?;
     register("__base", base_rows.clone(), Arc::clone(&schema))?;
-    // 1. Views and sessions, until no event is added.
+    // 1. Views and sessions, until no key is added (then another round would add nothing:
+    //    it would match the same events).
+    let key_count = |name: &'static str| async move {
+        let b = collect(format!(
+            "SELECT count(DISTINCT view_id) + count(DISTINCT session_id) FROM {name}"
+        ))
+        .await?
+        .1;
+        use reelhouse_lake::deltalake::arrow::array::AsArray;
+        use reelhouse_lake::deltalake::arrow::datatypes::Int64Type;
+        Ok::<_, Error>(
+            b.first()
+                .map(|b| b.column(0).as_primitive::<Int64Type>().value(0))
+                .unwrap_or(0),
+        )
+    };
     let mut m = base_rows;
     let mut settled = false;
+    register("__m", m.clone(), Arc::clone(&schema))?;
+    let mut keys = key_count("__m").await?;
     for _ in 0..MAX_CLOSURE_ROUNDS {
-        let before = rows(&m);
-        register("__m", m, Arc::clone(&schema))?;
         m = collect(format!(
             "SELECT DISTINCT * FROM (SELECT * FROM __m \
              UNION ALL SELECT {KEY_COLUMNS} FROM events WHERE view_id IN \
@@ -154,10 +168,13 @@ async fn expand(
         ))
         .await?
         .1;
-        if rows(&m) == before {
+        register("__m", m.clone(), Arc::clone(&schema))?;
+        let after = key_count("__m").await?;
+        if after == keys {
             settled = true;
             break;
         }
+        keys = after;
     }
     if !settled {
         return Ok(None);
