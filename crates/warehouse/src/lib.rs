@@ -89,148 +89,227 @@ fn ev_sql(has_duplicates: bool, incremental: bool) -> String {
 /// The `event_id`s an incremental rebuild reads, registered by [`incremental_dates`].
 const REBUILD_EVENTS: &str = "__rebuild_events";
 
-/// Columns of `events` that name the groups a row is computed from.
-const KEY_COLUMNS: &str =
-    "event_id, event_type, event_date, view_id, session_id, user_id, video_id, creator_id";
-
 /// Rounds of the view/session closure in [`expand`] before giving up (full rebuild).
 const MAX_CLOSURE_ROUNDS: usize = 8;
 
-/// The events of `base` (a predicate on `events`) and the complete groups they belong to:
-/// every event of the same views and sessions, transitively (a view whose events name two
-/// sessions joins them; in practice one round adds nothing), then every event of the like
-/// keys (user, video) and follow keys (user, creator) of the base events, one hop (with
-/// `successors_of` = a list of days: only the events whose predecessor in their key lies on
-/// one of those days, i.e. the transitions a new event there can change), and, when
-/// some `event_id` is stored twice, every copy of all of these. Returns their
-/// [`KEY_COLUMNS`]; `None` when the view/session closure does not settle within
+/// Integers from the first column of `batches` (cast), nulls skipped.
+fn ints_of(batches: &[RecordBatch]) -> std::collections::BTreeSet<i32> {
+    use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
+    use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Int32Type};
+    let mut out = std::collections::BTreeSet::new();
+    for b in batches {
+        if let Ok(c) =
+            reelhouse_lake::deltalake::arrow::compute::cast(b.column(0), &DataType::Int32)
+        {
+            let c = c.as_primitive::<Int32Type>();
+            out.extend((0..c.len()).filter(|i| !c.is_null(*i)).map(|i| c.value(i)));
+        }
+    }
+    out
+}
+
+/// What [`expand`] found: the dates of the events reached, and (when asked) their ids.
+struct Expansion {
+    dates: std::collections::BTreeSet<i32>,
+    ids: Vec<RecordBatch>,
+}
+
+/// The events of the `base` days and the complete groups they belong to: every event of the
+/// same sessions and views, transitively (a view whose events name two sessions joins them),
+/// then the like keys (user, video) and follow keys (user, creator) of the base events, one
+/// hop: every event of those keys, or with `successors` only the event right after each base
+/// event in its key (the only other transition a new event can change). Returns their dates,
+/// and with `want_ids` their `event_id`s. `None` when the closure does not settle within
 /// [`MAX_CLOSURE_ROUNDS`].
 ///
-/// Like and follow keys are deliberately not followed transitively: a like key reaches the
-/// user's other sessions, whose like keys reach yet others, across the calendar. That is not
-/// needed (see [`incremental_dates`]): a group read only in part yields rows only on the dates
-/// of the events read, which are rows the rebuild drops.
+/// Sessions and views are searched first on the dates found so far and their neighbours
+/// (partition pruning: a few dates instead of all), then one scan of the other dates checks
+/// that nothing of theirs lies elsewhere; if something does, the search runs again over every
+/// date. Like and follow keys are deliberately not followed transitively: a like key reaches
+/// the user's other sessions, whose like keys reach yet others, across the calendar. That is
+/// not needed (see [`incremental_dates`]): a group read only in part yields rows only on the
+/// dates of the events read, which are rows the rebuild drops.
 async fn expand(
     catalog: &Catalog,
-    base: &str,
-    has_duplicates: bool,
-    successors_of: Option<&str>,
-) -> Result<Option<Vec<RecordBatch>>> {
+    base: &[i32],
+    successors: bool,
+    want_ids: bool,
+) -> Result<Option<Expansion>> {
+    use std::collections::BTreeSet;
     let ctx = catalog.context();
     let err = |source| Error::Model {
         model: "incremental closure",
         source,
-    };
-    let register = |name: &str, batches: Vec<RecordBatch>, schema| -> Result<()> {
-        let _ = ctx.deregister_table(name);
-        let t = MemTable::try_new(schema, vec![batches]).map_err(err)?;
-        ctx.register_table(name, Arc::new(t)).map_err(err)?;
-        Ok(())
     };
     let collect = |sql: String| async move {
         let df = ctx.sql(&sql).await.map_err(err)?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         Ok::<_, Error>((schema, df.collect().await.map_err(err)?))
     };
+    let register = |name: &str,
+                    (schema, batches): (
+        reelhouse_lake::deltalake::arrow::datatypes::SchemaRef,
+        Vec<RecordBatch>,
+    )|
+     -> Result<()> {
+        let _ = ctx.deregister_table(name);
+        let t = MemTable::try_new(schema, vec![batches]).map_err(err)?;
+        ctx.register_table(name, Arc::new(t)).map_err(err)?;
+        Ok(())
+    };
+    let count = |sql: String| async move {
+        let b = collect(sql).await?.1;
+        Ok::<_, Error>(ints_of(&b).into_iter().next().unwrap_or(0))
+    };
+    let days = |d: &BTreeSet<i32>| {
+        reelhouse_lake::dates_predicate("event_date", &d.iter().copied().collect::<Vec<_>>())
+    };
+    let base_set: BTreeSet<i32> = base.iter().copied().collect();
+    let base_pred = days(&base_set);
     let like = "'like', 'unlike'";
     let follow = "'follow_creator', 'unfollow_creator'";
-    let e = prefixed("e");
-    let (schema, base_rows) =
-        collect(format!("SELECT {KEY_COLUMNS} FROM events WHERE {base}")).await?;
-    register("__base", base_rows.clone(), Arc::clone(&schema))?;
-    // 1. Views and sessions, until no key is added (then another round would add nothing:
-    //    it would match the same events).
-    let key_count = |name: &'static str| async move {
-        let b = collect(format!(
-            "SELECT count(DISTINCT view_id) + count(DISTINCT session_id) FROM {name}"
+
+    // 1. Sessions and views of the base events, closed.
+    register(
+        "__s",
+        collect(format!(
+            "SELECT DISTINCT session_id FROM events WHERE {base_pred} AND session_id IS NOT NULL"
         ))
-        .await?
-        .1;
-        use reelhouse_lake::deltalake::arrow::array::AsArray;
-        use reelhouse_lake::deltalake::arrow::datatypes::Int64Type;
-        Ok::<_, Error>(
-            b.first()
-                .map(|b| b.column(0).as_primitive::<Int64Type>().value(0))
-                .unwrap_or(0),
-        )
+        .await?,
+    )?;
+    register(
+        "__v",
+        collect(format!(
+            "SELECT DISTINCT view_id FROM events WHERE {base_pred} AND view_id IS NOT NULL"
+        ))
+        .await?,
+    )?;
+    let mut dates = base_set.clone();
+    let mut everywhere = false;
+    let near = |d: &BTreeSet<i32>| -> BTreeSet<i32> {
+        d.iter().flat_map(|x| [x - 1, *x, x + 1]).collect()
     };
-    let mut m = base_rows;
-    let mut settled = false;
-    register("__m", m.clone(), Arc::clone(&schema))?;
-    let mut keys = key_count("__m").await?;
-    for _ in 0..MAX_CLOSURE_ROUNDS {
-        m = collect(format!(
-            "SELECT DISTINCT * FROM (SELECT * FROM __m \
-             UNION ALL SELECT {KEY_COLUMNS} FROM events WHERE view_id IN \
-               (SELECT view_id FROM __m WHERE view_id IS NOT NULL) \
-             UNION ALL SELECT {KEY_COLUMNS} FROM events WHERE session_id IN \
-               (SELECT session_id FROM __m WHERE session_id IS NOT NULL))"
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        if rounds > 2 * MAX_CLOSURE_ROUNDS {
+            return Ok(None);
+        }
+        let scope = if everywhere {
+            "true".to_string()
+        } else {
+            days(&near(&dates))
+        };
+        let found = collect(format!(
+            "SELECT DISTINCT session_id, view_id, CAST(event_date AS INT) AS d FROM events \
+               WHERE {scope} AND session_id IN (SELECT session_id FROM __s) \
+             UNION SELECT DISTINCT session_id, view_id, CAST(event_date AS INT) AS d FROM events \
+               WHERE {scope} AND view_id IN (SELECT view_id FROM __v)"
         ))
-        .await?
-        .1;
-        register("__m", m.clone(), Arc::clone(&schema))?;
-        let after = key_count("__m").await?;
-        if after == keys {
-            settled = true;
+        .await?;
+        register("__found", found)?;
+        let before =
+            count("SELECT (SELECT count(*) FROM __s) + (SELECT count(*) FROM __v)".into()).await?;
+        let s = collect(
+            "SELECT DISTINCT session_id FROM (SELECT session_id FROM __s UNION ALL \
+             SELECT session_id FROM __found) WHERE session_id IS NOT NULL"
+                .into(),
+        )
+        .await?;
+        let v = collect(
+            "SELECT DISTINCT view_id FROM (SELECT view_id FROM __v UNION ALL \
+             SELECT view_id FROM __found) WHERE view_id IS NOT NULL"
+                .into(),
+        )
+        .await?;
+        dates.extend(ints_of(
+            &collect("SELECT DISTINCT d FROM __found".into()).await?.1,
+        ));
+        register("__s", s)?;
+        register("__v", v)?;
+        let after =
+            count("SELECT (SELECT count(*) FROM __s) + (SELECT count(*) FROM __v)".into()).await?;
+        if after != before {
+            continue;
+        }
+        if everywhere {
             break;
         }
-        keys = after;
+        // Settled on the dates searched: does any event of these sessions and views lie on
+        // another date?
+        let searched = days(&near(&dates));
+        let elsewhere = count(format!(
+            "SELECT (SELECT count(*) FROM events WHERE NOT ({searched}) \
+                       AND session_id IN (SELECT session_id FROM __s)) \
+                  + (SELECT count(*) FROM events WHERE NOT ({searched}) \
+                       AND view_id IN (SELECT view_id FROM __v))"
+        ))
+        .await?;
+        if elsewhere == 0 {
+            break;
+        }
+        everywhere = true;
     }
-    if !settled {
-        return Ok(None);
-    }
-    // 2. The like and follow state machines of the base events: whole, or only the event
-    //    after each base event (the only other transition a new event can change).
-    register("__m", m, Arc::clone(&schema))?;
+
+    // 2. The like and follow state machines of the base events.
     let machine = |types: &str, key: &str| {
         let on = key
             .split(", ")
             .map(|k| format!("e.{k} = k.{k}"))
             .collect::<Vec<_>>()
             .join(" AND ");
+        let part = key
+            .split(", ")
+            .map(|k| format!("e.{k}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let joined = format!(
-            "events e JOIN (SELECT DISTINCT {key} FROM __base WHERE event_type IN ({types})) k \
-             ON {on} WHERE e.event_type IN ({types})"
+            "events e JOIN (SELECT DISTINCT {key} FROM events WHERE {base_pred} \
+             AND event_type IN ({types})) k ON {on} WHERE e.event_type IN ({types})"
         );
-        match successors_of {
-            None => format!("SELECT {e} FROM {joined}"),
-            Some(dates) => format!(
-                "SELECT {KEY_COLUMNS} FROM (SELECT {e}, lag(CAST(e.event_date AS INT)) OVER \
-                 (PARTITION BY {} ORDER BY e.event_time, e.event_id) AS __prev FROM {joined}) \
-                 WHERE __prev IN ({dates})",
-                key.split(", ")
-                    .map(|k| format!("e.{k}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+        if successors {
+            let list: Vec<String> = base.iter().map(i32::to_string).collect();
+            format!(
+                "SELECT event_id, d FROM (SELECT e.event_id, CAST(e.event_date AS INT) AS d, \
+                 lag(CAST(e.event_date AS INT)) OVER (PARTITION BY {part} \
+                 ORDER BY e.event_time, e.event_id) AS __prev FROM {joined}) \
+                 WHERE __prev IN ({})",
+                list.join(", ")
+            )
+        } else {
+            format!("SELECT e.event_id, CAST(e.event_date AS INT) AS d FROM {joined}")
         }
     };
-    let (_, mut m) = collect(format!(
-        "SELECT DISTINCT * FROM (SELECT * FROM __m UNION ALL {} UNION ALL {})",
+    let machines = collect(format!(
+        "{} UNION ALL {}",
         machine(like, "user_id, video_id"),
         machine(follow, "user_id, creator_id")
     ))
     .await?;
-    if has_duplicates {
-        // 3. Every stored copy of those events.
-        register("__m", m, Arc::clone(&schema))?;
-        m = collect(format!(
-            "SELECT DISTINCT * FROM (SELECT * FROM __m UNION ALL SELECT {KEY_COLUMNS} \
-             FROM events WHERE event_id IN (SELECT event_id FROM __m))"
+    register("__machines", machines)?;
+    dates.extend(ints_of(
+        &collect("SELECT DISTINCT d FROM __machines".into()).await?.1,
+    ));
+    let ids = if want_ids {
+        let scope = if everywhere {
+            "true".to_string()
+        } else {
+            days(&near(&dates))
+        };
+        collect(format!(
+            "SELECT event_id FROM events WHERE {base_pred} \
+             UNION SELECT event_id FROM events WHERE {scope} \
+               AND session_id IN (SELECT session_id FROM __s) \
+             UNION SELECT event_id FROM events WHERE {scope} \
+               AND view_id IN (SELECT view_id FROM __v) \
+             UNION SELECT event_id FROM __machines"
         ))
         .await?
-        .1;
-    }
-    Ok(Some(m))
-}
-
-/// [`KEY_COLUMNS`] qualified by a table alias.
-fn prefixed(alias: &str) -> String {
-    KEY_COLUMNS
-        .split(", ")
-        .map(|c| format!("{alias}.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+        .1
+    } else {
+        Vec::new()
+    };
+    Ok(Some(Expansion { dates, ids }))
 }
 
 /// Plans an incremental rebuild from the dates that received events (`seeds`); returns the
@@ -257,21 +336,11 @@ pub async fn incremental_dates(
     has_duplicates: bool,
 ) -> Result<Option<Vec<i32>>> {
     use std::collections::BTreeSet;
-    let dates_of = |batches: &[RecordBatch], col: usize| -> BTreeSet<i32> {
-        use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
-        use reelhouse_lake::deltalake::arrow::datatypes::Int32Type;
-        let mut out = BTreeSet::new();
-        for b in batches {
-            if let Ok(c) = reelhouse_lake::deltalake::arrow::compute::cast(
-                b.column(col),
-                &reelhouse_lake::deltalake::arrow::datatypes::DataType::Int32,
-            ) {
-                let c = c.as_primitive::<Int32Type>();
-                out.extend((0..c.len()).filter(|i| !c.is_null(*i)).map(|i| c.value(i)));
-            }
-        }
-        out
-    };
+    if has_duplicates {
+        // Copies of one event_id (stored only beyond the dedup window) may sit on any date;
+        // which one counts is decided over all of them: rebuild everything.
+        return Ok(None);
+    }
     let mut seeds: BTreeSet<i32> = seeds.iter().copied().collect();
     if catalog
         .context()
@@ -281,7 +350,7 @@ pub async fn incremental_dates(
         let open = catalog
             .query("SELECT DISTINCT event_date FROM fact_session WHERE ended_by = 'open'")
             .await?;
-        seeds.extend(dates_of(&open, 0));
+        seeds.extend(ints_of(&open));
     }
     let ctx = catalog.context();
     let err = |source| Error::Model {
@@ -318,21 +387,16 @@ pub async fn incremental_dates(
         return Ok(Some(Vec::new()));
     }
     let seed_list: Vec<i32> = seeds.into_iter().collect();
-    let pred = reelhouse_lake::dates_predicate("event_date", &seed_list);
-    let days: Vec<String> = seed_list.iter().map(i32::to_string).collect();
-    let Some(touched) = expand(catalog, &pred, has_duplicates, Some(&days.join(", "))).await?
-    else {
+    let Some(touched) = expand(catalog, &seed_list, true, false).await? else {
         return Ok(None);
     };
-    // Column 2 of KEY_COLUMNS is event_date.
-    let mut write: BTreeSet<i32> = dates_of(&touched, 2);
+    let mut write = touched.dates;
     write.extend(seed_list);
     let write: Vec<i32> = write.into_iter().collect();
-    let pred = reelhouse_lake::dates_predicate("event_date", &write);
-    let Some(read) = expand(catalog, &pred, has_duplicates, None).await? else {
+    let Some(read) = expand(catalog, &write, false, true).await? else {
         return Ok(None);
     };
-    register(read)?;
+    register(read.ids)?;
     Ok(Some(write))
 }
 

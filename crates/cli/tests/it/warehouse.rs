@@ -628,7 +628,7 @@ async fn incremental_rebuilds_equal_a_full_rebuild() {
         let incremental = snapshot(&u).await;
 
         // A late trickle: one unlike, a day after the oldest like of the same (user, video),
-        // in a session of its own (so only the like key links it to the like's date).
+        // in a session of its own (so only the like key links it to the like's date)…
         let liked = sql(
             &u,
             "SELECT user_id, video_id, creator_id, CAST(event_time AS BIGINT) / 1000 \
@@ -641,8 +641,28 @@ async fn incremental_rebuilds_equal_a_full_rebuild() {
              \"user_id\":{user},\"video_id\":{video},\"creator_id\":{creator},\"session_id\":\"late-s-{seed}\"}}",
             t.as_i64().unwrap() + DAY
         );
-        let (status, v) = post(&u, "/v1/events", late.clone(), "application/x-ndjson").await;
-        assert_eq!((status, &v["accepted"]), (200, &Value::from(1)), "{v}");
+        // And a comment three days after the start of a session that began four days after
+        // that like: only a search beyond the dates near the new events finds its start.
+        let oldest = sql(
+            &u,
+            &format!(
+                "SELECT session_id, user_id, CAST(start_time AS BIGINT) / 1000 \
+                 FROM fact_session WHERE CAST(start_time AS BIGINT) / 1000 >= {} \
+                 ORDER BY start_time, session_id LIMIT 1",
+                t.as_i64().unwrap() + 4 * DAY
+            ),
+        )
+        .await;
+        let (session, s_user, s_start) = (&oldest[0][0], &oldest[0][1], &oldest[0][2]);
+        let far = format!(
+            "{{\"event_id\":\"far-{seed}\",\"event_type\":\"comment\",\"event_time\":{},\
+             \"user_id\":{s_user},\"video_id\":{video},\"creator_id\":{creator},\
+             \"session_id\":{session},\"props\":{{\"comment_id\":\"far-c-{seed}\"}}}}",
+            s_start.as_i64().unwrap() + 3 * DAY
+        );
+        let body = format!("{late}\n{far}\n");
+        let (status, v) = post(&u, "/v1/events", body, "application/x-ndjson").await;
+        assert_eq!((status, &v["accepted"]), (200, &Value::from(2)), "{v}");
         let r = rebuild(&u, false).await;
         assert_eq!(r["mode"], "incremental", "{r}");
         let dates = r["dates"].as_array().unwrap().len();
@@ -655,6 +675,7 @@ async fn incremental_rebuilds_equal_a_full_rebuild() {
         );
         let mut with_late = evs.clone();
         with_late.push(parse_event(late.as_bytes()).unwrap());
+        with_late.push(parse_event(far.as_bytes()).unwrap());
         check(&u, &with_late).await;
         let after_trickle = snapshot(&u).await;
         assert_ne!(after_trickle, incremental, "the unlike changed something");
@@ -674,4 +695,54 @@ async fn incremental_rebuilds_equal_a_full_rebuild() {
         }
         server.shutdown().await.unwrap();
     }
+}
+
+/// A session's new event days after its start (nothing else links the two dates): the
+/// incremental rebuild must find the session's start beyond the neighbouring dates and
+/// rewrite its row, as a full rebuild does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_rebuild_finds_a_session_days_away() {
+    let now = 1_795_176_000_000; // 2026-11-20T12:00:00Z
+    let day0 = now - 10 * DAY;
+    let ev = |id: &str, ty: &str, t: i64, user: u64, session: &str, extra: &str| {
+        format!(
+            "{{\"event_id\":\"{id}\",\"event_type\":\"{ty}\",\"event_time\":{t},\"user_id\":{user},\
+             \"session_id\":\"{session}\",\"video_id\":50,\"creator_id\":7{extra}}}"
+        )
+    };
+    let view = ",\"view_id\":\"v1\",\"props\":{\"watch_ms\":4000,\"video_duration_ms\":8000}";
+    let first = [
+        ev("a1", "session_start", day0, 1, "s1", ""),
+        ev("a2", "video_view_start", day0 + 60_000, 1, "s1", view),
+        ev("a3", "video_view_end", day0 + 120_000, 1, "s1", view),
+        ev("b1", "session_start", day0 + 5 * DAY, 2, "s2", ""),
+        ev("b2", "like", day0 + 5 * DAY + 60_000, 2, "s2", ""),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let server = crate::common::start_at(dir.path(), now).await;
+    let u = url(&server);
+    ingest(&u, &first).await;
+    assert_eq!(rebuild(&u, false).await["mode"], "full");
+    let far = ev(
+        "a4",
+        "comment",
+        day0 + 5 * DAY + 120_000,
+        1,
+        "s1",
+        ",\"props\":{\"comment_id\":\"c1\"}",
+    );
+    ingest(&u, &[far]).await;
+    let r = rebuild(&u, false).await;
+    assert_eq!(r["mode"], "incremental", "{r}");
+    let rows = sql(
+        &u,
+        "SELECT comments, CAST(event_date AS VARCHAR) FROM fact_session WHERE session_id = 's1'",
+    )
+    .await;
+    assert_eq!(rows.len(), 1, "one row for the session: {rows:?}");
+    assert_eq!(rows[0][0], 1, "the late comment counts in its session");
+    let incremental = snapshot(&u).await;
+    assert_eq!(rebuild(&u, true).await["mode"], "full");
+    assert_eq!(incremental, snapshot(&u).await);
+    server.shutdown().await.unwrap();
 }
