@@ -38,6 +38,25 @@ fn objects(r: reelhouse_lake::query::JsonResult) -> Vec<Value> {
         .collect()
 }
 
+/// The `limit` largest cascades whose `column` (`video_id` or `creator_id`) is `id`.
+async fn largest(
+    c: &reelhouse_lake::query::Catalog,
+    column: &str,
+    id: i64,
+    limit: usize,
+) -> Result<Vec<Value>, ApiError> {
+    Ok(objects(
+        c.query_json(
+            &format!(
+                "SELECT * FROM share_cascade WHERE {column} = {id} \
+                 ORDER BY size DESC, structural_virality DESC, root_share_id LIMIT {limit}"
+            ),
+            limit,
+        )
+        .await?,
+    ))
+}
+
 async fn has_cascades(s: &AppState) -> Result<Option<reelhouse_lake::query::Catalog>, ApiError> {
     let catalog = s.ingestor.catalog().await?;
     let ok = catalog
@@ -55,16 +74,7 @@ pub(crate) async fn get_video_cascades(
     let id = crate::features::parse_id("video", &id)?;
     let limit = crate::dashboard::limit_param(&q, 20, MAX_LIMIT)?;
     let cascades = match has_cascades(&s).await? {
-        Some(c) => objects(
-            c.query_json(
-                &format!(
-                    "SELECT * FROM share_cascade WHERE video_id = {id} \
-                     ORDER BY size DESC, structural_virality DESC, root_share_id LIMIT {limit}"
-                ),
-                limit,
-            )
-            .await?,
-        ),
+        Some(c) => largest(&c, "video_id", id as i64, limit).await?,
         None => Vec::new(),
     };
     Ok(Json(json!({"video_id": id, "cascades": cascades})).into_response())
@@ -128,16 +138,7 @@ pub(crate) async fn get_creator_cascades(
     let limit = crate::dashboard::limit_param(&q, 5, 50)?;
     let mut cascades = Vec::new();
     if let Some(c) = has_cascades(&s).await? {
-        let heads = objects(
-            c.query_json(
-                &format!(
-                    "SELECT * FROM share_cascade WHERE creator_id = {id} \
-                     ORDER BY size DESC, structural_virality DESC, root_share_id LIMIT {limit}"
-                ),
-                limit,
-            )
-            .await?,
-        );
+        let heads = largest(&c, "creator_id", id, limit).await?;
         for mut head in heads {
             let root = head["root_share_id"]
                 .as_str()

@@ -79,22 +79,7 @@ async fn dashboard_page_renders_the_api_numbers_for_its_creator_only() {
     // rewritten before the server starts, so creator ids come from a first open server).
     let open = reelhouse_server::start(config.clone()).await.unwrap();
     let u = format!("http://{}", open.addr);
-    let http = reqwest::Client::new();
-    for body in w.bodies(5_000) {
-        let r = http
-            .post(format!("{u}/v1/events"))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
-    let r = http
-        .post(format!("{u}/v1/admin/materialize"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    crate::common::load_and_materialize(&u, None, w.bodies(5_000)).await;
     let busiest = crate::common::sql(
         &u,
         "SELECT creator_id FROM agg_creator_daily GROUP BY 1 ORDER BY sum(views) DESC, 1 LIMIT 1",
@@ -113,6 +98,7 @@ async fn dashboard_page_renders_the_api_numbers_for_its_creator_only() {
     );
     let server = reelhouse_server::start(config).await.unwrap();
     let u = format!("http://{}", server.addr);
+    let http = reqwest::Client::new();
     let range = "from=2026-08-23&to=2026-11-20";
     let dash = api(
         &http,

@@ -135,3 +135,27 @@ pub fn write_tokens(dir: &Path, roles: &[(&str, &str)]) -> Arc<reelhouse_server:
     std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
     Arc::new(Tokens::load(&path).unwrap())
 }
+
+/// POSTs every body as NDJSON events and then a materialization, with `token` when given;
+/// each must answer 200.
+pub async fn load_and_materialize(u: &str, token: Option<&str>, bodies: Vec<Vec<u8>>) {
+    let http = reqwest::Client::new();
+    let auth = |r: reqwest::RequestBuilder| match token {
+        Some(t) => r.bearer_auth(t),
+        None => r,
+    };
+    for body in bodies {
+        let r = auth(http.post(format!("{u}/v1/events")))
+            .header("content-type", "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = auth(http.post(format!("{u}/v1/admin/materialize")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -104,24 +104,7 @@ async fn psql_gets_the_same_rows_as_http_and_writes_are_refused() {
 
     let now = chrono::Utc::now().timestamp_millis();
     let w = generate(&WorkloadConfig::new(15_000, 91, now));
-    for body in w.bodies(5_000) {
-        let r = http
-            .post(format!("{u}/v1/events"))
-            .bearer_auth("pg-admin")
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
-    let r = http
-        .post(format!("{u}/v1/admin/materialize"))
-        .bearer_auth("pg-admin")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    crate::common::load_and_materialize(&u, Some("pg-admin"), w.bodies(5_000)).await;
 
     let queries = readme_queries();
     assert!(queries.len() >= 5, "README examples: {queries:?}");
