@@ -971,6 +971,27 @@ impl Ingestor {
         Ok((Catalog::with_derived(parts, derived).await?, dirty))
     }
 
+    /// The next rebuild recomputes `days` (and the dates they affect) besides the dates already
+    /// dirty: rows were deleted there (erasure, anonymization). Until that rebuild has run the
+    /// durable state says "full", so a crash before it leads to a full rebuild.
+    pub(crate) fn dirty_after_deletion(&self, days: &[i32]) -> Result<(), IngestError> {
+        {
+            let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
+            late.materialized_at_ms = None;
+            late.save(self.lake.root())?;
+        }
+        if let Some(d) = self
+            .view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dirty
+            .as_mut()
+        {
+            d.extend(days);
+        }
+        Ok(())
+    }
+
     /// The next rebuild recomputes every date (after deletions: retention, erasure). Durable,
     /// so a crash before that rebuild still leads to a full one.
     pub(crate) fn force_full_rebuild(&self) -> Result<(), IngestError> {

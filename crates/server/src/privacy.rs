@@ -346,9 +346,25 @@ impl Ingestor {
         let wal_segments_left = reelhouse_wal::list_segments(&self.data_dir().join("_wal"))
             .map(|s| s.len())
             .unwrap_or(0);
-        // Every date of the user changes: the rebuild below must be a full one, even after a
-        // crash and resume.
-        self.force_full_rebuild()?;
+        // The rebuild below recomputes the user's dates (and what they affect); until it has
+        // run, a crash and resume leads to a full one.
+        let days: Vec<i32> = {
+            let catalog = self.catalog().await?;
+            let b = catalog
+                .query(&format!(
+                    "SELECT DISTINCT CAST(event_date AS INT) FROM events WHERE user_id = {user}"
+                ))
+                .await?;
+            let mut d = Vec::new();
+            for b in &b {
+                use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
+                use reelhouse_lake::deltalake::arrow::datatypes::Int32Type;
+                let c = b.column(0).as_primitive::<Int32Type>();
+                d.extend((0..c.len()).filter(|i| !c.is_null(*i)).map(|i| c.value(i)));
+            }
+            d
+        };
+        self.dirty_after_deletion(&days)?;
         // Nothing else writes these tables meanwhile (vacuum removes unreferenced files).
         let _flush = self.flush_lock.lock().await;
         let _mat = self.materialize_lock.lock().await;
@@ -449,6 +465,8 @@ impl Ingestor {
             "online_store": online,
             "wal_segments_after": wal_segments_left,
             "warehouse_rebuilt_ms": report.elapsed_ms,
+            "warehouse_rebuild": report.mode,
+            "warehouse_dates_rebuilt": report.dates.as_ref().map(Vec::len),
         }))
     }
 
