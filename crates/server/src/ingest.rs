@@ -401,6 +401,31 @@ fn note_dates(dirty: &mut std::collections::BTreeSet<i32>, events: &RecordBatch)
     }
 }
 
+/// The `event_date`s of events received at or after `t` minus [`RESTART_DIRTY_MARGIN_MS`].
+async fn days_received_since(catalog: &Catalog, t: i64) -> Result<Vec<i32>, IngestError> {
+    let from = t - RESTART_DIRTY_MARGIN_MS;
+    let b = catalog
+        .query(&format!(
+            "SELECT DISTINCT CAST(event_date AS INT) FROM events \
+             WHERE CAST(received_at AS BIGINT) >= {from} * 1000"
+        ))
+        .await?;
+    Ok(days_in(&b))
+}
+
+/// The integers of the first column of `batches` (days since epoch), nulls skipped.
+pub(crate) fn days_in(batches: &[RecordBatch]) -> Vec<i32> {
+    use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
+    use reelhouse_lake::deltalake::arrow::datatypes::Int32Type;
+    let mut d = Vec::new();
+    for b in batches {
+        if let Some(c) = b.column(0).as_primitive_opt::<Int32Type>() {
+            d.extend((0..c.len()).filter(|i| !c.is_null(*i)).map(|i| c.value(i)));
+        }
+    }
+    d
+}
+
 /// How far back from the last rebuild's snapshot the events' `received_at` is searched for
 /// dirty dates after a restart (an event gets `received_at` when parsed and becomes visible
 /// a little later).
@@ -974,7 +999,29 @@ impl Ingestor {
     /// The next rebuild recomputes `days` (and the dates they affect) besides the dates already
     /// dirty: rows were deleted there (erasure, anonymization). Until that rebuild has run the
     /// durable state says "full", so a crash before it leads to a full rebuild.
-    pub(crate) fn dirty_after_deletion(&self, days: &[i32]) -> Result<(), IngestError> {
+    pub(crate) async fn dirty_after_deletion(&self, days: &[i32]) -> Result<(), IngestError> {
+        let since = self
+            .late
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .materialized_at_ms;
+        // Just started (no dirty set in memory) but the last rebuild is known: start noting
+        // dates now, then add those received since that rebuild, so nothing falls between.
+        let restore = {
+            let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+            match (&v.dirty, since) {
+                (None, Some(_)) => {
+                    v.dirty = Some(Default::default());
+                    since
+                }
+                _ => None,
+            }
+        };
+        let mut extra = days.to_vec();
+        if let Some(t) = restore {
+            let catalog = self.catalog().await?;
+            extra.extend(days_received_since(&catalog, t).await?);
+        }
         {
             let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
             late.materialized_at_ms = None;
@@ -987,7 +1034,7 @@ impl Ingestor {
             .dirty
             .as_mut()
         {
-            d.extend(days);
+            d.extend(extra);
         }
         Ok(())
     }
@@ -1099,23 +1146,7 @@ impl Ingestor {
             .materialized_at_ms;
         let dirty = match (dirty, since) {
             (Some(d), _) => Some(d),
-            (None, Some(t)) => {
-                let from = t - RESTART_DIRTY_MARGIN_MS;
-                let b = catalog
-                    .query(&format!(
-                        "SELECT DISTINCT CAST(event_date AS INT) FROM events \
-                         WHERE CAST(received_at AS BIGINT) >= {from} * 1000"
-                    ))
-                    .await?;
-                let mut d = Vec::new();
-                for b in &b {
-                    use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
-                    use reelhouse_lake::deltalake::arrow::datatypes::Int32Type;
-                    let c = b.column(0).as_primitive::<Int32Type>();
-                    d.extend((0..c.len()).filter(|i| !c.is_null(*i)).map(|i| c.value(i)));
-                }
-                Some(d)
-            }
+            (None, Some(t)) => Some(days_received_since(&catalog, t).await?),
             (None, None) => None,
         };
         let current = {

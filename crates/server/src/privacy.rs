@@ -355,16 +355,9 @@ impl Ingestor {
                     "SELECT DISTINCT CAST(event_date AS INT) FROM events WHERE user_id = {user}"
                 ))
                 .await?;
-            let mut d = Vec::new();
-            for b in &b {
-                use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
-                use reelhouse_lake::deltalake::arrow::datatypes::Int32Type;
-                let c = b.column(0).as_primitive::<Int32Type>();
-                d.extend((0..c.len()).filter(|i| !c.is_null(*i)).map(|i| c.value(i)));
-            }
-            d
+            crate::ingest::days_in(&b)
         };
-        self.dirty_after_deletion(&days)?;
+        self.dirty_after_deletion(&days).await?;
         // Nothing else writes these tables meanwhile (vacuum removes unreferenced files).
         let _flush = self.flush_lock.lock().await;
         let _mat = self.materialize_lock.lock().await;
