@@ -10,6 +10,8 @@
 //!  POST /v1/sql    ─▶ read-only gate (400) ─▶ Catalog (Delta ∪ pending) ─▶ {"columns","rows"}
 //!  GET  /v1/health ─▶ counters
 //!  GET  /v1/features/… ─▶ in-process feature store (see [`features`])
+//!  GET  /              ─▶ the web creator dashboard (static page over the creator endpoints)
+//!  --pg-listen         ─▶ the same read-only SQL over the Postgres wire protocol (see [`pg`])
 //! ```
 
 pub mod auth;
