@@ -11,10 +11,11 @@
 //! |---|---|
 //! | `admin` | everything |
 //! | `ingest` | `POST /v1/events` |
-//! | `analyst` | SQL, dashboards, features, cascades, lateness |
+//! | `analyst` | SQL, dashboards, features, cascades, lateness, `/metrics` |
 //! | `creator:<id>` | `GET /v1/creators/<id>/{dashboard,videos,cascades}` (their own only) |
 //!
-//! Every role may read `GET /v1/health`. The tokens file is JSON:
+//! Every role may read `GET /v1/health`; `GET /`, `/v1/health/live` and `/v1/health/ready` need
+//! no token (they hold no data). The tokens file is JSON:
 //! `{"tokens":[{"name":"…","sha256":"<hex of sha256(token)>","role":"analyst"}]}`;
 //! `reelhouse token add` writes entries and prints the token once.
 
@@ -131,6 +132,7 @@ pub fn allowed(role: &Role, method: &Method, path: &str) -> bool {
                 | ("GET", ["v1", "videos", _, "cascades"])
                 | ("GET", ["v1", "cascades", _])
                 | ("GET", ["v1", "ingest", "lateness"])
+                | ("GET", ["metrics"])
         ),
         Role::Creator(id) => matches!(
             (method.as_str(), seg.as_slice()),
@@ -146,8 +148,14 @@ pub async fn check(
     req: Request,
     next: Next,
 ) -> Response {
-    // The dashboard page is static and holds no data; its API calls carry the token.
-    if tokens.is_empty() || (req.method() == Method::GET && req.uri().path() == "/") {
+    // The dashboard page is static and holds no data; its API calls carry the token. Probes
+    // (liveness, readiness) hold no data either.
+    let public = req.method() == Method::GET
+        && matches!(
+            req.uri().path(),
+            "/" | "/v1/health/live" | "/v1/health/ready"
+        );
+    if tokens.is_empty() || public {
         return next.run(req).await;
     }
     let bearer = req

@@ -198,6 +198,23 @@ pub struct IngestStats {
     pub erased_dropped: u64,
 }
 
+/// What the materializer has done, for `/metrics`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MaterializerStats {
+    pub runs: u64,
+    pub failures: u64,
+    /// Duration of the last successful rebuild.
+    pub last_ms: u64,
+    /// Dates it rewrote; -1 for a full rebuild.
+    pub last_dates: i64,
+    /// When it finished (clock ms; 0: none yet).
+    pub last_at_ms: i64,
+    /// Events accepted since the last rebuild started.
+    pub events_behind: u64,
+    /// Dates waiting for the next rebuild; -1 when unknown (the next one is full).
+    pub dirty_dates: i64,
+}
+
 /// The u128 is already a good hash; use its low bits directly.
 #[derive(Default)]
 struct IdHasher(u64);
@@ -454,6 +471,8 @@ pub struct Ingestor {
     replayed: u64,
     /// Accepted-event count at the start of the last materialization (dirty check).
     materialized_at: AtomicU64,
+    /// The materializer's record for `/metrics`.
+    rebuilds: Mutex<MaterializerStats>,
     pub(crate) materialize_lock: tokio::sync::Mutex<()>,
     /// Forget requests, tombstones and their state file.
     pub(crate) privacy: crate::privacy::Privacy,
@@ -670,6 +689,7 @@ impl Ingestor {
             flushes: AtomicU64::new(0),
             replayed,
             materialized_at: AtomicU64::new(0),
+            rebuilds: Mutex::new(MaterializerStats::default()),
             materialize_lock: tokio::sync::Mutex::new(()),
             dim_upserts: AtomicU64::new(0),
             privacy: crate::privacy::Privacy::open(&lake_root)?,
@@ -864,6 +884,38 @@ impl Ingestor {
         }
         let out = rx.recv().map_err(|_| IngestError::ShuttingDown)?;
         Ok((seg, out))
+    }
+
+    /// The materializer's record and the current lag, for `/metrics`.
+    pub fn materializer_stats(&self) -> MaterializerStats {
+        let mut m = self
+            .rebuilds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        m.events_behind = self
+            .change_count()
+            .saturating_sub(self.materialized_at.load(Ordering::Relaxed));
+        m.dirty_dates = self
+            .view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dirty
+            .as_ref()
+            .map_or(-1, |d| d.len() as i64);
+        m
+    }
+
+    /// `Ok` when this process can take events: the WAL writer runs and the buffer of rows not
+    /// yet in Delta has room; otherwise why not.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.wal.stats().is_err() {
+            return Err("the write-ahead log is closed");
+        }
+        if self.pending_rows() >= self.config.max_pending_rows {
+            return Err("the buffer of rows not yet committed to Delta is full");
+        }
+        Ok(())
     }
 
     /// Rows durable in the WAL but not yet in Delta.
@@ -1122,6 +1174,18 @@ impl Ingestor {
             }
         };
         let result = self.materialize_with(catalog, dirty, now).await;
+        {
+            let mut r = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
+            match &result {
+                Ok(rep) => {
+                    r.runs += 1;
+                    r.last_ms = rep.elapsed_ms;
+                    r.last_dates = rep.dates.as_ref().map_or(-1, |d| d.len() as i64);
+                    r.last_at_ms = self.config.clock.now_ms();
+                }
+                Err(_) => r.failures += 1,
+            }
+        }
         if result.is_err() {
             // The taken dates were not rebuilt: rebuild everything next time.
             self.view.lock().unwrap_or_else(|p| p.into_inner()).dirty = None;

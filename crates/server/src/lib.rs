@@ -20,6 +20,7 @@ pub mod dashboard;
 pub mod features;
 pub mod ingest;
 pub mod lateness;
+pub mod metrics;
 pub mod pg;
 pub mod privacy;
 
@@ -174,6 +175,8 @@ pub struct AppState {
     inflight: Arc<Semaphore>,
     max_body_bytes: usize,
     max_sql_rows: usize,
+    /// Feature-lookup latency, for `/metrics`.
+    lookups: Arc<metrics::Histogram>,
 }
 
 /// The API routes.
@@ -192,13 +195,23 @@ pub fn router(state: AppState) -> Router {
             "/v1/creators/{id}/cascades",
             get(cascades::get_creator_cascades),
         )
-        .route("/v1/features/videos/{id}", get(features::get_video))
-        .route(
-            "/v1/features/videos:batch",
-            post(features::post_video_batch),
+        .merge(
+            Router::new()
+                .route("/v1/features/videos/{id}", get(features::get_video))
+                .route(
+                    "/v1/features/videos:batch",
+                    post(features::post_video_batch),
+                )
+                .route("/v1/features/users/{id}", get(features::get_user))
+                .route("/v1/features/creators/{id}", get(features::get_creator))
+                .route_layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    metrics::time_lookups,
+                )),
         )
-        .route("/v1/features/users/{id}", get(features::get_user))
-        .route("/v1/features/creators/{id}", get(features::get_creator))
+        .route("/metrics", get(metrics::get_metrics))
+        .route("/v1/health/live", get(metrics::live))
+        .route("/v1/health/ready", get(metrics::ready))
         .route("/v1/admin/check", get(features::get_check))
         .route(
             "/v1/videos/{id}/cascades",
@@ -488,6 +501,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         inflight: Arc::new(Semaphore::new(config.max_inflight)),
         max_body_bytes: config.max_body_bytes,
         max_sql_rows: config.max_sql_rows,
+        lookups: Arc::new(metrics::Histogram::default()),
     };
     let (stop, rx) = watch::channel(false);
     let mut http_stop = rx.clone();

@@ -8,6 +8,7 @@ mod crash;
 mod dims;
 mod features;
 mod ingest_http;
+mod ops;
 mod outside_reader;
 mod pg;
 mod privacy;

@@ -115,6 +115,12 @@ async fn tokens_and_roles_gate_every_endpoint() {
             vec![admin, analyst],
         ),
         (
+            "GET",
+            "/metrics".into(),
+            String::new(),
+            vec![admin, analyst],
+        ),
+        (
             "POST",
             "/v1/admin/materialize".into(),
             String::new(),
@@ -202,9 +208,12 @@ async fn tokens_and_roles_gate_every_endpoint() {
         .starts_with("text/html"));
     let page = r.text().await.unwrap();
     assert!(page.contains("/v1/creators/") && page.contains("dashboard"));
-    // Health is readable by every role.
+    // Health is readable by every role; the probes need no token.
     let (status, _) = call(&u, "GET", "/v1/health", Some(creator), "").await;
     assert_eq!(status, 200);
+    for probe in ["/v1/health/live", "/v1/health/ready"] {
+        assert_eq!(call(&u, "GET", probe, None, "").await.0, 200, "{probe}");
+    }
     server.shutdown().await.unwrap();
 }
 
