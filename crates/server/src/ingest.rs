@@ -427,20 +427,7 @@ async fn days_received_since(catalog: &Catalog, t: i64) -> Result<Vec<i32>, Inge
              WHERE CAST(received_at AS BIGINT) >= {from} * 1000"
         ))
         .await?;
-    Ok(days_in(&b))
-}
-
-/// The integers of the first column of `batches` (days since epoch), nulls skipped.
-pub(crate) fn days_in(batches: &[RecordBatch]) -> Vec<i32> {
-    use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
-    use reelhouse_lake::deltalake::arrow::datatypes::Int32Type;
-    let mut d = Vec::new();
-    for b in batches {
-        if let Some(c) = b.column(0).as_primitive_opt::<Int32Type>() {
-            d.extend((0..c.len()).filter(|i| !c.is_null(*i)).map(|i| c.value(i)));
-        }
-    }
-    d
+    Ok(reelhouse_warehouse::ints_of(&b).into_iter().collect())
 }
 
 /// How far back from the last rebuild's snapshot the events' `received_at` is searched for

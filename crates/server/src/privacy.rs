@@ -355,7 +355,7 @@ impl Ingestor {
                     "SELECT DISTINCT CAST(event_date AS INT) FROM events WHERE user_id = {user}"
                 ))
                 .await?;
-            crate::ingest::days_in(&b)
+            reelhouse_warehouse::ints_of(&b).into_iter().collect()
         };
         self.dirty_after_deletion(&days).await?;
         // Nothing else writes these tables meanwhile (vacuum removes unreferenced files).

@@ -92,8 +92,8 @@ const REBUILD_EVENTS: &str = "__rebuild_events";
 /// Rounds of the view/session closure in [`expand`] before giving up (full rebuild).
 const MAX_CLOSURE_ROUNDS: usize = 8;
 
-/// Integers from the first column of `batches` (cast), nulls skipped.
-fn ints_of(batches: &[RecordBatch]) -> std::collections::BTreeSet<i32> {
+/// Integers from the first column of `batches` (cast; e.g. days since epoch), nulls skipped.
+pub fn ints_of(batches: &[RecordBatch]) -> std::collections::BTreeSet<i32> {
     use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
     use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Int32Type};
     let mut out = std::collections::BTreeSet::new();
