@@ -16,7 +16,10 @@
 //! types map to the nearest Postgres type (integers to `int2/4/8`, floats and decimals to
 //! `float4/8`, dates, timestamps with and without time zone, `bytea`, everything else `text`
 //! in its display form). Rows stream batch by batch, so there is no row limit as over HTTP.
-//! Bind parameters (`$1`) are refused with `0A000`: BI tools inline their values.
+//! Bind parameters (`$1`) are refused with `0A000`: BI tools inline their values. The catalog
+//! questions drivers ask on connect (`version()`, `current_schema()`, a few `SHOW`s, lookups in
+//! `pg_catalog`) get fixed answers or no rows ([`compat_answer`]); `pg_catalog` itself is not
+//! emulated, so schema browsers see no tables.
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
@@ -271,6 +274,71 @@ fn session_command(sql: &str) -> Option<&'static str> {
     })
 }
 
+/// Catalog questions that drivers and BI tools ask on connect (SQLAlchemy, hence Superset;
+/// JDBC): `version()`, `current_schema()`, a few `SHOW`s, and lookups in `pg_catalog`
+/// (`pg_type`, `pg_namespace`, …), which this server does not emulate. Answered with a fixed
+/// row, or with no rows, so the connection proceeds; `None` for everything else.
+fn compat_answer(sql: &str) -> Option<(Vec<&'static str>, Vec<String>)> {
+    let q = sql
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_end_matches(';')
+        .to_ascii_lowercase();
+    let one = |col: &'static str, v: &str| Some((vec![col], vec![v.to_string()]));
+    match q.as_str() {
+        "select version()" | "select pg_catalog.version()" => one(
+            "version",
+            &format!(
+                "PostgreSQL 16.0 (reelhouse {}, read-only)",
+                env!("CARGO_PKG_VERSION")
+            ),
+        ),
+        "select current_schema()" | "select pg_catalog.current_schema()" => {
+            one("current_schema", "public")
+        }
+        "select current_database()" => one("current_database", "reelhouse"),
+        "show transaction isolation level" => one("transaction_isolation", "read committed"),
+        "show standard_conforming_strings" => one("standard_conforming_strings", "on"),
+        "show server_version" => one("server_version", "16.0"),
+        _ if q.contains("pg_catalog.") || q.contains("pg_type") || q.contains("pg_namespace") => {
+            Some((Vec::new(), Vec::new()))
+        }
+        _ => None,
+    }
+}
+
+fn compat_response(cols: Vec<&'static str>, values: Vec<String>) -> Response {
+    let fields: Arc<Vec<FieldInfo>> = Arc::new(
+        cols.iter()
+            .map(|c| {
+                FieldInfo::new(
+                    c.to_string(),
+                    None,
+                    None,
+                    Type::TEXT,
+                    pgwire::api::results::FieldFormat::Text,
+                )
+            })
+            .collect(),
+    );
+    let rows = if cols.is_empty() {
+        Vec::new()
+    } else {
+        let mut enc = DataRowEncoder::new(Arc::clone(&fields));
+        let mut ok = true;
+        for v in &values {
+            ok &= enc.encode_field(&v.as_str()).is_ok();
+        }
+        if ok {
+            vec![Ok(enc.take_row())]
+        } else {
+            Vec::new()
+        }
+    };
+    Response::Query(QueryResponse::new(fields, stream::iter(rows)))
+}
+
 fn session_response(tag: &str) -> Response {
     match tag {
         "BEGIN" => Response::TransactionStart(Tag::new(tag)),
@@ -306,6 +374,9 @@ impl Backend {
         if let Some(tag) = session_command(sql) {
             return Ok(session_response(tag));
         }
+        if let Some((cols, values)) = compat_answer(sql) {
+            return Ok(compat_response(cols, values));
+        }
         let df = self.plan(sql).await?;
         let fields = Arc::new(fields(df.schema().as_arrow(), format));
         let batches = df.execute_stream().await.map_err(|e| sql_error(e.into()))?;
@@ -324,6 +395,15 @@ impl Backend {
     async fn describe(&self, sql: &str, format: &Format) -> PgWireResult<Vec<FieldInfo>> {
         if session_command(sql).is_some() {
             return Ok(Vec::new());
+        }
+        if let Some((cols, _)) = compat_answer(sql) {
+            return Ok(cols
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    FieldInfo::new(c.to_string(), None, None, Type::TEXT, format.format_for(i))
+                })
+                .collect());
         }
         let df = self.plan(sql).await?;
         Ok(fields(df.schema().as_arrow(), format))
@@ -552,6 +632,26 @@ mod tests {
         assert_eq!(session_command("SELECT 1"), None);
         assert_eq!(session_command("INSERT INTO events VALUES (1)"), None);
         assert_eq!(session_command(""), None);
+    }
+
+    #[test]
+    fn connect_time_catalog_questions_get_fixed_answers() {
+        assert_eq!(
+            compat_answer("select pg_catalog.version()").unwrap().0,
+            vec!["version"]
+        );
+        assert_eq!(
+            compat_answer("SHOW  transaction isolation level;")
+                .unwrap()
+                .1,
+            vec!["read committed".to_string()]
+        );
+        assert!(compat_answer("SELECT typname FROM pg_type WHERE false")
+            .unwrap()
+            .0
+            .is_empty());
+        assert!(compat_answer("SELECT count(*) FROM events").is_none());
+        assert!(compat_answer("DELETE FROM events").is_none());
     }
 
     #[test]

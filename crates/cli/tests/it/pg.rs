@@ -141,6 +141,18 @@ async fn psql_gets_the_same_rows_as_http_and_writes_are_refused() {
         w.manifest.valid_unique
     );
 
+    // What drivers ask on connect (SQLAlchemy, hence Superset) gets an answer.
+    let (ok, out, err) = psql.run("pg-analyst", "select pg_catalog.version()");
+    assert!(ok && out.contains("reelhouse"), "{err}");
+    let (ok, out, err) = psql.run("pg-analyst", "show transaction isolation level");
+    assert!(ok && out.trim() == "read committed", "{err}");
+    let (ok, out, _) = psql.run(
+        "pg-analyst",
+        "SELECT t.oid, typarray FROM pg_type t JOIN pg_namespace ns ON typnamespace = ns.oid \
+         WHERE typname = 'hstore'",
+    );
+    assert!(ok && out.trim().is_empty());
+
     // Writes and DDL: SQLSTATE 25006, and nothing changed.
     for q in [
         "DELETE FROM events",
