@@ -489,7 +489,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     })?;
     let pg_listener = match config.pg_listen {
         Some(a) => Some(
-            pg::bind(a)
+            tokio::net::TcpListener::bind(a)
                 .await
                 .map_err(|source| StartError::Listen { addr: a, source })?,
         ),

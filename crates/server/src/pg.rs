@@ -22,7 +22,6 @@
 //! emulated, so schema browsers see no tables.
 
 use std::fmt::Debug;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -91,11 +90,6 @@ pub fn spawn(
     })
 }
 
-/// Binds the Postgres listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
-}
-
 struct Handlers {
     backend: Arc<Backend>,
     startup: Arc<TokenStartup>,
@@ -115,20 +109,21 @@ impl PgWireServerHandlers for Handlers {
     }
 }
 
-fn user_error(code: &str, message: impl Into<String>) -> PgWireError {
+/// An error with a SQLSTATE; `FATAL` ends the connection (login), `ERROR` only the statement.
+fn pg_error(severity: &str, code: &str, message: impl Into<String>) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new(
-        "ERROR".to_owned(),
+        severity.to_owned(),
         code.to_owned(),
         message.into(),
     )))
 }
 
+fn user_error(code: &str, message: impl Into<String>) -> PgWireError {
+    pg_error("ERROR", code, message)
+}
+
 fn fatal(code: &str, message: impl Into<String>) -> PgWireError {
-    PgWireError::UserError(Box::new(ErrorInfo::new(
-        "FATAL".to_owned(),
-        code.to_owned(),
-        message.into(),
-    )))
+    pg_error("FATAL", code, message)
 }
 
 /// Checks the password as an API token; the identity is the token's role.
@@ -308,20 +303,16 @@ fn compat_answer(sql: &str) -> Option<(Vec<&'static str>, Vec<String>)> {
     }
 }
 
-fn compat_response(cols: Vec<&'static str>, values: Vec<String>) -> Response {
-    let fields: Arc<Vec<FieldInfo>> = Arc::new(
-        cols.iter()
-            .map(|c| {
-                FieldInfo::new(
-                    c.to_string(),
-                    None,
-                    None,
-                    Type::TEXT,
-                    pgwire::api::results::FieldFormat::Text,
-                )
-            })
-            .collect(),
-    );
+/// Text columns named `cols`, in the result formats the client asked for.
+fn text_fields(cols: &[&str], format: &Format) -> Vec<FieldInfo> {
+    cols.iter()
+        .enumerate()
+        .map(|(i, c)| FieldInfo::new(c.to_string(), None, None, Type::TEXT, format.format_for(i)))
+        .collect()
+}
+
+fn compat_response(cols: Vec<&'static str>, values: Vec<String>, format: &Format) -> Response {
+    let fields = Arc::new(text_fields(&cols, format));
     let rows = if cols.is_empty() {
         Vec::new()
     } else {
@@ -375,7 +366,7 @@ impl Backend {
             return Ok(session_response(tag));
         }
         if let Some((cols, values)) = compat_answer(sql) {
-            return Ok(compat_response(cols, values));
+            return Ok(compat_response(cols, values, format));
         }
         let df = self.plan(sql).await?;
         let fields = Arc::new(fields(df.schema().as_arrow(), format));
@@ -397,13 +388,7 @@ impl Backend {
             return Ok(Vec::new());
         }
         if let Some((cols, _)) = compat_answer(sql) {
-            return Ok(cols
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    FieldInfo::new(c.to_string(), None, None, Type::TEXT, format.format_for(i))
-                })
-                .collect());
+            return Ok(text_fields(&cols, format));
         }
         let df = self.plan(sql).await?;
         Ok(fields(df.schema().as_arrow(), format))
