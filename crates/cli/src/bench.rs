@@ -40,6 +40,9 @@ enum BenchCommand {
     /// Share-cascade metrics (roots, depths, structural virality) for one 1M-node cascade and
     /// for 100k small cascades.
     Cascades(CascadeBench),
+    /// Ingest rate, materializer catch-up and freshness through NATS JetStream with 1 and 2
+    /// ingest processes, beside one embedded node (needs the nats-server package).
+    Scaleout(crate::bench_scaleout::ScaleoutBench),
 }
 
 #[derive(Args)]
@@ -101,6 +104,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         BenchCommand::Materialize(b) => materialize(b).await,
         BenchCommand::Serve(b) => crate::bench_serve::serve(b).await,
         BenchCommand::Cascades(b) => cascades(b),
+        BenchCommand::Scaleout(b) => crate::bench_scaleout::scaleout(b).await,
     }
 }
 

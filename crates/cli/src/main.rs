@@ -5,6 +5,7 @@
 //! `bench` measures. Every flag also reads a `REELHOUSE_…` environment variable.
 
 mod bench;
+mod bench_scaleout;
 mod bench_serve;
 mod demo;
 mod send;
@@ -143,6 +144,26 @@ struct ServeArgs {
     /// for psql and BI tools; the password is an admin or analyst API token.
     #[arg(long, env = "REELHOUSE_PG_LISTEN")]
     pg_listen: Option<SocketAddr>,
+    /// What this process does: `all` (one node: local WAL, everything in-process), or one
+    /// part of a deployment with a shared --log: `ingest` (validate, dedup, append to the
+    /// log; no data directory), `materialize` (the one process that reads the log into the
+    /// Delta tables, runs the warehouse, features and privacy requests), `serve` (a read-only
+    /// API replica of the tables and features; run as many as needed). See docs/deploy.md.
+    #[arg(long, env = "REELHOUSE_ROLE", value_enum, default_value_t = Role::All)]
+    role: Role,
+    /// The shared log for --role ingest|materialize|serve: nats://HOST:PORT[/STREAM]
+    /// (NATS JetStream; the stream is created if missing, default name "reelhouse").
+    #[arg(long, env = "REELHOUSE_LOG")]
+    log: Option<String>,
+}
+
+/// `serve --role`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    All,
+    Ingest,
+    Materialize,
+    Serve,
 }
 
 #[derive(Args)]
@@ -393,9 +414,46 @@ async fn serve(a: ServeArgs) -> Result<()> {
         config.tokens =
             Arc::new(reelhouse_server::auth::Tokens::load(f).map_err(anyhow::Error::msg)?);
     }
+    let log = match (a.role, &a.log) {
+        (Role::All, None) => None,
+        (Role::All, Some(_)) => bail!(
+            "--log needs --role ingest, materialize or serve (--role all keeps its log in \
+             the data directory)"
+        ),
+        (_, None) => bail!("--role ingest, materialize and serve need --log nats://HOST:PORT"),
+        (_, Some(url)) => Some(Arc::<dyn reelhouse_log::EventLog>::from(
+            reelhouse_log::open(url).await?,
+        )),
+    };
+    if let (Role::Ingest, Some(log)) = (a.role, &log) {
+        if a.pg_listen.is_some() {
+            bail!("--pg-listen is served by --role serve or materialize, not by ingest nodes");
+        }
+        let node = reelhouse_server::start_ingest_node(config, Arc::clone(log)).await?;
+        println!(
+            "reelhouse ingest node on http://{} appending to {}",
+            node.addr,
+            log.describe()
+        );
+        wait_for_signal().await;
+        eprintln!("shutting down: finishing in-flight batches…");
+        node.shutdown().await;
+        return Ok(());
+    }
+    config.follow = log.map(|log| reelhouse_server::Follow {
+        log,
+        writer: a.role == Role::Materialize,
+        refresh_interval: Duration::from_secs(1),
+    });
     let server = reelhouse_server::start(config).await?;
+    let role = match a.role {
+        Role::All => "one node",
+        Role::Materialize => "materializer",
+        Role::Serve => "API replica",
+        Role::Ingest => "ingest node",
+    };
     println!(
-        "reelhouse serving http://{} (data dir {})",
+        "reelhouse serving http://{} as {role} (data dir {})",
         server.addr,
         a.data.data_dir.display()
     );

@@ -29,7 +29,17 @@ pub async fn send_all(
     clients: usize,
     progress: Arc<dyn Fn(u64) + Send + Sync>,
 ) -> Result<SendReport> {
-    let endpoint = format!("{url}/v1/events");
+    send_all_to(&[url.to_string()], bodies, clients, progress).await
+}
+
+/// [`send_all`] over several servers (e.g. ingest nodes): client `k` talks to `urls[k % n]`.
+pub async fn send_all_to(
+    urls: &[String],
+    bodies: Vec<(Bytes, usize)>,
+    clients: usize,
+    progress: Arc<dyn Fn(u64) + Send + Sync>,
+) -> Result<SendReport> {
+    anyhow::ensure!(!urls.is_empty(), "no server to send to");
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients)
         .timeout(Duration::from_secs(120))
@@ -38,14 +48,10 @@ pub async fn send_all(
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..clients.max(1) {
-        let (http, bodies, next, endpoint, progress) = (
-            http.clone(),
-            bodies.clone(),
-            next.clone(),
-            endpoint.clone(),
-            progress.clone(),
-        );
+    for k in 0..clients.max(1) {
+        let endpoint = format!("{}/v1/events", urls[k % urls.len()]);
+        let (http, bodies, next, progress) =
+            (http.clone(), bodies.clone(), next.clone(), progress.clone());
         tasks.push(tokio::spawn(async move {
             let mut r = SendReport::default();
             loop {

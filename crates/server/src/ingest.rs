@@ -33,10 +33,14 @@ use reelhouse_lake::schema::{decode_ipc, encode_ipc};
 use reelhouse_lake::{
     committed_segment, events_batch, quarantine_batch, Lake, QuarantineRow, RawTable,
 };
+use reelhouse_log::EventLog;
 use reelhouse_online::FeatureStore;
 use reelhouse_wal::{SegmentId, Wal};
 use serde::Serialize;
 use tokio::sync::oneshot;
+
+mod follow;
+pub(crate) use follow::encode_log_record;
 
 /// Tuning of the pipeline; the defaults suit one node.
 #[derive(Clone)]
@@ -130,6 +134,10 @@ pub enum IngestError {
     Warehouse(#[from] reelhouse_warehouse::Error),
     #[error("feature store: {0}")]
     Online(#[from] reelhouse_online::Error),
+    #[error("shared log: {0}")]
+    Log(#[from] reelhouse_log::Error),
+    #[error("{0}")]
+    WrongRole(&'static str),
 }
 
 /// Where a batch came from (stored in `quarantine.ingest_path`).
@@ -140,7 +148,7 @@ pub enum IngestPath {
 }
 
 impl IngestPath {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             IngestPath::Http => "http",
             IngestPath::Bulk => "bulk",
@@ -235,7 +243,7 @@ type IdSet = HashSet<u128, BuildHasherDefault<IdHasher>>;
 
 /// Event-id hashes by the UTC day they were received; whole days expire at once.
 #[derive(Default)]
-struct Dedup {
+pub(crate) struct Dedup {
     days: Vec<(i32, IdSet)>,
 }
 
@@ -265,12 +273,77 @@ impl Dedup {
         }
     }
 
-    fn expire(&mut self, oldest_kept_day: i32) {
+    pub(crate) fn expire(&mut self, oldest_kept_day: i32) {
         self.days.retain(|(d, _)| *d >= oldest_kept_day);
     }
 }
 
-fn id_hash(event_id: &str) -> u128 {
+impl Dedup {
+    /// Claims each event's id (received on `received_at`'s day) before it is logged, so
+    /// concurrent batches cannot both store it; keeps only first-seen events and returns the
+    /// claimed hashes (to release if logging fails).
+    pub(crate) fn claim(&mut self, events: &mut Vec<StoredEvent>, received_at: i64) -> Vec<u128> {
+        let today = reelhouse_event::time::day_of(received_at);
+        let mut claimed = Vec::with_capacity(events.len());
+        events.retain(|e| {
+            let h = id_hash(&e.event.event_id);
+            let fresh = self.insert(today, h);
+            if fresh {
+                claimed.push(h);
+            }
+            fresh
+        });
+        claimed
+    }
+
+    pub(crate) fn release(&mut self, claimed: Vec<u128>) {
+        for h in claimed {
+            self.remove(h);
+        }
+    }
+}
+
+/// Splits, parses and validates one body: the outcome with `rejected` and `errors` filled
+/// (and `duplicates` holding the item count, for the caller to finish), the valid events
+/// stamped with `received_at`, and the quarantine rows of the rest.
+pub(crate) fn parse_batch(
+    body: &[u8],
+    received_at: i64,
+    path: IngestPath,
+) -> Result<(BatchOutcome, Vec<StoredEvent>, Vec<QuarantineRow>), IngestError> {
+    let items = split_body(body).map_err(IngestError::BadBody)?;
+    let mut outcome = BatchOutcome {
+        duplicates: items.len(),
+        ..BatchOutcome::default()
+    };
+    let mut events: Vec<StoredEvent> = Vec::with_capacity(items.len());
+    let mut rejects: Vec<QuarantineRow> = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        match parse_event(item) {
+            Ok(e) => events.push(stamp(e, received_at)),
+            Err(r) => {
+                if outcome.errors.len() < MAX_ERRORS {
+                    outcome.errors.push(ItemError {
+                        index,
+                        event_id: r.event_id.clone(),
+                        reason: r.reason.clone(),
+                    });
+                }
+                rejects.push(QuarantineRow {
+                    received_at_ms: received_at,
+                    event_id: r.event_id,
+                    reason: r.reason,
+                    raw: String::from_utf8_lossy(item).into_owned(),
+                    ingest_path: path.as_str(),
+                });
+            }
+        }
+    }
+    outcome.rejected = rejects.len();
+    Ok((outcome, events, rejects))
+}
+
+pub(crate) fn id_hash(event_id: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(event_id.as_bytes())
 }
 
@@ -290,6 +363,9 @@ impl Pending {
         events: Option<RecordBatch>,
         quarantine: Option<RecordBatch>,
     ) {
+        if events.is_none() && quarantine.is_none() {
+            return;
+        }
         for (list, b) in [
             (&mut self.events, events),
             (&mut self.quarantine, quarantine),
@@ -334,6 +410,9 @@ impl Pending {
 /// What SQL sees: committed table versions plus pending batches, swapped together.
 pub(crate) struct View {
     pub(crate) tables: HashMap<RawTable, DeltaTable>,
+    /// The log position (WAL segment or shared-log sequence) each raw table's Delta version
+    /// holds everything up to; a record at or below it is never added to `pending` again.
+    committed: HashMap<RawTable, u64>,
     pending: Pending,
     /// Warehouse tables by name (latest materialized version).
     pub(crate) derived: HashMap<String, DeltaTable>,
@@ -351,7 +430,9 @@ enum Apply {
         seg: SegmentId,
         events: Option<RecordBatch>,
         quarantine: Option<RecordBatch>,
-        ack: oneshot::Sender<Result<(), IngestError>>,
+        /// Events for the feature store (`None`: it has them already, from its snapshot).
+        features: Option<RecordBatch>,
+        ack: Option<oneshot::Sender<Result<(), IngestError>>>,
     },
     /// A WAL rotation: everything before it has been applied, nothing after.
     Cut(Box<dyn FnOnce() + Send>),
@@ -377,19 +458,27 @@ fn spawn_applier(
                         seg,
                         events,
                         quarantine,
+                        features: for_features,
                         ack,
                     } => {
-                        if let Some(e) = &events {
+                        if let Some(e) = &for_features {
                             if let Err(err) = features.apply(e) {
                                 tracing::error!(error = %err, "feature store skipped a batch");
                             }
                         }
                         let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
+                        // A record a Delta version already holds (a shared log's replay) is
+                        // visible through that version.
+                        let fresh = |t| seg > v.committed.get(&t).copied().unwrap_or(0);
+                        let events = events.filter(|_| fresh(RawTable::Events));
+                        let quarantine = quarantine.filter(|_| fresh(RawTable::Quarantine));
                         if let (Some(dirty), Some(e)) = (v.dirty.as_mut(), events.as_ref()) {
                             note_dates(dirty, e);
                         }
                         v.pending.push(seg, events, quarantine);
-                        let _ = ack.send(Ok(()));
+                        if let Some(ack) = ack {
+                            let _ = ack.send(Ok(()));
+                        }
                     }
                     Apply::Cut(f) => f(),
                 }
@@ -439,7 +528,8 @@ const RESTART_DIRTY_MARGIN_MS: i64 = 10 * 60 * 1000;
 pub struct Ingestor {
     pub(crate) config: IngestConfig,
     pub(crate) lake: Lake,
-    wal: Wal,
+    /// Where durable records come from: this process's WAL or a shared log.
+    source: Source,
     /// The online feature store, updated by the applier thread as each record becomes durable.
     features: Arc<FeatureStore>,
     /// Work for the applier thread, in WAL order (see [`Applier`]).
@@ -473,8 +563,79 @@ pub struct Ingestor {
     late: Mutex<LateState>,
     /// The dashboard's in-memory index of the current warehouse version (built lazily).
     dashboard: tokio::sync::Mutex<Option<Arc<crate::dashboard::DashboardIndex>>>,
-    /// Held for the life of the ingestor: one writer per data directory.
-    _lock: std::fs::File,
+    /// Held for the life of the ingestor: one writer per data directory (`None`: a read-only
+    /// API replica).
+    _lock: Option<std::fs::File>,
+}
+
+/// Where the durable records of this process come from.
+enum Source {
+    /// One node: HTTP batches are appended to this process's WAL, whose writer thread hands
+    /// each fsynced record to the applier in log order.
+    Wal(Wal),
+    /// Several processes: ingest nodes append to a shared log and [`Ingestor::follow`] reads
+    /// it here in order.
+    Log(LogSource),
+}
+
+struct LogSource {
+    log: Arc<dyn EventLog>,
+    /// The materializer (commits to Delta, acknowledges and truncates the log); else an API
+    /// replica that only reads.
+    writer: bool,
+    /// Position of the last record handed to the applier; held while one is handed over, so
+    /// a cut taken under it is exact.
+    fed: Mutex<u64>,
+    /// Records up to here are in Delta and in a feature snapshot: the reader may acknowledge.
+    ack_target: AtomicU64,
+    /// The feature store held every event up to this position when the process started.
+    features_at: u64,
+    /// Records in the log after the last one read (consumer lag), for `/metrics`.
+    lag: AtomicU64,
+}
+
+/// Positions each raw table holds every record up to (0 before its first commit).
+async fn committed_positions(
+    tables: &HashMap<RawTable, DeltaTable>,
+) -> Result<HashMap<RawTable, u64>, IngestError> {
+    let mut committed = HashMap::new();
+    for t in RawTable::ALL {
+        let c = match tables.get(&t) {
+            Some(table) => committed_segment(table).await?,
+            None => None,
+        };
+        committed.insert(t, c.unwrap_or(0));
+    }
+    Ok(committed)
+}
+
+/// A data directory holds positions of one log only: its own WAL's segments, or one shared
+/// log's sequence numbers (recorded in `_state/log.json` by the materializer's first start).
+fn check_log_binding(root: &Path, log: Option<(String, bool)>) -> Result<(), IngestError> {
+    let path = root.join("_state").join("log.json");
+    let bound: Option<String> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["log"].as_str().map(String::from));
+    let has_wal = reelhouse_wal::list_segments(&wal_dir(root)).is_ok_and(|s| !s.is_empty());
+    match (log, bound) {
+        (None, Some(_)) => Err(IngestError::WrongRole(
+            "this data directory is written from a shared log (serve --role materialize \
+             --log …); start that instead of an embedded server",
+        )),
+        (Some(_), None) if has_wal => Err(IngestError::WrongRole(
+            "this data directory has a local write-ahead log from an embedded server; \
+             use a new --data-dir for a deployment with a shared log",
+        )),
+        (Some((url, _)), Some(b)) if url != b => Err(IngestError::WrongRole(
+            "this data directory is bound to another shared log (see _state/log.json)",
+        )),
+        (Some((url, true)), None) => {
+            let body = serde_json::json!({ "log": url }).to_string();
+            Ok(write_atomically(&path, body.as_bytes())?)
+        }
+        _ => Ok(()),
+    }
 }
 
 fn wal_dir(data_dir: &Path) -> PathBuf {
@@ -561,14 +722,7 @@ async fn replay(
     repair: bool,
     features_after: Option<SegmentId>,
 ) -> Result<(Pending, Vec<RecordBatch>), IngestError> {
-    let mut committed = HashMap::new();
-    for t in RawTable::ALL {
-        let c = match tables.get(&t) {
-            Some(table) => committed_segment(table).await?,
-            None => None,
-        };
-        committed.insert(t, c.unwrap_or(0));
-    }
+    let committed = committed_positions(tables).await?;
     let mut pending = Pending::default();
     let mut for_features = Vec::new();
     for rec in reelhouse_wal::read_dir(dir, repair)? {
@@ -593,17 +747,44 @@ impl Ingestor {
     /// Opens the data directory: loads the tables, replays the WAL, rebuilds the dedup set
     /// from the last `dedup_window` of received events, and opens a new WAL segment.
     pub async fn open(config: IngestConfig) -> Result<Arc<Ingestor>, IngestError> {
+        Self::open_with(config, None).await
+    }
+
+    /// Opens the data directory as a process of a deployment with a shared log (see
+    /// `reelhouse_log`): `writer` for the one materializer (takes the directory's lock, commits
+    /// to Delta, runs the warehouse, acknowledges and truncates the log), else a read-only API
+    /// replica. Records come from [`Ingestor::follow`], not from HTTP.
+    pub async fn open_following(
+        config: IngestConfig,
+        log: Arc<dyn EventLog>,
+        writer: bool,
+    ) -> Result<Arc<Ingestor>, IngestError> {
+        Self::open_with(config, Some((log, writer))).await
+    }
+
+    async fn open_with(
+        config: IngestConfig,
+        log: Option<(Arc<dyn EventLog>, bool)>,
+    ) -> Result<Arc<Ingestor>, IngestError> {
         let lake = Lake::open(&config.data_dir)?;
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(lake.root().join(".lock"))?;
-        if lock.try_lock().is_err() {
-            return Err(IngestError::Locked(lake.root().to_path_buf()));
-        }
-        let tables = lake.load_all().await?;
         let dir = wal_dir(lake.root());
+        let writer = log.as_ref().is_none_or(|(_, w)| *w);
+        let lock = if writer {
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(lake.root().join(".lock"))?;
+            if lock.try_lock().is_err() {
+                return Err(IngestError::Locked(lake.root().to_path_buf()));
+            }
+            Some(lock)
+        } else {
+            None
+        };
+        check_log_binding(lake.root(), log.as_ref().map(|(l, w)| (l.describe(), *w)))?;
+        let tables = lake.load_all().await?;
+        let committed = committed_positions(&tables).await?;
         let keep_views_ms = config.dedup_window.as_millis() as i64 + 86_400_000;
         let mut features = FeatureStore::new(Arc::clone(&config.clock), keep_views_ms);
         let snapshot = match reelhouse_online::snapshot::load(lake.root()) {
@@ -624,7 +805,11 @@ impl Ingestor {
             },
             None => None,
         };
-        let (pending, wal_events) = replay(&tables, &dir, true, snapshot_segment).await?;
+        let (pending, wal_events) = match log {
+            None => replay(&tables, &dir, true, snapshot_segment).await?,
+            // The shared log redelivers what the tables lack; nothing is local.
+            Some(_) => (Pending::default(), Vec::new()),
+        };
         let replayed = pending.rows as u64;
         let mut derived = HashMap::new();
         for name in
@@ -636,22 +821,38 @@ impl Ingestor {
         }
         let view = View {
             tables,
+            committed,
             pending,
             derived,
             dirty: None,
         };
-        match snapshot_segment {
-            Some(_) => {
+        // The log position up to which the feature store holds every event.
+        let features_at = match snapshot_segment {
+            Some(s) => {
                 for b in &wal_events {
                     features.apply(b)?;
                 }
+                s
             }
-            None => rebuild_features(&features, &view).await?,
-        }
+            None => {
+                rebuild_features(&features, &view).await?;
+                view.committed.get(&RawTable::Events).copied().unwrap_or(0)
+            }
+        };
         let now = config.clock.now_ms();
         let since = now - config.dedup_window.as_millis() as i64;
         let dedup = restore_dedup(&view, since, reelhouse_event::time::day_of(now)).await?;
-        let wal = Wal::open(&dir, config.wal_queue)?;
+        let source = match log {
+            None => Source::Wal(Wal::open(&dir, config.wal_queue)?),
+            Some((log, writer)) => Source::Log(LogSource {
+                log,
+                writer,
+                fed: Mutex::new(0),
+                ack_target: AtomicU64::new(0),
+                features_at,
+                lag: AtomicU64::new(0),
+            }),
+        };
         let lake_root = lake.root().to_path_buf();
         if replayed > 0 {
             tracing::info!(rows = replayed, "replayed write-ahead log");
@@ -662,7 +863,7 @@ impl Ingestor {
         let ingestor = Arc::new(Ingestor {
             config,
             lake,
-            wal,
+            source,
             features,
             applier,
             snapshot_segment: AtomicU64::new(snapshot_segment.unwrap_or(0)),
@@ -686,13 +887,47 @@ impl Ingestor {
             dashboard: tokio::sync::Mutex::new(None),
             _lock: lock,
         });
-        ingestor.resume_privacy();
+        if writer {
+            ingestor.resume_privacy();
+        }
         Ok(ingestor)
     }
 
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         self.lake.root()
+    }
+
+    /// False for a read-only API replica of a deployment with a shared log.
+    pub fn is_writer(&self) -> bool {
+        match &self.source {
+            Source::Wal(_) => true,
+            Source::Log(ls) => ls.writer,
+        }
+    }
+
+    /// Fails on a read-only API replica: only the materializer changes tables.
+    pub(crate) fn require_writer(&self) -> Result<(), IngestError> {
+        if self.is_writer() {
+            Ok(())
+        } else {
+            Err(IngestError::WrongRole(
+                "this node is a read-only API replica; send admin, dimension and privacy \
+                 requests to the materialize node",
+            ))
+        }
+    }
+
+    /// The shared log this process follows, with its consumer lag (`None`: embedded WAL).
+    pub fn log_status(&self) -> Option<(String, u64, u64)> {
+        match &self.source {
+            Source::Wal(_) => None,
+            Source::Log(ls) => Some((
+                ls.log.describe(),
+                *ls.fed.lock().unwrap_or_else(|p| p.into_inner()),
+                ls.lag.load(Ordering::Relaxed),
+            )),
+        }
     }
 
     /// The online feature store.
@@ -726,33 +961,8 @@ impl Ingestor {
 
     /// Validates, dedups and durably logs one body of events (NDJSON or a JSON array).
     pub async fn ingest(&self, body: &[u8], path: IngestPath) -> Result<BatchOutcome, IngestError> {
-        let items = split_body(body).map_err(IngestError::BadBody)?;
         let received_at = self.config.clock.now_ms();
-        let mut outcome = BatchOutcome::default();
-        let mut events: Vec<StoredEvent> = Vec::with_capacity(items.len());
-        let mut rejects: Vec<QuarantineRow> = Vec::new();
-        for (index, item) in items.iter().enumerate() {
-            match parse_event(item) {
-                Ok(e) => events.push(stamp(e, received_at)),
-                Err(r) => {
-                    if outcome.errors.len() < MAX_ERRORS {
-                        outcome.errors.push(ItemError {
-                            index,
-                            event_id: r.event_id.clone(),
-                            reason: r.reason.clone(),
-                        });
-                    }
-                    rejects.push(QuarantineRow {
-                        received_at_ms: received_at,
-                        event_id: r.event_id,
-                        reason: r.reason,
-                        raw: String::from_utf8_lossy(item).into_owned(),
-                        ingest_path: path.as_str(),
-                    });
-                }
-            }
-        }
-        outcome.rejected = rejects.len();
+        let (mut outcome, mut events, rejects) = parse_batch(body, received_at, path)?;
         if self.privacy.has_tombstones() {
             // Late events of an erased user: dropped before anything is written.
             let before = events.len();
@@ -764,30 +974,20 @@ impl Ingestor {
             }
             outcome.erased_dropped = dropped;
         }
-
-        // Dedup: claim each id before logging so concurrent batches cannot both store it.
-        let mut claimed = Vec::with_capacity(events.len());
-        {
-            let today = reelhouse_event::time::day_of(received_at);
-            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-            events.retain(|e| {
-                let h = id_hash(&e.event.event_id);
-                let fresh = dedup.insert(today, h);
-                if fresh {
-                    claimed.push(h);
-                }
-                fresh
-            });
-        }
+        let claimed = self
+            .dedup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .claim(&mut events, received_at);
         outcome.accepted = events.len() + outcome.erased_dropped;
-        outcome.duplicates = items.len() - outcome.accepted - outcome.rejected;
+        outcome.duplicates -= outcome.accepted + outcome.rejected;
 
         let result = self.log(&events, &rejects).await;
         if let Err(e) = result {
-            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
-            for h in claimed {
-                dedup.remove(h);
-            }
+            self.dedup
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .release(claimed);
             return Err(e);
         }
         self.accepted
@@ -826,12 +1026,14 @@ impl Ingestor {
                 Ok(seg) => {
                     let msg = Apply::Record {
                         seg,
+                        features: e.clone(),
                         events: e,
                         quarantine: q,
-                        ack: tx,
+                        ack: Some(tx),
                     };
-                    if let Err(std::sync::mpsc::SendError(Apply::Record { ack, .. })) =
-                        applier.send(msg)
+                    if let Err(std::sync::mpsc::SendError(Apply::Record {
+                        ack: Some(ack), ..
+                    })) = applier.send(msg)
                     {
                         let _ = ack.send(Err(IngestError::ShuttingDown));
                     }
@@ -841,7 +1043,12 @@ impl Ingestor {
                 }
             }
         });
-        self.wal.try_append(payload, done).map_err(|e| match e {
+        let Source::Wal(wal) = &self.source else {
+            return Err(IngestError::WrongRole(
+                "this node reads events from the shared log; send them to an ingest node",
+            ));
+        };
+        wal.try_append(payload, done).map_err(|e| match e {
             reelhouse_wal::Error::Full => IngestError::Overloaded,
             reelhouse_wal::Error::Closed => IngestError::ShuttingDown,
             other => IngestError::Wal(other),
@@ -852,14 +1059,28 @@ impl Ingestor {
 
     /// Rotates the WAL and runs `f` on the applier thread at that exact point of the log:
     /// after every record of the sealed segment is applied and visible in `pending`, before
-    /// any record of the next.
+    /// any record of the next. With a shared log, the point is the last record read.
     pub(crate) fn rotate_cut<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<(SegmentId, T), IngestError> {
         let applier = self.applier.clone();
         let (tx, rx) = std::sync::mpsc::channel();
-        let (seg, sent) = self.wal.rotate_then(move |_| {
+        let wal = match &self.source {
+            Source::Wal(wal) => wal,
+            Source::Log(ls) => {
+                let fed = ls.fed.lock().unwrap_or_else(|p| p.into_inner());
+                let cut = Apply::Cut(Box::new(move || {
+                    let _ = tx.send(f());
+                }));
+                applier.send(cut).map_err(|_| IngestError::ShuttingDown)?;
+                let at = *fed;
+                drop(fed);
+                let out = rx.recv().map_err(|_| IngestError::ShuttingDown)?;
+                return Ok((at, out));
+            }
+        };
+        let (seg, sent) = wal.rotate_then(move |_| {
             applier
                 .send(Apply::Cut(Box::new(move || {
                     let _ = tx.send(f());
@@ -896,8 +1117,10 @@ impl Ingestor {
     /// `Ok` when this process can take events: the WAL writer runs and the buffer of rows not
     /// yet in Delta has room; otherwise why not.
     pub fn readiness(&self) -> Result<(), &'static str> {
-        if self.wal.stats().is_err() {
-            return Err("the write-ahead log is closed");
+        if let Source::Wal(wal) = &self.source {
+            if wal.stats().is_err() {
+                return Err("the write-ahead log is closed");
+            }
         }
         if self.pending_rows() >= self.config.max_pending_rows {
             return Err("the buffer of rows not yet committed to Delta is full");
@@ -932,6 +1155,10 @@ impl Ingestor {
     /// Commits what is pending; snapshots the feature store when `force` or when the last
     /// snapshot is older than `snapshot_interval`.
     pub(crate) async fn flush_with(&self, force: bool) -> Result<usize, IngestError> {
+        if !self.is_writer() {
+            // An API replica commits nothing; the materializer does.
+            return Ok(0);
+        }
         let _guard = self.flush_lock.lock().await;
         let snapshot_due = force
             || self
@@ -961,6 +1188,7 @@ impl Ingestor {
             let table = self.lake.append(t, current, &batches, seg).await?;
             let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
             v.tables.insert(t, table);
+            v.committed.insert(t, seg);
             v.pending.remove_through(t, seg);
         }
         if let Some(bytes) = snapshot {
@@ -975,7 +1203,18 @@ impl Ingestor {
         }
         // Segments the feature snapshot does not cover yet stay for its replay.
         let covered = self.snapshot_segment.load(Ordering::Relaxed);
-        self.wal.remove_through(seg.min(covered))?;
+        let through = seg.min(covered);
+        match &self.source {
+            Source::Wal(wal) => wal.remove_through(through)?,
+            Source::Log(ls) => {
+                // The tables and the feature snapshot hold everything up to `through`: the
+                // materializer's reader acknowledges it, and the log may drop it.
+                ls.ack_target.fetch_max(through, Ordering::Relaxed);
+                if let Err(e) = ls.log.truncate(through).await {
+                    tracing::warn!(error = %e, "could not truncate the shared log; will retry");
+                }
+            }
+        }
         let now = self.config.clock.now_ms();
         let window = self.config.dedup_window.as_millis() as i64;
         let keep_from = reelhouse_event::time::day_of(now - window) - 1;
@@ -1106,6 +1345,7 @@ impl Ingestor {
         kind: reelhouse_warehouse::dims::DimKind,
         body: &[u8],
     ) -> Result<DimsOutcome, IngestError> {
+        self.require_writer()?;
         let now = self.config.clock.now_ms();
         let (batch, accepted, errors) = reelhouse_warehouse::dims::parse_upserts(kind, body, now);
         let rejected = errors.len();
@@ -1136,12 +1376,14 @@ impl Ingestor {
     /// received events since the last rebuild and the dates they affect (all of them when
     /// that is unknown), and publishes the new versions to SQL at once.
     pub async fn materialize(&self) -> Result<reelhouse_warehouse::Report, IngestError> {
+        self.require_writer()?;
         let _guard = self.materialize_lock.lock().await;
         self.materialize_locked().await
     }
 
     /// [`Ingestor::materialize`] recomputing every date.
     pub async fn materialize_full(&self) -> Result<reelhouse_warehouse::Report, IngestError> {
+        self.require_writer()?;
         let _guard = self.materialize_lock.lock().await;
         self.force_full_rebuild()?;
         self.materialize_locked().await
@@ -1259,6 +1501,7 @@ impl Ingestor {
     /// are deleted and their files vacuumed; date-keyed facts and aggregates keep their rows for
     /// those dates (facts until `facts_days`) at every later rebuild.
     pub async fn apply_retention(&self) -> Result<RetentionReport, IngestError> {
+        self.require_writer()?;
         use reelhouse_lake::erase::{delete_where, purge_history, TableErasure};
         let r = self.config.retention;
         let today = reelhouse_event::time::day_of(self.config.clock.now_ms());
@@ -1335,6 +1578,7 @@ impl Ingestor {
         from: i32,
         to: i32,
     ) -> Result<reelhouse_warehouse::Report, IngestError> {
+        self.require_writer()?;
         {
             let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
             late.restatements
@@ -1381,7 +1625,13 @@ impl Ingestor {
 
     /// Counters for health and the demo.
     pub fn stats(&self) -> IngestStats {
-        let wal = self.wal.stats().unwrap_or_default();
+        let wal = match &self.source {
+            Source::Wal(wal) => wal.stats().unwrap_or_default(),
+            Source::Log(ls) => reelhouse_wal::Stats {
+                current_segment: *ls.fed.lock().unwrap_or_else(|p| p.into_inner()),
+                ..Default::default()
+            },
+        };
         IngestStats {
             accepted: self.accepted.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),

@@ -23,6 +23,7 @@ pub mod lateness;
 pub mod metrics;
 pub mod pg;
 pub mod privacy;
+pub mod publish;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +57,19 @@ pub struct ServerConfig {
     pub tokens: Arc<auth::Tokens>,
     /// Also serve SQL over the Postgres wire protocol here (see [`pg`]).
     pub pg_listen: Option<SocketAddr>,
+    /// Read records from a shared log instead of taking them over HTTP into a local WAL:
+    /// the materializer (`writer`) or a read-only API replica (see [`ingest::Ingestor::follow`]).
+    pub follow: Option<Follow>,
+}
+
+/// How a process of a deployment with a shared log reads it.
+#[derive(Clone)]
+pub struct Follow {
+    pub log: Arc<dyn reelhouse_log::EventLog>,
+    /// The one materializer: commits to Delta, runs the warehouse and privacy requests.
+    pub writer: bool,
+    /// How often an API replica loads the table versions the materializer committed.
+    pub refresh_interval: Duration,
 }
 
 impl ServerConfig {
@@ -69,6 +83,7 @@ impl ServerConfig {
             materialize_interval: Some(Duration::from_secs(10)),
             tokens: Arc::new(auth::Tokens::default()),
             pg_listen: None,
+            follow: None,
         }
     }
 }
@@ -96,6 +111,10 @@ pub enum ApiError {
     Forbidden,
     #[error("{0}")]
     NotFoundWhat(&'static str),
+    #[error("{0}")]
+    WrongRole(&'static str),
+    #[error("the shared log did not take the batch; retry after the Retry-After delay")]
+    LogUnavailable,
 }
 
 impl ApiError {
@@ -110,6 +129,8 @@ impl ApiError {
             ApiError::NotFound | ApiError::NotFoundWhat(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::WrongRole(_) => (StatusCode::MISDIRECTED_REQUEST, "wrong_role"),
+            ApiError::LogUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "log_unavailable"),
         }
     }
 }
@@ -120,6 +141,11 @@ impl From<IngestError> for ApiError {
             IngestError::BadBody(m) => ApiError::BadRequest(m),
             IngestError::Overloaded => ApiError::Overloaded,
             IngestError::ShuttingDown => ApiError::Unavailable,
+            IngestError::WrongRole(m) => ApiError::WrongRole(m),
+            IngestError::Log(e) => {
+                tracing::error!(error = %e, "shared log append failed");
+                ApiError::LogUnavailable
+            }
             other => {
                 tracing::error!(error = %other, "ingest failed");
                 ApiError::Internal
@@ -160,7 +186,7 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_code();
         let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
         let mut resp = (status, body).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if status == StatusCode::TOO_MANY_REQUESTS || code == "log_unavailable" {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -236,7 +262,7 @@ async fn index() -> Response {
         .into_response()
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         // to_bytes reports the limit through a boxed LengthLimitError.
         let mut src: Option<&dyn std::error::Error> = Some(&e);
@@ -250,17 +276,23 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr
     })
 }
 
-async fn post_events(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
+/// A body announced larger than `max` is refused before it is read.
+pub(crate) fn check_content_length(req: &Request, max: usize) -> Result<(), ApiError> {
     if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
         if len
             .to_str()
             .ok()
             .and_then(|l| l.parse::<usize>().ok())
-            .is_some_and(|l| l > s.max_body_bytes)
+            .is_some_and(|l| l > max)
         {
-            return Err(ApiError::TooLarge(s.max_body_bytes));
+            return Err(ApiError::TooLarge(max));
         }
     }
+    Ok(())
+}
+
+async fn post_events(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    check_content_length(&req, s.max_body_bytes)?;
     let _permit = s.inflight.try_acquire().map_err(|_| ApiError::Overloaded)?;
     let body = read_body(req.into_body(), s.max_body_bytes).await?;
     let outcome = s.ingestor.ingest(&body, IngestPath::Http).await?;
@@ -411,9 +443,19 @@ async fn get_creator_videos(
 }
 
 async fn health(State(s): State<AppState>) -> Response {
+    let log = s
+        .ingestor
+        .log_status()
+        .map(|(log, position, lag)| json!({"log": log, "position": position, "lag": lag}));
+    let role = match (&log, s.ingestor.is_writer()) {
+        (None, _) => "all",
+        (Some(_), true) => "materialize",
+        (Some(_), false) => "serve",
+    };
     Json(
-        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "ingest": s.ingestor.stats(),
-               "features": s.ingestor.features().stats()}),
+        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "role": role,
+               "ingest": s.ingestor.stats(), "features": s.ingestor.features().stats(),
+               "shared_log": log}),
     )
     .into_response()
 }
@@ -429,6 +471,7 @@ pub struct RunningServer {
     pg: Option<tokio::task::JoinHandle<()>>,
     flusher: tokio::task::JoinHandle<()>,
     materializer: Option<std::thread::JoinHandle<()>>,
+    follower: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Errors of starting the server.
@@ -476,7 +519,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             return Err(StartError::NotLoopback(addr));
         }
     }
-    let ingestor = Ingestor::open(config.ingest.clone()).await?;
+    let ingestor = match &config.follow {
+        None => Ingestor::open(config.ingest.clone()).await?,
+        Some(f) => {
+            Ingestor::open_following(config.ingest.clone(), Arc::clone(&f.log), f.writer).await?
+        }
+    };
+    let writer = ingestor.is_writer();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -528,9 +577,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         tracing::info!(addr = %a, "postgres wire protocol listening (read-only SQL)");
     }
     let flusher = tokio::spawn(Arc::clone(&ingestor).run_flusher(rx.clone()));
-    // Daily retention; it ends with the stop signal.
-    tokio::spawn(Arc::clone(&ingestor).run_retention(rx.clone()));
-    let materializer = match config.materialize_interval {
+    if writer {
+        // Daily retention; it ends with the stop signal.
+        tokio::spawn(Arc::clone(&ingestor).run_retention(rx.clone()));
+    }
+    let follower = config
+        .follow
+        .as_ref()
+        .map(|_| tokio::spawn(Arc::clone(&ingestor).follow(rx.clone())));
+    if let Some(f) = config.follow.as_ref().filter(|f| !f.writer) {
+        tokio::spawn(Arc::clone(&ingestor).run_refresher(f.refresh_interval, rx.clone()));
+    }
+    let materializer = match config.materialize_interval.filter(|_| writer) {
         Some(i) => Some(spawn_materializer(Arc::clone(&ingestor), i, rx)?),
         None => None,
     };
@@ -548,7 +606,73 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         pg,
         flusher,
         materializer,
+        follower,
     })
+}
+
+/// An ingest node running in this process (`serve --role ingest`).
+pub struct RunningIngestNode {
+    pub addr: SocketAddr,
+    pub publisher: Arc<publish::Publisher>,
+    stop: watch::Sender<bool>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts an ingest node on `config.listen`: POST /v1/events appends to `log`.
+pub async fn start_ingest_node(
+    config: ServerConfig,
+    log: Arc<dyn reelhouse_log::EventLog>,
+) -> Result<RunningIngestNode, StartError> {
+    if !config.listen.ip().is_loopback() && config.tokens.is_empty() {
+        return Err(StartError::NotLoopback(config.listen));
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let publisher = Arc::new(publish::Publisher::new(
+        log,
+        Arc::clone(&config.ingest.clock),
+        config.ingest.dedup_window,
+    ));
+    let state = publish::NodeState {
+        publisher: Arc::clone(&publisher),
+        inflight: Arc::new(Semaphore::new(config.max_inflight)),
+        max_body_bytes: config.max_body_bytes,
+    };
+    let app = publish::router(state).layer(axum::middleware::from_fn_with_state(
+        Arc::clone(&config.tokens),
+        auth::check,
+    ));
+    let (stop, mut rx) = watch::channel(false);
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.changed().await;
+            })
+            .await
+    });
+    tracing::info!(%addr, log = %publisher.log().describe(), "ingest node listening");
+    Ok(RunningIngestNode {
+        addr,
+        publisher,
+        stop,
+        http,
+    })
+}
+
+impl RunningIngestNode {
+    /// Stops accepting requests and lets in-flight ones finish (their appends complete).
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.http).await;
+    }
 }
 
 impl RunningServer {
@@ -561,6 +685,9 @@ impl RunningServer {
             let _ = pg.await;
         }
         let _ = self.flusher.await;
+        if let Some(f) = self.follower {
+            let _ = f.await;
+        }
         if let Some(m) = self.materializer {
             let _ = tokio::task::spawn_blocking(move || m.join()).await;
         }

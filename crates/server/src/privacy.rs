@@ -187,6 +187,7 @@ fn raw_names_user(raw: &str, user: i64) -> bool {
 impl Ingestor {
     /// Records a forget request (and, for `erase`, the tombstone) durably and starts it.
     pub async fn forget(self: &Arc<Self>, user: i64, mode: Mode) -> Result<String, IngestError> {
+        self.require_writer()?;
         let p = &self.privacy;
         let request_id = format!("fr-{}", hex::encode(rand::random::<[u8; 12]>()));
         let hash = p.user_hash(user);
@@ -346,6 +347,11 @@ impl Ingestor {
         let wal_segments_left = reelhouse_wal::list_segments(&self.data_dir().join("_wal"))
             .map(|s| s.len())
             .unwrap_or(0);
+        // With a shared log, the flush truncated it through the records it committed: the
+        // user's earlier records are gone from the log too (later ones are dropped on read).
+        let shared_log = self
+            .log_status()
+            .map(|(log, through, _)| json!({"log": log, "truncated_through": through}));
         // The rebuild below recomputes the user's dates (and what they affect); until it has
         // run, a crash and resume leads to a full one.
         let days: Vec<i32> = {
@@ -457,6 +463,7 @@ impl Ingestor {
             "tables": tables,
             "online_store": online,
             "wal_segments_after": wal_segments_left,
+            "shared_log": shared_log,
             "warehouse_rebuilt_ms": report.elapsed_ms,
             "warehouse_rebuild": report.mode,
             "warehouse_dates_rebuilt": report.dates.as_ref().map(Vec::len),

@@ -13,6 +13,7 @@ mod outside_reader;
 mod pg;
 mod privacy;
 mod retention;
+mod scaleout;
 mod security;
 mod warehouse;
 mod workload_counts;

@@ -1,0 +1,378 @@
+//! Scale-out on a shared log: a real `nats-server` (JetStream) on loopback and four processes
+//! of the real binary (2 ingest nodes, 1 materializer, 1 API replica). One ingest node and the
+//! materializer are SIGKILLed mid-stream and restarted; afterwards every acknowledged event is
+//! in `events` exactly once, `agg_creator_daily` equals a single node's for the same input,
+//! the replica's features equal the single node's, and an erasure truncates the log.
+//!
+//! `scripts/test.sh` installs `nats-server` (Debian package) when it is missing.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reelhouse_workload::{generate, WorkloadConfig};
+use serde_json::Value;
+
+use crate::common::{self, free_port, get, post, sql, wait_healthy};
+
+/// A nats-server with JetStream on a free loopback port; killed on drop.
+struct Nats {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_nats() -> Nats {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Debian installs it in /usr/sbin, which a non-login PATH may lack.
+    let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("nats-server");
+    let child = Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server is missing: run scripts/test.sh, which installs it");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Nats {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+/// One process of the deployment; SIGKILLed on drop if still running.
+struct Node {
+    child: Child,
+    url: String,
+    port: u16,
+    args: Vec<String>,
+}
+
+impl Node {
+    fn spawn(port: u16, args: Vec<String>) -> Node {
+        let child = Command::new(env!("CARGO_BIN_EXE_reelhouse"))
+            .arg("serve")
+            .args(&args)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn reelhouse serve");
+        Node {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            args,
+        }
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().unwrap();
+    }
+
+    fn restart(&mut self) {
+        *self = Node::spawn(self.port, self.args.clone());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn role_args(role: &str, log: &str, dir: Option<&Path>) -> Vec<String> {
+    let mut a: Vec<String> = ["--role", role, "--log", log]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if let Some(d) = dir {
+        a.push("--data-dir".into());
+        a.push(d.display().to_string());
+        // Small flushes and snapshots, so the kill lands between Delta commits and acks.
+        for f in [
+            "--flush-rows=3000",
+            "--flush-interval-ms=300",
+            "--snapshot-interval-ms=300",
+        ] {
+            a.push(f.into());
+        }
+    }
+    a
+}
+
+/// The ids of the valid items of an acknowledged body (every line but the rejected ones).
+fn valid_ids(body: &[u8], answer: &Value) -> Vec<String> {
+    let rejected: HashSet<u64> = answer["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        rejected.len() as u64,
+        answer["rejected"].as_u64().unwrap(),
+        "every rejection is listed"
+    );
+    body.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+        .filter(|(i, _)| !rejected.contains(&(*i as u64)))
+        .map(|(_, l)| {
+            serde_json::from_slice::<Value>(l).unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// Polls `f` every 200 ms for at most `secs` seconds until it returns true.
+async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn count(url: &str, q: &str) -> Option<i64> {
+    let (status, v) = post(
+        url,
+        "/v1/sql",
+        serde_json::json!({ "sql": q }).to_string(),
+        "application/json",
+    )
+    .await;
+    (status == 200).then(|| v["rows"][0][0].as_i64()).flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ingest_nodes_one_materializer_one_replica_survive_sigkill() {
+    let nats = start_nats();
+    let log = format!("nats://127.0.0.1:{}/scaleout", nats.port);
+    let dir = tempfile::tempdir().unwrap();
+
+    let mut materializer = Node::spawn(
+        free_port(),
+        role_args("materialize", &log, Some(dir.path())),
+    );
+    wait_healthy(&materializer.url).await;
+    let replica = Node::spawn(free_port(), role_args("serve", &log, Some(dir.path())));
+    let mut ingest1 = Node::spawn(free_port(), role_args("ingest", &log, None));
+    let ingest2 = Node::spawn(free_port(), role_args("ingest", &log, None));
+    for n in [&replica, &ingest1, &ingest2] {
+        wait_healthy(&n.url).await;
+    }
+    // Wrong-role requests are told where to go.
+    let (status, v) = post(&ingest1.url, "/v1/sql", "{}", "application/json").await;
+    assert_eq!(status, 404, "{v}");
+    let (status, v) = post(&replica.url, "/v1/events", "{}", "application/x-ndjson").await;
+    assert_eq!(status, 421, "{v}");
+    assert_eq!(v["error"]["code"], "wrong_role");
+
+    let now = chrono::Utc::now().timestamp_millis();
+    let w = generate(&WorkloadConfig::new(30_000, 17, now));
+    let bodies = w.bodies(500);
+    let mut acked: HashSet<String> = HashSet::new();
+    let (mut killed, mut restarted) = (false, false);
+    for (i, body) in bodies.iter().enumerate() {
+        if i == 20 {
+            ingest1.kill();
+            materializer.kill();
+            killed = true;
+        }
+        if i == 34 {
+            ingest1.restart();
+            materializer.restart();
+            wait_healthy(&ingest1.url).await;
+            restarted = true;
+        }
+        // Alternate nodes; a client whose node is down (or errs) sends the body to the other.
+        let (first, second) = if i % 2 == 0 {
+            (&ingest1, &ingest2)
+        } else {
+            (&ingest2, &ingest1)
+        };
+        let mut answer = None;
+        for node in [first, second] {
+            let sent = reqwest::Client::new()
+                .post(format!("{}/v1/events", node.url))
+                .header("content-type", "application/x-ndjson")
+                .body(body.clone())
+                .send()
+                .await;
+            if let Ok(r) = sent {
+                if r.status() == 200 {
+                    answer = Some(r.json::<Value>().await.unwrap());
+                    break;
+                }
+            }
+        }
+        let answer = answer.expect("one ingest node answers 200");
+        acked.extend(valid_ids(body, &answer));
+    }
+    assert!(killed && restarted);
+    wait_healthy(&materializer.url).await;
+
+    // The materializer catches up from the log and commits everything to Delta.
+    let expected = acked.len() as i64;
+    eventually(
+        120,
+        "the materializer commits every acknowledged event",
+        || async {
+            let (_, h) = get(&materializer.url, "/v1/health").await;
+            h["ingest"]["pending_rows"] == 0
+                && count(&materializer.url, "SELECT count(*) FROM events").await == Some(expected)
+        },
+    )
+    .await;
+    let (status, _) = post(&materializer.url, "/v1/admin/materialize", "", "text/plain").await;
+    assert_eq!(status, 200);
+
+    // The replica sees the committed tables: every acknowledged event exactly once.
+    eventually(60, "the replica loads the committed tables", || async {
+        count(&replica.url, "SELECT count(*) FROM events").await == Some(expected)
+            && count(&replica.url, "SELECT count(*) FROM agg_creator_daily")
+                .await
+                .is_some_and(|n| n > 0)
+    })
+    .await;
+    let rows = sql(
+        &replica.url,
+        "SELECT event_id, count(*) FROM events GROUP BY event_id",
+    )
+    .await;
+    let mut stored = HashSet::new();
+    for r in &rows {
+        assert_eq!(r[1].as_i64(), Some(1), "an event stored more than once");
+        stored.insert(r[0].as_str().unwrap().to_string());
+    }
+    assert_eq!(stored, acked, "exactly the acknowledged events are stored");
+
+    // The same input on one embedded node.
+    let single_dir = tempfile::tempdir().unwrap();
+    let single = common::start(single_dir.path(), 1_000_000).await;
+    let single_url = common::url(&single);
+    common::load_and_materialize(&single_url, None, bodies.clone()).await;
+    let q = "SELECT * FROM agg_creator_daily ORDER BY creator_id, date";
+    let (a, b) = (sql(&replica.url, q).await, sql(&single_url, q).await);
+    assert_eq!(a.len(), b.len(), "agg_creator_daily row count");
+    assert!(!a.is_empty());
+    for (ra, rb) in a.iter().zip(&b) {
+        for (x, y) in ra.iter().zip(rb) {
+            match (x.as_f64(), y.as_f64()) {
+                (Some(x), Some(y)) if x.fract() != 0.0 || y.fract() != 0.0 => {
+                    assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{ra:?} vs {rb:?}")
+                }
+                _ => assert_eq!(x, y, "{ra:?} vs {rb:?}"),
+            }
+        }
+    }
+
+    // The replica's feature store, fed by the log, equals the single node's.
+    let videos = sql(
+        &single_url,
+        "SELECT video_id, creator_id FROM events WHERE video_id IS NOT NULL \
+         GROUP BY video_id, creator_id ORDER BY count(*) DESC LIMIT 25",
+    )
+    .await;
+    let mut compared = 0;
+    for v in &videos {
+        let id = v[0].as_i64().unwrap();
+        let path = format!("/v1/features/videos/{id}");
+        let (_, fa) = get(&replica.url, &path).await;
+        let (_, fb) = get(&single_url, &path).await;
+        for field in ["creator_id", "views_total", "likes", "shares", "comments"] {
+            assert_eq!(fa[field], fb[field], "video {id} {field}");
+        }
+        let c = v[1].as_i64().unwrap();
+        let path = format!("/v1/features/creators/{c}");
+        let (_, ca) = get(&replica.url, &path).await;
+        let (_, cb) = get(&single_url, &path).await;
+        assert_eq!(ca["followers"], cb["followers"], "creator {c} followers");
+        compared += 1;
+    }
+    assert_eq!(compared, 25);
+
+    // Erasure on the materializer: the user leaves the tables, and the log is truncated
+    // through everything committed (the user's records with it).
+    let user = sql(
+        &replica.url,
+        "SELECT user_id FROM events GROUP BY user_id ORDER BY count(*) DESC LIMIT 1",
+    )
+    .await[0][0]
+        .as_i64()
+        .unwrap();
+    let (status, v) = post(
+        &materializer.url,
+        &format!("/v1/users/{user}/forget"),
+        r#"{"mode":"erase"}"#,
+        "application/json",
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    let request = v["request_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let receipt = loop {
+        let (_, s) = get(
+            &materializer.url,
+            &format!("/v1/privacy/requests/{request}"),
+        )
+        .await;
+        if s["status"] == "done" {
+            break s;
+        }
+        assert_ne!(s["status"], "failed", "{s}");
+        assert!(Instant::now() < deadline, "the erasure did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let through = receipt["receipt"]["shared_log"]["truncated_through"]
+        .as_u64()
+        .expect("the receipt names the log truncation");
+    let stats = reelhouse_log::open(&log)
+        .await
+        .unwrap()
+        .stats()
+        .await
+        .unwrap();
+    assert!(
+        stats.records == 0 || stats.first_position > through,
+        "the log still holds records up to {through}: {stats:?}"
+    );
+    eventually(60, "the replica no longer has the user", || async {
+        count(
+            &replica.url,
+            &format!("SELECT count(*) FROM events WHERE user_id = {user}"),
+        )
+        .await
+            == Some(0)
+    })
+    .await;
+    let remaining = count(&materializer.url, "SELECT count(*) FROM events").await;
+    assert!(remaining.is_some_and(|n| n > 0 && n < expected));
+    single.shutdown().await.unwrap();
+}
