@@ -752,6 +752,16 @@ impl FeatureStore {
         n
     }
 
+    /// Every user the store holds state for (an API replica matches them against new
+    /// erasure tombstones, which carry only salted hashes).
+    pub fn user_ids(&self) -> Vec<i64> {
+        self.inner
+            .users
+            .shards()
+            .flat_map(|s| s.keys().map(|k| *k as i64).collect::<Vec<_>>())
+            .collect()
+    }
+
     /// Drops state no window or feature can need any more: view pairing state older than the
     /// keep period, sessions older than yesterday, viewers and buckets older than 24 h.
     pub fn prune(&self) {

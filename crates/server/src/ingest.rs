@@ -880,7 +880,11 @@ impl Ingestor {
             rebuilds: Mutex::new(MaterializerStats::default()),
             materialize_lock: tokio::sync::Mutex::new(()),
             dim_upserts: AtomicU64::new(0),
-            privacy: crate::privacy::Privacy::open(&lake_root)?,
+            privacy: if writer {
+                crate::privacy::Privacy::open(&lake_root)?
+            } else {
+                crate::privacy::Privacy::open_read_only(&lake_root)?
+            },
             erased_dropped: AtomicU64::new(0),
             dims_lock: tokio::sync::Mutex::new(()),
             late: Mutex::new(LateState::load(&lake_root)?),

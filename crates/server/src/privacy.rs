@@ -63,7 +63,8 @@ struct State {
 /// Privacy state of one data directory.
 pub struct Privacy {
     dir: PathBuf,
-    salt: String,
+    /// Empty only on a read-only replica that started before the materializer made one.
+    salt: RwLock<String>,
     state: Mutex<State>,
     tombstones: RwLock<HashSet<String>>,
     worker: tokio::sync::Mutex<()>,
@@ -76,19 +77,14 @@ fn now_rfc3339() -> String {
 impl Privacy {
     pub fn open(data_dir: &Path) -> std::io::Result<Privacy> {
         let dir = data_dir.join("_state").join("privacy");
-        let mut state: State = match std::fs::read(dir.join("state.json")) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|_| std::io::Error::other("_state/privacy/state.json is unreadable"))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(e),
-        };
+        let mut state = read_state(&dir)?;
         if state.salt.is_empty() {
             let salt: [u8; 32] = rand::random();
             state.salt = hex::encode(salt);
         }
         let p = Privacy {
             dir,
-            salt: state.salt.clone(),
+            salt: RwLock::new(state.salt.clone()),
             tombstones: RwLock::new(state.tombstones.iter().cloned().collect()),
             state: Mutex::new(state),
             worker: tokio::sync::Mutex::new(()),
@@ -97,10 +93,53 @@ impl Privacy {
         Ok(p)
     }
 
+    /// The state as the writer (the materializer) keeps it, never written from here: for a
+    /// read-only API replica, which picks up new tombstones with [`Privacy::reload`].
+    pub fn open_read_only(data_dir: &Path) -> std::io::Result<Privacy> {
+        let dir = data_dir.join("_state").join("privacy");
+        let state = read_state(&dir)?;
+        Ok(Privacy {
+            dir,
+            salt: RwLock::new(state.salt.clone()),
+            tombstones: RwLock::new(state.tombstones.iter().cloned().collect()),
+            state: Mutex::new(state),
+            worker: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Re-reads the writer's state; returns the salted hashes of the users whose forget
+    /// request (erase or anonymize) finished since the last read.
+    pub fn reload(&self) -> std::io::Result<Vec<String>> {
+        let state = read_state(&self.dir)?;
+        *self.salt.write().unwrap_or_else(|p| p.into_inner()) = state.salt.clone();
+        *self.tombstones.write().unwrap_or_else(|p| p.into_inner()) =
+            state.tombstones.iter().cloned().collect();
+        let mut old = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let done_before: HashSet<&str> = old
+            .requests
+            .iter()
+            .filter(|r| r.status == "done")
+            .map(|r| r.request_id.as_str())
+            .collect();
+        let new: Vec<String> = state
+            .requests
+            .iter()
+            .filter(|r| r.status == "done" && !done_before.contains(r.request_id.as_str()))
+            .map(|r| r.user_hash.clone())
+            .collect();
+        *old = state;
+        Ok(new)
+    }
+
     /// Salted SHA-256 of a user id (hex): what tombstones and the audit table hold.
     pub fn user_hash(&self, user: i64) -> String {
         let mut h = sha2::Sha256::new();
-        h.update(self.salt.as_bytes());
+        h.update(
+            self.salt
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_bytes(),
+        );
         h.update(user.to_string().as_bytes());
         hex::encode(h.finalize())
     }
@@ -118,7 +157,18 @@ impl Privacy {
             .unwrap_or_else(|p| p.into_inner())
             .is_empty()
     }
+}
 
+fn read_state(dir: &Path) -> std::io::Result<State> {
+    match std::fs::read(dir.join("state.json")) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map_err(|_| std::io::Error::other("_state/privacy/state.json is unreadable")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+        Err(e) => Err(e),
+    }
+}
+
+impl Privacy {
     fn save(&self) -> std::io::Result<()> {
         let bytes = {
             let s = self.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -327,6 +327,11 @@ async fn two_ingest_nodes_one_materializer_one_replica_survive_sigkill() {
     .await[0][0]
         .as_i64()
         .unwrap();
+    let (_, before) = get(&replica.url, &format!("/v1/features/users/{user}")).await;
+    assert!(
+        !before["last_viewed"].as_array().unwrap().is_empty(),
+        "the busiest user had views"
+    );
     let (status, v) = post(
         &materializer.url,
         &format!("/v1/users/{user}/forget"),
@@ -364,12 +369,15 @@ async fn two_ingest_nodes_one_materializer_one_replica_survive_sigkill() {
         "the log still holds records up to {through}: {stats:?}"
     );
     eventually(60, "the replica no longer has the user", || async {
+        let (_, f) = get(&replica.url, &format!("/v1/features/users/{user}")).await;
         count(
             &replica.url,
             &format!("SELECT count(*) FROM events WHERE user_id = {user}"),
         )
         .await
             == Some(0)
+            && f["last_viewed"].as_array().is_some_and(|v| v.is_empty())
+            && f["sessions_today"] == 0
     })
     .await;
     let remaining = count(&materializer.url, "SELECT count(*) FROM events").await;

@@ -253,7 +253,29 @@ impl Ingestor {
         if derived_changed {
             *self.dashboard.lock().await = None;
         }
+        self.forget_newly_erased()?;
         Ok(changed || derived_changed)
+    }
+
+    /// An API replica: users the materializer erased or anonymized since the last look leave
+    /// this replica's feature store too (later events of erased users are dropped on read).
+    fn forget_newly_erased(&self) -> Result<(), IngestError> {
+        let new = self.privacy.reload()?;
+        if new.is_empty() {
+            return Ok(());
+        }
+        let new: std::collections::HashSet<String> = new.into_iter().collect();
+        let erased: Vec<i64> = self
+            .features
+            .user_ids()
+            .into_iter()
+            .filter(|u| new.contains(&self.privacy.user_hash(*u)))
+            .collect();
+        for user in erased {
+            let features = Arc::clone(&self.features);
+            self.rotate_cut(move || features.forget_user(user))?;
+        }
+        Ok(())
     }
 }
 
