@@ -180,6 +180,22 @@ pub async fn get_metrics(State(s): State<AppState>) -> Response {
     for (name, help, v) in gauges {
         metric(&mut out, name, "gauge", help, v);
     }
+    if let Some((_, position, lag)) = i.log_status() {
+        metric(
+            &mut out,
+            "reelhouse_log_position",
+            "gauge",
+            "Position (stream sequence) of the last shared-log record read.",
+            position,
+        );
+        metric(
+            &mut out,
+            "reelhouse_log_consumer_lag",
+            "gauge",
+            "Records in the shared log after the last one read (checked every second).",
+            lag,
+        );
+    }
     s.lookups.render(
         &mut out,
         "reelhouse_feature_lookup_seconds",

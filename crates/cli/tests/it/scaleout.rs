@@ -252,6 +252,30 @@ async fn two_ingest_nodes_one_materializer_one_replica_survive_sigkill() {
     .await;
     let (status, _) = post(&materializer.url, "/v1/admin/materialize", "", "text/plain").await;
     assert_eq!(status, 200);
+    let metrics = reqwest::get(format!("{}/metrics", materializer.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gauge = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    assert!(gauge("reelhouse_log_position") > 0);
+    eventually(10, "the consumer lag reads 0 once caught up", || async {
+        let m = reqwest::get(format!("{}/metrics", materializer.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        m.lines().any(|l| l == "reelhouse_log_consumer_lag 0")
+    })
+    .await;
 
     // The replica sees the committed tables: every acknowledged event exactly once.
     eventually(60, "the replica loads the committed tables", || async {
