@@ -609,6 +609,11 @@ async fn committed_positions(
     Ok(committed)
 }
 
+/// The stream part of a log's description (`nats://host:port/STREAM`).
+fn stream_of(described: &str) -> &str {
+    described.rsplit('/').next().unwrap_or(described)
+}
+
 /// A data directory holds positions of one log only: its own WAL's segments, or one shared
 /// log's sequence numbers (recorded in `_state/log.json` by the materializer's first start).
 fn check_log_binding(root: &Path, log: Option<(String, bool)>) -> Result<(), IngestError> {
@@ -627,9 +632,13 @@ fn check_log_binding(root: &Path, log: Option<(String, bool)>) -> Result<(), Ing
             "this data directory has a local write-ahead log from an embedded server; \
              use a new --data-dir for a deployment with a shared log",
         )),
-        (Some((url, _)), Some(b)) if url != b => Err(IngestError::WrongRole(
-            "this data directory is bound to another shared log (see _state/log.json)",
-        )),
+        // Positions are the stream's: the server may be named differently by each process.
+        (Some((url, _)), Some(b)) if stream_of(&url) != stream_of(&b) => {
+            Err(IngestError::WrongRole(
+                "this data directory is bound to another shared-log stream (see \
+                 _state/log.json)",
+            ))
+        }
         (Some((url, true)), None) => {
             let body = serde_json::json!({ "log": url }).to_string();
             Ok(write_atomically(&path, body.as_bytes())?)
@@ -1746,6 +1755,29 @@ mod tests {
         assert!(d.contains(2));
         d.remove(2);
         assert!(d.insert(12, 2));
+    }
+
+    #[test]
+    fn a_data_directory_stays_with_one_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let nats = |host: &str, stream: &str| Some((format!("nats://{host}/{stream}"), true));
+        // The materializer's first start binds the directory to its stream.
+        check_log_binding(root, nats("127.0.0.1:4222", "events")).unwrap();
+        // Another name for the same server is the same stream; a replica never writes.
+        check_log_binding(root, nats("localhost:4222", "events")).unwrap();
+        check_log_binding(root, Some(("nats://h/events".into(), false))).unwrap();
+        assert!(check_log_binding(root, nats("127.0.0.1:4222", "other")).is_err());
+        assert!(check_log_binding(root, None).is_err(), "embedded on a log's directory");
+
+        let embedded = tempfile::tempdir().unwrap();
+        let wal = Wal::open(wal_dir(embedded.path()), 4).unwrap();
+        wal.close();
+        check_log_binding(embedded.path(), None).unwrap();
+        assert!(
+            check_log_binding(embedded.path(), nats("h", "events")).is_err(),
+            "a shared log on an embedded node's directory"
+        );
     }
 
     #[test]
