@@ -118,12 +118,7 @@ async fn ingest(b: IngestBench) -> Result<()> {
     let ndjson = dir.path().join("events.ndjson");
     std::fs::write(&ndjson, w.lines.join("\n") + "\n")?;
     let ndjson_bytes = std::fs::metadata(&ndjson)?.len();
-    let bodies: Vec<(Bytes, usize)> = w
-        .bodies(b.batch)
-        .into_iter()
-        .zip(w.lines.chunks(b.batch.max(1)).map(|c| c.len()))
-        .map(|(body, n)| (Bytes::from(body), n))
-        .collect();
+    let bodies = request_bodies(&w, b.batch);
     let m = w.manifest.clone();
     drop(w);
     eprintln!(
@@ -206,6 +201,18 @@ async fn ingest(b: IngestBench) -> Result<()> {
         "duckdb": duckdb,
     });
     write_result(&b.out, result)
+}
+
+/// The workload as NDJSON request bodies of `batch` lines, each with its line count.
+pub(crate) fn request_bodies(
+    w: &reelhouse_workload::Workload,
+    batch: usize,
+) -> Vec<(Bytes, usize)> {
+    w.bodies(batch)
+        .into_iter()
+        .zip(w.lines.chunks(batch.max(1)).map(|c| c.len()))
+        .map(|(body, n)| (Bytes::from(body), n))
+        .collect()
 }
 
 pub(crate) fn warn_if_debug() {

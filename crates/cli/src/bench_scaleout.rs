@@ -19,13 +19,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use clap::Args;
 use reelhouse_server::ServerConfig;
 use reelhouse_workload::WorkloadConfig;
 use serde_json::{json, Value};
 
-use crate::bench::{warn_if_debug, write_result};
+use crate::bench::{request_bodies, warn_if_debug, write_result};
 use crate::send::{percentile, send_all, send_all_to};
 use crate::DataArgs;
 
@@ -170,12 +169,7 @@ pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
         .tempdir()?;
     let cfg = WorkloadConfig::new(b.events, b.seed, chrono::Utc::now().timestamp_millis());
     let w = reelhouse_workload::generate(&cfg);
-    let bodies: Vec<(Bytes, usize)> = w
-        .bodies(b.batch)
-        .into_iter()
-        .zip(w.lines.chunks(b.batch.max(1)).map(|c| c.len()))
-        .map(|(body, n)| (Bytes::from(body), n))
-        .collect();
+    let bodies = request_bodies(&w, b.batch);
     let m = w.manifest.clone();
     drop(w);
     let http = reqwest::Client::new();

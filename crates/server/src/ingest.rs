@@ -343,6 +343,28 @@ pub(crate) fn parse_batch(
     Ok((outcome, events, rejects))
 }
 
+/// Ends one batch once it was logged (or not): counts its accepted, duplicate and rejected
+/// items, or releases the ids it claimed so a retry is not taken for a duplicate.
+pub(crate) fn settle(
+    logged: Result<(), IngestError>,
+    outcome: BatchOutcome,
+    claimed: Vec<u128>,
+    dedup: &Mutex<Dedup>,
+    [accepted, duplicates, rejected]: [&AtomicU64; 3],
+) -> Result<BatchOutcome, IngestError> {
+    if let Err(e) = logged {
+        dedup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release(claimed);
+        return Err(e);
+    }
+    accepted.fetch_add(outcome.accepted as u64, Ordering::Relaxed);
+    duplicates.fetch_add(outcome.duplicates as u64, Ordering::Relaxed);
+    rejected.fetch_add(outcome.rejected as u64, Ordering::Relaxed);
+    Ok(outcome)
+}
+
 pub(crate) fn id_hash(event_id: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128(event_id.as_bytes())
 }
@@ -996,20 +1018,13 @@ impl Ingestor {
         outcome.duplicates -= outcome.accepted + outcome.rejected;
 
         let result = self.log(&events, &rejects).await;
-        if let Err(e) = result {
-            self.dedup
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .release(claimed);
-            return Err(e);
-        }
-        self.accepted
-            .fetch_add(outcome.accepted as u64, Ordering::Relaxed);
-        self.duplicates
-            .fetch_add(outcome.duplicates as u64, Ordering::Relaxed);
-        self.rejected
-            .fetch_add(outcome.rejected as u64, Ordering::Relaxed);
-        Ok(outcome)
+        settle(
+            result,
+            outcome,
+            claimed,
+            &self.dedup,
+            [&self.accepted, &self.duplicates, &self.rejected],
+        )
     }
 
     async fn log(
@@ -1768,7 +1783,10 @@ mod tests {
         check_log_binding(root, nats("localhost:4222", "events")).unwrap();
         check_log_binding(root, Some(("nats://h/events".into(), false))).unwrap();
         assert!(check_log_binding(root, nats("127.0.0.1:4222", "other")).is_err());
-        assert!(check_log_binding(root, None).is_err(), "embedded on a log's directory");
+        assert!(
+            check_log_binding(root, None).is_err(),
+            "embedded on a log's directory"
+        );
 
         let embedded = tempfile::tempdir().unwrap();
         let wal = Wal::open(wal_dir(embedded.path()), 4).unwrap();

@@ -512,6 +512,16 @@ fn spawn_materializer(
         .map_err(StartError::Runtime)
 }
 
+/// Binds `addr` (port 0: any free one) and says which address it got.
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let listen_error = |source| StartError::Listen { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(listen_error)?;
+    let local = listener.local_addr().map_err(listen_error)?;
+    Ok((listener, local))
+}
+
 /// Opens the data directory (replaying the WAL) and starts serving on `config.listen`.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     for addr in std::iter::once(config.listen).chain(config.pg_listen) {
@@ -526,16 +536,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         }
     };
     let writer = ingestor.is_writer();
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.listen,
-        source,
-    })?;
+    let (listener, addr) = bind(config.listen).await?;
     let pg_listener = match config.pg_listen {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
@@ -626,16 +627,7 @@ pub async fn start_ingest_node(
     if !config.listen.ip().is_loopback() && config.tokens.is_empty() {
         return Err(StartError::NotLoopback(config.listen));
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.listen,
-        source,
-    })?;
+    let (listener, addr) = bind(config.listen).await?;
     let publisher = Arc::new(publish::Publisher::new(
         log,
         Arc::clone(&config.ingest.clock),

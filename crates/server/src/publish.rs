@@ -26,7 +26,9 @@ use reelhouse_log::EventLog;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
-use crate::ingest::{encode_log_record, parse_batch, BatchOutcome, Dedup, IngestError, IngestPath};
+use crate::ingest::{
+    encode_log_record, parse_batch, settle, BatchOutcome, Dedup, IngestError, IngestPath,
+};
 use crate::ApiError;
 
 /// Events per log record: with zstd, a record of this many stays well under 1 MB.
@@ -90,21 +92,17 @@ impl Publisher {
         };
         outcome.accepted = events.len();
         outcome.duplicates -= outcome.accepted + outcome.rejected;
-        if let Err(e) = self.append(body, &events, &rejects).await {
+        let appended = self.append(body, &events, &rejects).await;
+        if appended.is_err() {
             self.append_failures.fetch_add(1, Ordering::Relaxed);
-            self.dedup
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .release(claimed);
-            return Err(e);
         }
-        self.accepted
-            .fetch_add(outcome.accepted as u64, Ordering::Relaxed);
-        self.duplicates
-            .fetch_add(outcome.duplicates as u64, Ordering::Relaxed);
-        self.rejected
-            .fetch_add(outcome.rejected as u64, Ordering::Relaxed);
-        Ok(outcome)
+        settle(
+            appended,
+            outcome,
+            claimed,
+            &self.dedup,
+            [&self.accepted, &self.duplicates, &self.rejected],
+        )
     }
 
     async fn append(
