@@ -58,15 +58,20 @@ pub async fn post(
     )
 }
 
-/// Runs SQL over HTTP and returns the rows.
-pub async fn sql(url: &str, q: &str) -> Vec<Vec<Value>> {
-    let (status, v) = post(
+/// Runs SQL over HTTP: (status, JSON answer).
+pub async fn post_sql(url: &str, q: &str) -> (u16, Value) {
+    post(
         url,
         "/v1/sql",
         serde_json::json!({ "sql": q }).to_string(),
         "application/json",
     )
-    .await;
+    .await
+}
+
+/// Runs SQL over HTTP and returns the rows.
+pub async fn sql(url: &str, q: &str) -> Vec<Vec<Value>> {
+    let (status, v) = post_sql(url, q).await;
     assert_eq!(status, 200, "{q}: {v}");
     serde_json::from_value(v["rows"].clone()).unwrap()
 }

@@ -159,14 +159,9 @@ where
     }
 }
 
+/// A one-cell integer answer, or `None` while the query fails (e.g. no table yet).
 async fn count(url: &str, q: &str) -> Option<i64> {
-    let (status, v) = post(
-        url,
-        "/v1/sql",
-        serde_json::json!({ "sql": q }).to_string(),
-        "application/json",
-    )
-    .await;
+    let (status, v) = common::post_sql(url, q).await;
     (status == 200).then(|| v["rows"][0][0].as_i64()).flatten()
 }
 
