@@ -729,7 +729,8 @@ fn raw_parts(
 pub async fn read_only_view(data_dir: &Path) -> Result<Catalog, IngestError> {
     let lake = Lake::open(data_dir)?;
     let tables = lake.load_all().await?;
-    let (pending, _) = replay(&tables, &wal_dir(data_dir), false, None).await?;
+    let committed = committed_positions(&tables).await?;
+    let (pending, _) = replay(&committed, &wal_dir(data_dir), false, None).await?;
     let mut derived = Vec::new();
     for name in derived_names() {
         if let Some(t) = lake.load_derived(name).await? {
@@ -748,12 +749,11 @@ fn derived_names() -> impl Iterator<Item = &'static str> {
 /// Reads the WAL back: the records not yet in Delta become `pending`; the events of records
 /// in segments after `features_after` (if given) are returned for the feature store.
 async fn replay(
-    tables: &HashMap<RawTable, DeltaTable>,
+    committed: &HashMap<RawTable, u64>,
     dir: &Path,
     repair: bool,
     features_after: Option<SegmentId>,
 ) -> Result<(Pending, Vec<RecordBatch>), IngestError> {
-    let committed = committed_positions(tables).await?;
     let mut pending = Pending::default();
     let mut for_features = Vec::new();
     for rec in reelhouse_wal::read_dir(dir, repair)? {
@@ -837,7 +837,7 @@ impl Ingestor {
             None => None,
         };
         let (pending, wal_events) = match log {
-            None => replay(&tables, &dir, true, snapshot_segment).await?,
+            None => replay(&committed, &dir, true, snapshot_segment).await?,
             // The shared log redelivers what the tables lack; nothing is local.
             Some(_) => (Pending::default(), Vec::new()),
         };
