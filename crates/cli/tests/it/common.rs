@@ -76,6 +76,21 @@ pub async fn sql(url: &str, q: &str) -> Vec<Vec<Value>> {
     serde_json::from_value(v["rows"].clone()).unwrap()
 }
 
+/// The event ids in `events`, asserting that each is stored exactly once.
+pub async fn stored_once(url: &str) -> std::collections::HashSet<String> {
+    let rows = sql(
+        url,
+        "SELECT event_id, count(*) FROM events GROUP BY event_id",
+    )
+    .await;
+    let mut stored = std::collections::HashSet::new();
+    for r in &rows {
+        assert_eq!(r[1].as_i64(), Some(1), "an event stored more than once");
+        stored.insert(r[0].as_str().unwrap().to_string());
+    }
+    stored
+}
+
 /// A single integer from a one-cell query.
 pub async fn scalar(url: &str, q: &str) -> i64 {
     sql(url, q).await[0][0].as_i64().expect("integer cell")

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 
 use reelhouse_workload::{generate, WorkloadConfig};
 
-use crate::common::{free_port, post, sql, wait_healthy};
+use crate::common::{free_port, post, stored_once, wait_healthy};
 
 fn spawn_server(dir: &std::path::Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_reelhouse"))
@@ -65,16 +65,7 @@ async fn sigkill_loses_no_acknowledged_event() {
 
     let mut child = spawn_server(dir.path(), port);
     wait_healthy(&url).await;
-    let rows = sql(
-        &url,
-        "SELECT event_id, count(*) FROM events GROUP BY event_id",
-    )
-    .await;
-    let mut stored = HashSet::new();
-    for r in &rows {
-        assert_eq!(r[1].as_i64(), Some(1), "event stored more than once");
-        stored.insert(r[0].as_str().unwrap().to_string());
-    }
+    let stored = stored_once(&url).await;
     assert_eq!(stored, acked, "exactly the acknowledged events survive");
     // Re-sending the acknowledged batches after the crash stores nothing new.
     let (status, v) = post(

@@ -159,6 +159,19 @@ where
     }
 }
 
+/// The value of a gauge in a node's `/metrics` (`None` when it is missing).
+async fn gauge(url: &str, name: &str) -> Option<u64> {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// A one-cell integer answer, or `None` while the query fails (e.g. no table yet).
 async fn count(url: &str, q: &str) -> Option<i64> {
     let (status, v) = common::post_sql(url, q).await;
@@ -247,28 +260,11 @@ async fn two_ingest_nodes_one_materializer_one_replica_survive_sigkill() {
     .await;
     let (status, _) = post(&materializer.url, "/v1/admin/materialize", "", "text/plain").await;
     assert_eq!(status, 200);
-    let metrics = reqwest::get(format!("{}/metrics", materializer.url))
+    assert!(gauge(&materializer.url, "reelhouse_log_position")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let gauge = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
-    };
-    assert!(gauge("reelhouse_log_position") > 0);
+        .is_some_and(|p| p > 0));
     eventually(10, "the consumer lag reads 0 once caught up", || async {
-        let m = reqwest::get(format!("{}/metrics", materializer.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        m.lines().any(|l| l == "reelhouse_log_consumer_lag 0")
+        gauge(&materializer.url, "reelhouse_log_consumer_lag").await == Some(0)
     })
     .await;
 
@@ -280,16 +276,7 @@ async fn two_ingest_nodes_one_materializer_one_replica_survive_sigkill() {
                 .is_some_and(|n| n > 0)
     })
     .await;
-    let rows = sql(
-        &replica.url,
-        "SELECT event_id, count(*) FROM events GROUP BY event_id",
-    )
-    .await;
-    let mut stored = HashSet::new();
-    for r in &rows {
-        assert_eq!(r[1].as_i64(), Some(1), "an event stored more than once");
-        stored.insert(r[0].as_str().unwrap().to_string());
-    }
+    let stored = common::stored_once(&replica.url).await;
     assert_eq!(stored, acked, "exactly the acknowledged events are stored");
 
     // The same input on one embedded node.
