@@ -184,9 +184,10 @@ impl From<reelhouse_lake::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_code();
+        let retry = matches!(self, ApiError::Overloaded | ApiError::LogUnavailable);
         let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
         let mut resp = (status, body).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS || code == "log_unavailable" {
+        if retry {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -469,7 +470,8 @@ pub struct RunningServer {
     stop: watch::Sender<bool>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     pg: Option<tokio::task::JoinHandle<()>>,
-    flusher: tokio::task::JoinHandle<()>,
+    /// `None` on an API replica, which commits nothing.
+    flusher: Option<tokio::task::JoinHandle<()>>,
     materializer: Option<std::thread::JoinHandle<()>>,
     follower: Option<tokio::task::JoinHandle<()>>,
 }
@@ -512,6 +514,16 @@ fn spawn_materializer(
         .map_err(StartError::Runtime)
 }
 
+/// Without API tokens, every listening address must be loopback (SPEC §8).
+fn require_tokens_off_loopback(config: &ServerConfig) -> Result<(), StartError> {
+    for addr in std::iter::once(config.listen).chain(config.pg_listen) {
+        if !addr.ip().is_loopback() && config.tokens.is_empty() {
+            return Err(StartError::NotLoopback(addr));
+        }
+    }
+    Ok(())
+}
+
 /// Binds `addr` (port 0: any free one) and says which address it got.
 async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
     let listen_error = |source| StartError::Listen { addr, source };
@@ -524,11 +536,7 @@ async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr),
 
 /// Opens the data directory (replaying the WAL) and starts serving on `config.listen`.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
-    for addr in std::iter::once(config.listen).chain(config.pg_listen) {
-        if !addr.ip().is_loopback() && config.tokens.is_empty() {
-            return Err(StartError::NotLoopback(addr));
-        }
-    }
+    require_tokens_off_loopback(&config)?;
     let ingestor = match &config.follow {
         None => Ingestor::open(config.ingest.clone()).await?,
         Some(f) => {
@@ -577,7 +585,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     if let Some(a) = pg_addr {
         tracing::info!(addr = %a, "postgres wire protocol listening (read-only SQL)");
     }
-    let flusher = tokio::spawn(Arc::clone(&ingestor).run_flusher(rx.clone()));
+    let flusher = writer.then(|| tokio::spawn(Arc::clone(&ingestor).run_flusher(rx.clone())));
     if writer {
         // Daily retention; it ends with the stop signal.
         tokio::spawn(Arc::clone(&ingestor).run_retention(rx.clone()));
@@ -624,9 +632,7 @@ pub async fn start_ingest_node(
     config: ServerConfig,
     log: Arc<dyn reelhouse_log::EventLog>,
 ) -> Result<RunningIngestNode, StartError> {
-    if !config.listen.ip().is_loopback() && config.tokens.is_empty() {
-        return Err(StartError::NotLoopback(config.listen));
-    }
+    require_tokens_off_loopback(&config)?;
     let (listener, addr) = bind(config.listen).await?;
     let publisher = Arc::new(publish::Publisher::new(
         log,
@@ -676,7 +682,9 @@ impl RunningServer {
         if let Some(pg) = self.pg {
             let _ = pg.await;
         }
-        let _ = self.flusher.await;
+        if let Some(f) = self.flusher {
+            let _ = f.await;
+        }
         if let Some(f) = self.follower {
             let _ = f.await;
         }
