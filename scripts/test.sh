@@ -11,12 +11,13 @@ if ! python3 -c "import deltalake, pyarrow" >/dev/null 2>&1; then
 fi
 
 # The Postgres-protocol test runs the stock client (psql); the browser test drives headless
-# Chromium; the scale-out test starts nats-server (JetStream) on loopback itself. All come
-# from Debian packages.
+# Chromium; the scale-out test starts nats-server (JetStream) and redis-server on loopback
+# itself. All come from Debian packages.
 missing=()
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if ((${#missing[@]})); then
   echo "installing ${missing[*]} (Debian packages) for the Postgres-protocol, browser and scale-out tests…"
   sudo=""

@@ -155,6 +155,11 @@ struct ServeArgs {
     /// (NATS JetStream; the stream is created if missing, default name "reelhouse").
     #[arg(long, env = "REELHOUSE_LOG")]
     log: Option<String>,
+    /// Redis as the online feature store: redis://[[USER]:PASSWORD@]HOST:PORT[/DB]. The
+    /// materializer (or a one-node `all`) copies every changed feature record there; an API
+    /// replica (`serve`) answers the feature endpoints from it and keeps no store of its own.
+    #[arg(long, env = "REELHOUSE_ONLINE")]
+    online: Option<String>,
 }
 
 /// `serve --role`.
@@ -425,6 +430,17 @@ async fn serve(a: ServeArgs) -> Result<()> {
             reelhouse_log::open(url).await?,
         )),
     };
+    if let Some(url) = &a.online {
+        if a.role == Role::Ingest {
+            bail!(
+                "--online is for --role materialize, serve or all; ingest nodes hold no features"
+            );
+        }
+        let redis = reelhouse_online::redis::RedisStore::connect(url)
+            .await
+            .context("--online: the online store is unreachable")?;
+        config.ingest.online = Some(Arc::new(redis));
+    }
     if let (Role::Ingest, Some(log)) = (a.role, &log) {
         if a.pg_listen.is_some() {
             bail!("--pg-listen is served by --role serve or materialize, not by ingest nodes");
@@ -457,6 +473,9 @@ async fn serve(a: ServeArgs) -> Result<()> {
         server.addr,
         a.data.data_dir.display()
     );
+    if a.online.is_some() {
+        println!("online features: {}", server.ingestor.online_backend());
+    }
     if let Some(pg) = server.pg_addr {
         println!(
             "postgres wire protocol on {pg} (e.g. psql -h {} -p {} -U reelhouse)",

@@ -10,6 +10,8 @@
 //! ```
 //!
 //! Responses are JSON, or MessagePack when the request says `Accept: application/x-msgpack`.
+//! An API replica started with `--online redis://…` answers the same endpoints from Redis
+//! (one GET, or one MGET per batch) instead of a store of its own.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -65,6 +67,9 @@ pub(crate) async fn get_video(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id("video", &id)?;
+    if let Some(r) = s.ingestor.online_reader() {
+        return respond(&headers, &r.video(id, s.ingestor.now_ms()).await?);
+    }
     respond(&headers, &s.ingestor.features().video(VideoId(id)))
 }
 
@@ -74,6 +79,9 @@ pub(crate) async fn get_user(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id("user", &id)?;
+    if let Some(r) = s.ingestor.online_reader() {
+        return respond(&headers, &r.user(id, s.ingestor.now_ms()).await?);
+    }
     respond(&headers, &s.ingestor.features().user(UserId(id)))
 }
 
@@ -83,6 +91,9 @@ pub(crate) async fn get_creator(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id("creator", &id)?;
+    if let Some(r) = s.ingestor.online_reader() {
+        return respond(&headers, &r.creator(id, s.ingestor.now_ms()).await?);
+    }
     respond(&headers, &s.ingestor.features().creator(CreatorId(id)))
 }
 
@@ -127,6 +138,10 @@ pub(crate) async fn post_video_batch(
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(r) = s.ingestor.online_reader() {
+        let ids: Vec<u64> = ids.iter().map(|v| v.0).collect();
+        return respond(&headers, &r.videos(&ids, s.ingestor.now_ms()).await?);
+    }
     respond(&headers, &s.ingestor.features().videos(&ids))
 }
 

@@ -62,6 +62,9 @@ pub struct IngestConfig {
     /// segments are kept until a snapshot covers them.
     pub snapshot_interval: Duration,
     pub clock: Arc<dyn Clock>,
+    /// Redis as the online store of a deployment with several processes: the writer copies
+    /// every changed record there, API replicas answer features from it (and hold no store).
+    pub online: Option<Arc<reelhouse_online::redis::RedisStore>>,
 }
 
 impl IngestConfig {
@@ -76,6 +79,7 @@ impl IngestConfig {
             snapshot_interval: Duration::from_secs(30),
             retention: Retention::default(),
             clock,
+            online: None,
         }
     }
 }
@@ -554,6 +558,11 @@ pub struct Ingestor {
     source: Source,
     /// The online feature store, updated by the applier thread as each record becomes durable.
     features: Arc<FeatureStore>,
+    /// Copies of changed feature records to Redis go one at a time (a copy taken before an
+    /// erasure must not land after the erasure's delete).
+    online_copy: tokio::sync::Mutex<()>,
+    online_keys_written: AtomicU64,
+    online_copy_errors: AtomicU64,
     /// Work for the applier thread, in WAL order (see [`Applier`]).
     applier: std::sync::mpsc::Sender<Apply>,
     /// WAL segments ≤ this are covered by the feature snapshot on disk (0 = no snapshot yet);
@@ -818,7 +827,10 @@ impl Ingestor {
         let committed = committed_positions(&tables).await?;
         let keep_views_ms = config.dedup_window.as_millis() as i64 + 86_400_000;
         let mut features = FeatureStore::new(Arc::clone(&config.clock), keep_views_ms);
+        // An API replica with Redis answers features from there and holds no store.
+        let no_store = !writer && config.online.is_some();
         let snapshot = match reelhouse_online::snapshot::load(lake.root()) {
+            _ if no_store => None,
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "rebuilding the feature store from the tables");
@@ -865,11 +877,16 @@ impl Ingestor {
                 }
                 s
             }
+            None if no_store => u64::MAX,
             None => {
                 rebuild_features(&features, &view).await?;
                 view.committed.get(&RawTable::Events).copied().unwrap_or(0)
             }
         };
+        if writer && config.online.is_some() {
+            // The first copy to Redis holds everything; later ones what changed.
+            features.track_changes();
+        }
         let now = config.clock.now_ms();
         let since = now - config.dedup_window.as_millis() as i64;
         let dedup = restore_dedup(&view, since, reelhouse_event::time::day_of(now)).await?;
@@ -896,6 +913,9 @@ impl Ingestor {
             lake,
             source,
             features,
+            online_copy: tokio::sync::Mutex::new(()),
+            online_keys_written: AtomicU64::new(0),
+            online_copy_errors: AtomicU64::new(0),
             applier,
             snapshot_segment: AtomicU64::new(snapshot_segment.unwrap_or(0)),
             last_snapshot: Mutex::new(Instant::now()),
@@ -965,6 +985,11 @@ impl Ingestor {
         }
     }
 
+    /// Now, by the injected clock.
+    pub fn now_ms(&self) -> i64 {
+        self.config.clock.now_ms()
+    }
+
     /// The online feature store.
     pub fn features(&self) -> &FeatureStore {
         &self.features
@@ -972,6 +997,89 @@ impl Ingestor {
 
     pub(crate) fn features_arc(&self) -> Arc<FeatureStore> {
         Arc::clone(&self.features)
+    }
+
+    /// Redis, when this process answers features from it (an API replica configured with
+    /// `--online redis://`); `None`: answer from the in-process store.
+    pub fn online_reader(&self) -> Option<&reelhouse_online::redis::RedisStore> {
+        self.config.online.as_deref().filter(|_| !self.is_writer())
+    }
+
+    /// Where features live, for health: `in-process` or the Redis address.
+    pub fn online_backend(&self) -> String {
+        match &self.config.online {
+            Some(r) if self.is_writer() => format!("in-process, copied to {}", r.describe()),
+            Some(r) => r.describe(),
+            None => "in-process".into(),
+        }
+    }
+
+    /// Keys written to Redis and failed copies since start (0, 0 without Redis).
+    pub fn online_copy_stats(&self) -> (u64, u64) {
+        (
+            self.online_keys_written.load(Ordering::Relaxed),
+            self.online_copy_errors.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Copies every feature record changed since the last copy to Redis (the writer of a
+    /// deployment with `--online redis://`; `None` otherwise). A failed copy is retried by
+    /// the next one.
+    pub async fn copy_online(
+        &self,
+    ) -> Result<Option<reelhouse_online::redis::WriteReport>, IngestError> {
+        let Some(redis) = self.config.online.as_deref().filter(|_| self.is_writer()) else {
+            return Ok(None);
+        };
+        let _one = self.online_copy.lock().await;
+        let changes = self.features.take_changes();
+        if changes.is_empty() {
+            return Ok(Some(Default::default()));
+        }
+        match redis.write(&changes).await {
+            Ok(r) => {
+                self.online_keys_written
+                    .fetch_add(changes.len() as u64, Ordering::Relaxed);
+                Ok(Some(r))
+            }
+            Err(e) => {
+                self.online_copy_errors.fetch_add(1, Ordering::Relaxed);
+                self.features
+                    .retry_changes(changes.into_iter().map(|(k, _)| k));
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The writer with Redis: copies changed feature records every `interval` until `stop`.
+    pub async fn run_online_copier(
+        self: Arc<Self>,
+        interval: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut failing = false;
+        loop {
+            let stopping = tokio::select! {
+                _ = tokio::time::sleep(if failing { Duration::from_secs(1) } else { interval }) => false,
+                _ = stop.changed() => true,
+            };
+            if stopping {
+                // What the last records changed, before the process goes.
+                if let Err(e) = self.copy_online().await {
+                    tracing::warn!(error = %e, "last copy to redis failed; the next start copies everything");
+                }
+                return;
+            }
+            match self.copy_online().await {
+                Ok(_) => failing = false,
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(error = %e, "copying features to redis failed; retrying");
+                    }
+                    failing = true;
+                }
+            }
+        }
     }
 
     pub(crate) fn raw_table(&self, t: RawTable) -> Option<DeltaTable> {

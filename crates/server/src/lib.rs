@@ -88,6 +88,10 @@ impl ServerConfig {
     }
 }
 
+/// How often the writer copies changed feature records to Redis (`--online redis://`): a
+/// bound on how much later a replica sees a change than the writer's own store.
+pub const ONLINE_COPY_INTERVAL: Duration = Duration::from_millis(20);
+
 /// Errors of the API, each with one status code.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -115,6 +119,8 @@ pub enum ApiError {
     WrongRole(&'static str),
     #[error("the shared log did not take the batch; retry after the Retry-After delay")]
     LogUnavailable,
+    #[error("the online store (redis) did not answer; retry after the Retry-After delay")]
+    OnlineUnavailable,
 }
 
 impl ApiError {
@@ -131,6 +137,9 @@ impl ApiError {
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::WrongRole(_) => (StatusCode::MISDIRECTED_REQUEST, "wrong_role"),
             ApiError::LogUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "log_unavailable"),
+            ApiError::OnlineUnavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "online_store_unavailable")
+            }
         }
     }
 }
@@ -146,11 +155,19 @@ impl From<IngestError> for ApiError {
                 tracing::error!(error = %e, "shared log append failed");
                 ApiError::LogUnavailable
             }
+            IngestError::Online(e @ reelhouse_online::Error::Redis(_)) => e.into(),
             other => {
                 tracing::error!(error = %other, "ingest failed");
                 ApiError::Internal
             }
         }
+    }
+}
+
+impl From<reelhouse_online::Error> for ApiError {
+    fn from(e: reelhouse_online::Error) -> Self {
+        tracing::error!(error = %e, "online store lookup failed");
+        ApiError::OnlineUnavailable
     }
 }
 
@@ -184,7 +201,10 @@ impl From<reelhouse_lake::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_code();
-        let retry = matches!(self, ApiError::Overloaded | ApiError::LogUnavailable);
+        let retry = matches!(
+            self,
+            ApiError::Overloaded | ApiError::LogUnavailable | ApiError::OnlineUnavailable
+        );
         let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
         let mut resp = (status, body).into_response();
         if retry {
@@ -456,7 +476,7 @@ async fn health(State(s): State<AppState>) -> Response {
     Json(
         json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "role": role,
                "ingest": s.ingestor.stats(), "features": s.ingestor.features().stats(),
-               "shared_log": log}),
+               "online_store": s.ingestor.online_backend(), "shared_log": log}),
     )
     .into_response()
 }
@@ -589,6 +609,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     if writer {
         // Daily retention; it ends with the stop signal.
         tokio::spawn(Arc::clone(&ingestor).run_retention(rx.clone()));
+    }
+    if writer && config.ingest.online.is_some() {
+        tokio::spawn(Arc::clone(&ingestor).run_online_copier(ONLINE_COPY_INTERVAL, rx.clone()));
     }
     let follower = config
         .follow

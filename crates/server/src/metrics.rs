@@ -196,6 +196,23 @@ pub async fn get_metrics(State(s): State<AppState>) -> Response {
             lag,
         );
     }
+    if i.config.online.is_some() && i.is_writer() {
+        let (written, errors) = i.online_copy_stats();
+        metric(
+            &mut out,
+            "reelhouse_online_redis_keys_written_total",
+            "counter",
+            "Feature records set or deleted in Redis by this writer.",
+            written,
+        );
+        metric(
+            &mut out,
+            "reelhouse_online_redis_copy_errors_total",
+            "counter",
+            "Copies to Redis that failed (their keys are retried by the next copy).",
+            errors,
+        );
+    }
     s.lookups.render(
         &mut out,
         "reelhouse_feature_lookup_seconds",

@@ -392,6 +392,8 @@ impl Ingestor {
         // 1. Online store, at an exact point of the log.
         let features = self.features_arc();
         let (_, online) = self.rotate_cut(move || features.forget_user(user))?;
+        // With Redis, the user's keys go (and the counts they changed are rewritten) now.
+        let online_redis = self.copy_online().await?;
         // 2. Everything acknowledged into Delta; snapshot rewritten; WAL segments deleted.
         self.flush().await?;
         let wal_segments_left = reelhouse_wal::list_segments(&self.data_dir().join("_wal"))
@@ -512,6 +514,7 @@ impl Ingestor {
             "versions_vacuumed": tables.iter().map(|t| t.log_entries_removed).sum::<usize>(),
             "tables": tables,
             "online_store": online,
+            "online_redis": online_redis,
             "wal_segments_after": wal_segments_left,
             "shared_log": shared_log,
             "warehouse_rebuilt_ms": report.elapsed_ms,

@@ -1,10 +1,13 @@
-//! Scale-out on a shared log: a real `nats-server` (JetStream) on loopback and four processes
-//! of the real binary (2 ingest nodes, 1 materializer, 1 API replica). One ingest node and the
-//! materializer are SIGKILLed mid-stream and restarted; afterwards every acknowledged event is
-//! in `events` exactly once, `agg_creator_daily` equals a single node's for the same input,
-//! the replica's features equal the single node's, and an erasure truncates the log.
+//! Scale-out on a shared log: a real `nats-server` (JetStream) and a real `redis-server` on
+//! loopback and five processes of the real binary (2 ingest nodes, 1 materializer copying
+//! features to Redis, 1 API replica answering features from Redis, 1 API replica with its own
+//! store). One ingest node and the materializer are SIGKILLed mid-stream and restarted;
+//! afterwards every acknowledged event is in `events` exactly once, `agg_creator_daily`
+//! equals a single node's for the same input, the features from Redis and from the replica's
+//! own store equal the single node's in-process ones, and an erasure truncates the log and
+//! deletes the user's Redis key.
 //!
-//! `scripts/test.sh` installs `nats-server` (Debian package) when it is missing.
+//! `scripts/test.sh` installs `nats-server` and `redis-server` (Debian packages) when missing.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -55,6 +58,36 @@ fn start_nats() -> Nats {
         port,
         _dir: dir,
     }
+}
+
+/// A redis-server on a free loopback port, without persistence; killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis() -> Redis {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server is missing: run scripts/test.sh, which installs it");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Redis { child, port }
 }
 
 /// One process of the deployment; SIGKILLed on drop if still running.
@@ -179,22 +212,46 @@ async fn count(url: &str, q: &str) -> Option<i64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_ingest_nodes_one_materializer_one_replica_survive_sigkill() {
+async fn two_ingest_nodes_one_materializer_two_replicas_survive_sigkill() {
     let nats = start_nats();
     let log = format!("nats://127.0.0.1:{}/scaleout", nats.port);
+    let redis = start_redis();
+    let online = format!("redis://127.0.0.1:{}", redis.port);
+    let with_redis = |mut a: Vec<String>| {
+        a.extend(["--online".to_string(), online.clone()]);
+        a
+    };
     let dir = tempfile::tempdir().unwrap();
 
     let mut materializer = Node::spawn(
         free_port(),
-        role_args("materialize", &log, Some(dir.path())),
+        with_redis(role_args("materialize", &log, Some(dir.path()))),
     );
     wait_healthy(&materializer.url).await;
-    let replica = Node::spawn(free_port(), role_args("serve", &log, Some(dir.path())));
+    let replica = Node::spawn(
+        free_port(),
+        with_redis(role_args("serve", &log, Some(dir.path()))),
+    );
+    let local_replica = Node::spawn(free_port(), role_args("serve", &log, Some(dir.path())));
     let mut ingest1 = Node::spawn(free_port(), role_args("ingest", &log, None));
     let ingest2 = Node::spawn(free_port(), role_args("ingest", &log, None));
-    for n in [&replica, &ingest1, &ingest2] {
+    for n in [&replica, &local_replica, &ingest1, &ingest2] {
         wait_healthy(&n.url).await;
     }
+    let (_, h) = get(&replica.url, "/v1/health").await;
+    assert_eq!(
+        h["online_store"],
+        format!("redis://127.0.0.1:{}/0", redis.port)
+    );
+    // An ingest node holds no features, so --online is refused there.
+    let refused = Command::new(env!("CARGO_BIN_EXE_reelhouse"))
+        .args([
+            "serve", "--role", "ingest", "--log", &log, "--online", &online,
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("ingest nodes hold no features"));
     // Wrong-role requests are told where to go.
     let (status, v) = post(&ingest1.url, "/v1/sql", "{}", "application/json").await;
     assert_eq!(status, 404, "{v}");
@@ -299,30 +356,73 @@ async fn two_ingest_nodes_one_materializer_one_replica_survive_sigkill() {
         }
     }
 
-    // The replica's feature store, fed by the log, equals the single node's.
+    // Features from Redis (copied by the materializer) and from the other replica's own
+    // store (fed by the log) equal the single node's in-process ones, every field. Windows
+    // slide with the clock, so a pair read across a minute boundary may differ once: each
+    // comparison gets three tries.
     let videos = sql(
         &single_url,
         "SELECT video_id, creator_id FROM events WHERE video_id IS NOT NULL \
          GROUP BY video_id, creator_id ORDER BY count(*) DESC LIMIT 25",
     )
     .await;
-    let mut compared = 0;
+    let users = sql(
+        &single_url,
+        "SELECT user_id FROM events GROUP BY user_id ORDER BY count(*) DESC LIMIT 10",
+    )
+    .await;
+    let mut paths: Vec<String> = Vec::new();
     for v in &videos {
-        let id = v[0].as_i64().unwrap();
-        let path = format!("/v1/features/videos/{id}");
-        let (_, fa) = get(&replica.url, &path).await;
-        let (_, fb) = get(&single_url, &path).await;
-        for field in ["creator_id", "views_total", "likes", "shares", "comments"] {
-            assert_eq!(fa[field], fb[field], "video {id} {field}");
-        }
-        let c = v[1].as_i64().unwrap();
-        let path = format!("/v1/features/creators/{c}");
-        let (_, ca) = get(&replica.url, &path).await;
-        let (_, cb) = get(&single_url, &path).await;
-        assert_eq!(ca["followers"], cb["followers"], "creator {c} followers");
-        compared += 1;
+        paths.push(format!("/v1/features/videos/{}", v[0].as_i64().unwrap()));
+        paths.push(format!("/v1/features/creators/{}", v[1].as_i64().unwrap()));
     }
-    assert_eq!(compared, 25);
+    for u in &users {
+        paths.push(format!("/v1/features/users/{}", u[0].as_i64().unwrap()));
+    }
+    let mut compared = 0;
+    for node in [&replica, &local_replica] {
+        for path in &paths {
+            let mut same = false;
+            for _ in 0..3 {
+                let (sa, fa) = get(&node.url, path).await;
+                let (_, fb) = get(&single_url, path).await;
+                assert_eq!(sa, 200, "{path}: {fa}");
+                if fa == fb {
+                    same = true;
+                    break;
+                }
+                eprintln!("{path}: {fa} vs {fb}");
+            }
+            assert!(same, "{} {path} differs from the single node", node.url);
+            compared += 1;
+        }
+        // A batch is one MGET from Redis; order and unknown ids as the single node.
+        let mut ids: Vec<i64> = videos.iter().map(|v| v[0].as_i64().unwrap()).collect();
+        ids.insert(3, 987_654_321);
+        let body = serde_json::json!({ "video_ids": ids }).to_string();
+        let path = "/v1/features/videos:batch";
+        let mut same = false;
+        for _ in 0..3 {
+            let (_, fa) = post(&node.url, path, body.clone(), "application/json").await;
+            let (_, fb) = post(&single_url, path, body.clone(), "application/json").await;
+            if fa == fb && fa.as_array().is_some_and(|a| a.len() == ids.len()) {
+                same = true;
+                break;
+            }
+        }
+        assert!(same, "{} batch differs from the single node", node.url);
+    }
+    assert_eq!(compared, 2 * (50 + 10));
+    // The Redis replica answered all that without a store of its own.
+    let (_, h) = get(&replica.url, "/v1/health").await;
+    assert_eq!(h["features"]["videos"], 0, "{h}");
+    assert_eq!(h["features"]["users"], 0, "{h}");
+    assert!(gauge(
+        &materializer.url,
+        "reelhouse_online_redis_keys_written_total"
+    )
+    .await
+    .is_some_and(|n| n > 0));
 
     // Erasure on the materializer: the user leaves the tables, and the log is truncated
     // through everything committed (the user's records with it).
@@ -361,6 +461,21 @@ async fn two_ingest_nodes_one_materializer_one_replica_survive_sigkill() {
         assert!(Instant::now() < deadline, "the erasure did not finish");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    let deleted = receipt["receipt"]["online_redis"]["keys_deleted"].as_u64();
+    assert_eq!(
+        deleted,
+        Some(1),
+        "the receipt names the user's Redis key: {receipt}"
+    );
+    let store = reelhouse_online::redis::RedisStore::connect(&online)
+        .await
+        .unwrap();
+    let key = reelhouse_online::Key::User(user as u64);
+    assert_eq!(
+        store.get(key).await.unwrap(),
+        None,
+        "the user's key is gone"
+    );
     let through = receipt["receipt"]["shared_log"]["truncated_through"]
         .as_u64()
         .expect("the receipt names the log truncation");
@@ -374,18 +489,26 @@ async fn two_ingest_nodes_one_materializer_one_replica_survive_sigkill() {
         stats.records == 0 || stats.first_position > through,
         "the log still holds records up to {through}: {stats:?}"
     );
-    eventually(60, "the replica no longer has the user", || async {
-        let (_, f) = get(&replica.url, &format!("/v1/features/users/{user}")).await;
-        count(
-            &replica.url,
-            &format!("SELECT count(*) FROM events WHERE user_id = {user}"),
-        )
-        .await
-            == Some(0)
-            && f["last_viewed"].as_array().is_some_and(|v| v.is_empty())
-            && f["sessions_today"] == 0
-    })
-    .await;
+    for node in [&replica, &local_replica] {
+        eventually(60, "the replicas no longer have the user", || async {
+            let (_, f) = get(&node.url, &format!("/v1/features/users/{user}")).await;
+            count(
+                &node.url,
+                &format!("SELECT count(*) FROM events WHERE user_id = {user}"),
+            )
+            .await
+                == Some(0)
+                && f["last_viewed"].as_array().is_some_and(|v| v.is_empty())
+                && f["sessions_today"] == 0
+        })
+        .await;
+    }
+    // The video counts the user contributed to are rewritten in Redis too.
+    let video = videos[0][0].as_i64().unwrap();
+    let path = format!("/v1/features/videos/{video}");
+    let (_, from_redis) = get(&replica.url, &path).await;
+    let (_, from_store) = get(&materializer.url, &path).await;
+    assert_eq!(from_redis["views_total"], from_store["views_total"]);
     let remaining = count(&materializer.url, "SELECT count(*) FROM events").await;
     assert!(remaining.is_some_and(|n| n > 0 && n < expected));
     single.shutdown().await.unwrap();

@@ -264,6 +264,10 @@ impl Ingestor {
         if new.is_empty() {
             return Ok(());
         }
+        if self.online_reader().is_some() {
+            // No store here: the materializer deleted the users' Redis keys.
+            return Ok(());
+        }
         let new: std::collections::HashSet<String> = new.into_iter().collect();
         let erased: Vec<i64> = self
             .features
