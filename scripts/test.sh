@@ -10,6 +10,12 @@ if ! python3 -c "import deltalake, pyarrow" >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check deltalake pyarrow
 fi
 
+# The scale-out test keeps its tables on moto's S3 server (PyPI).
+if ! python3 -c "import moto.server, flask_cors" >/dev/null 2>&1; then
+  echo "installing moto[server] (an S3-compatible server) for the scale-out test…"
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
+fi
+
 # The Postgres-protocol test runs the stock client (psql); the browser test drives headless
 # Chromium; the scale-out test starts nats-server (JetStream) and redis-server on loopback
 # itself. All come from Debian packages.

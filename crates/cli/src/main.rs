@@ -65,9 +65,16 @@ enum Command {
 /// Settings shared by everything that opens a data directory for writing.
 #[derive(Args, Clone)]
 pub struct DataArgs {
-    /// Data directory holding the Delta tables and the write-ahead log.
+    /// Data directory holding the Delta tables and the write-ahead log; or s3://BUCKET/PREFIX
+    /// for the tables on an S3-compatible store (credentials, region and endpoint from the
+    /// usual AWS_* variables, e.g. AWS_ENDPOINT_URL and AWS_ALLOW_HTTP=true for MinIO).
     #[arg(long, env = "REELHOUSE_DATA_DIR", default_value = "./reelhouse-data")]
     pub data_dir: PathBuf,
+    /// With --data-dir s3://…: the local directory for this process's write-ahead log, lock,
+    /// feature snapshot and state files (the shared state files are mirrored next to the
+    /// tables). Keep it on a persistent disk.
+    #[arg(long, env = "REELHOUSE_STATE_DIR", default_value = "./reelhouse-state")]
+    pub state_dir: PathBuf,
     /// Flush to Delta when this many acknowledged rows are waiting.
     #[arg(long, env = "REELHOUSE_FLUSH_ROWS", default_value_t = 1_000_000)]
     pub flush_rows: usize,
@@ -101,6 +108,7 @@ impl DataArgs {
     pub fn defaults(data_dir: PathBuf) -> DataArgs {
         DataArgs {
             data_dir,
+            state_dir: PathBuf::from("./reelhouse-state"),
             flush_rows: 1_000_000,
             flush_interval_ms: 10_000,
             allowed_lateness_days: 7,
@@ -112,7 +120,9 @@ impl DataArgs {
     }
 
     pub fn ingest_config(&self) -> IngestConfig {
-        let mut c = IngestConfig::new(&self.data_dir, Arc::new(SystemClock));
+        let (local, tables) = split_location(&self.data_dir, &self.state_dir);
+        let mut c = IngestConfig::new(local, Arc::new(SystemClock));
+        c.tables = tables;
         c.flush_rows = self.flush_rows;
         c.flush_interval = Duration::from_millis(self.flush_interval_ms);
         c.dedup_window = Duration::from_secs(self.allowed_lateness_days * 86_400);
@@ -340,13 +350,27 @@ struct RestateArgs {
     data: DataArgs,
 }
 
+/// `--data-dir` as (local directory, tables URL): an `s3://` data dir keeps its tables there
+/// and local files in `state_dir`.
+fn split_location(data_dir: &Path, state_dir: &Path) -> (PathBuf, Option<String>) {
+    let raw = data_dir.to_string_lossy();
+    if raw.starts_with("s3://") || raw.starts_with("s3a://") {
+        (state_dir.to_path_buf(), Some(raw.into_owned()))
+    } else {
+        (data_dir.to_path_buf(), None)
+    }
+}
+
 #[derive(Args)]
 struct SqlArgs {
     /// The statement (SELECT, WITH, EXPLAIN or SHOW).
     sql: String,
-    /// Data directory to read (ignored with --url).
+    /// Data directory to read, or s3://BUCKET/PREFIX (ignored with --url).
     #[arg(long, env = "REELHOUSE_DATA_DIR", default_value = "./reelhouse-data")]
     data_dir: PathBuf,
+    /// With --data-dir s3://…: the local state directory (its WAL rows are read too).
+    #[arg(long, env = "REELHOUSE_STATE_DIR", default_value = "./reelhouse-state")]
+    state_dir: PathBuf,
     /// Query a running server instead, e.g. http://127.0.0.1:8080.
     #[arg(long, env = "REELHOUSE_URL")]
     url: Option<String>,
@@ -853,13 +877,15 @@ async fn sql(a: SqlArgs) -> Result<()> {
             v
         }
         None => {
-            if !a.data_dir.exists() {
+            let (local, tables) = split_location(&a.data_dir, &a.state_dir);
+            if tables.is_none() && !local.exists() {
                 bail!(
                     "data directory {} does not exist (set --data-dir)",
                     a.data_dir.display()
                 );
             }
-            let catalog = reelhouse_server::ingest::read_only_view(&a.data_dir).await?;
+            let catalog =
+                reelhouse_server::ingest::read_only_view(&local, tables.as_deref()).await?;
             let r = catalog
                 .query_json(&a.sql, usize::MAX)
                 .await

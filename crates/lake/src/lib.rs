@@ -15,6 +15,7 @@ pub mod erase;
 pub mod query;
 
 pub mod schema;
+pub mod store;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -121,37 +122,53 @@ impl RawTable {
     }
 }
 
-/// The data directory's Delta tables. Stateless apart from the path: callers own the table
-/// handles (snapshots), so they can swap a new version in atomically with whatever else
+/// The data directory's Delta tables. Stateless apart from where things are: callers own the
+/// table handles (snapshots), so they can swap a new version in atomically with whatever else
 /// their view of the data holds.
 #[derive(Debug, Clone)]
 pub struct Lake {
+    /// The local directory of this process's state (WAL, lock, snapshot, `_state/`); also
+    /// where the tables are unless they live on an object store.
     root: PathBuf,
+    tables: store::Location,
 }
 
 impl Lake {
     /// Opens the data directory, creating it if missing. Tables are created on first write.
     pub fn open(root: impl AsRef<Path>) -> Result<Lake> {
-        let root = root.as_ref();
-        std::fs::create_dir_all(root)?;
-        Ok(Lake {
-            root: root.canonicalize()?,
-        })
+        Self::open_at(root, None)
     }
 
-    /// The data directory.
+    /// Like [`Lake::open`], with the tables at `tables` (`s3://bucket/prefix`) when given.
+    pub fn open_at(root: impl AsRef<Path>, tables: Option<&str>) -> Result<Lake> {
+        let root = root.as_ref();
+        std::fs::create_dir_all(root)?;
+        let root = root.canonicalize()?;
+        let tables = match tables {
+            Some(url) => store::Location::remote(url)?,
+            None => store::Location::local(&root)?,
+        };
+        Ok(Lake { root, tables })
+    }
+
+    /// The local data (or state) directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// Directory of one table.
-    pub fn table_dir(&self, t: RawTable) -> PathBuf {
-        self.root.join(t.name())
+    /// Where the tables live.
+    pub fn tables(&self) -> &store::Location {
+        &self.tables
+    }
+
+    /// URL of one table.
+    pub fn table_url(&self, t: RawTable) -> Result<url::Url> {
+        self.tables.table(t.name())
     }
 
     /// The latest version of a table, or `None` if it has never been written.
     pub async fn load(&self, t: RawTable) -> Result<Option<DeltaTable>> {
-        open_dir(&self.table_dir(t)).await
+        self.open_url(&self.table_url(t)?).await
     }
 
     /// Handles of every raw table (for read-only use, e.g. the `sql` command).
@@ -179,7 +196,7 @@ impl Lake {
         let batch = sort_batch(&batch, t)?;
         let table = match current {
             Some(t) => t,
-            None => handle_for_writing(&self.table_dir(t))?,
+            None => handle_for_writing(&self.table_url(t)?)?,
         };
         let props = t.writer_properties()?;
         let commit = CommitProperties::default()
@@ -196,14 +213,17 @@ impl Lake {
 }
 
 impl Lake {
-    /// Directory of a derived (warehouse) table.
-    pub fn derived_dir(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-
     /// The latest version of a derived table, or `None` if it has never been written.
     pub async fn load_derived(&self, name: &str) -> Result<Option<DeltaTable>> {
-        open_dir(&self.derived_dir(name)).await
+        self.open_url(&self.tables.table(name)?).await
+    }
+
+    /// The latest version of the Delta table at `url`, or `None` if none was ever written.
+    async fn open_url(&self, url: &url::Url) -> Result<Option<DeltaTable>> {
+        if !self.tables.has_table(url).await? {
+            return Ok(None);
+        }
+        Ok(Some(deltalake::open_table(url.clone()).await?))
     }
 
     /// The handle to write `name` with (created at the first write) and its zstd properties.
@@ -214,7 +234,7 @@ impl Lake {
     ) -> Result<(DeltaTable, WriterProperties)> {
         let table = match current {
             Some(t) => t,
-            None => handle_for_writing(&self.derived_dir(name))?,
+            None => handle_for_writing(&self.tables.table(name)?)?,
         };
         let zstd = ZstdLevel::try_new(3).map_err(Error::from_parquet)?;
         let props = WriterProperties::builder()
@@ -304,22 +324,12 @@ pub fn dates_predicate(col: &str, days: &[i32]) -> String {
     format!("{col} IN ({})", list.join(", "))
 }
 
-fn dir_url(dir: &Path) -> Result<url::Url> {
-    url::Url::from_directory_path(dir).map_err(|_| Error::Path(dir.display().to_string()))
-}
-
-/// The latest version of the Delta table in `dir`, or `None` if none was ever written there.
-async fn open_dir(dir: &Path) -> Result<Option<DeltaTable>> {
-    if !dir.join("_delta_log").exists() {
-        return Ok(None);
-    }
-    Ok(Some(deltalake::open_table(dir_url(dir)?).await?))
-}
-
 /// A handle to a table location that has no table yet; the first write creates it.
-fn handle_for_writing(dir: &Path) -> Result<DeltaTable> {
-    std::fs::create_dir_all(dir)?;
-    Ok(deltalake::DeltaTableBuilder::from_url(dir_url(dir)?)?.build()?)
+fn handle_for_writing(url: &url::Url) -> Result<DeltaTable> {
+    if let Ok(dir) = url.to_file_path() {
+        std::fs::create_dir_all(dir)?;
+    }
+    Ok(deltalake::DeltaTableBuilder::from_url(url.clone())?.build()?)
 }
 
 /// The last WAL segment committed into a table (`None` before the first commit).

@@ -62,6 +62,9 @@ pub struct IngestConfig {
     /// segments are kept until a snapshot covers them.
     pub snapshot_interval: Duration,
     pub clock: Arc<dyn Clock>,
+    /// Where the Delta tables live when not in `data_dir`: `s3://bucket/prefix` (then
+    /// `data_dir` holds only this process's WAL, lock, feature snapshot and state files).
+    pub tables: Option<String>,
     /// Redis as the online store of a deployment with several processes: the writer copies
     /// every changed record there, API replicas answer features from it (and hold no store).
     pub online: Option<Arc<reelhouse_online::redis::RedisStore>>,
@@ -79,6 +82,7 @@ impl IngestConfig {
             snapshot_interval: Duration::from_secs(30),
             retention: Retention::default(),
             clock,
+            tables: None,
             online: None,
         }
     }
@@ -594,6 +598,8 @@ pub struct Ingestor {
     late: Mutex<LateState>,
     /// The dashboard's in-memory index of the current warehouse version (built lazily).
     dashboard: tokio::sync::Mutex<Option<Arc<crate::dashboard::DashboardIndex>>>,
+    /// Content hashes of the state files last copied next to tables on an object store.
+    mirrored: Mutex<HashMap<&'static str, u64>>,
     /// Held for the life of the ingestor: one writer per data directory (`None`: a read-only
     /// API replica).
     _lock: Option<std::fs::File>,
@@ -735,8 +741,8 @@ fn raw_parts(
 
 /// Reads the committed tables plus the WAL records not yet in them, without taking the data
 /// directory over (for read-only tools such as `reelhouse sql`).
-pub async fn read_only_view(data_dir: &Path) -> Result<Catalog, IngestError> {
-    let lake = Lake::open(data_dir)?;
+pub async fn read_only_view(data_dir: &Path, tables: Option<&str>) -> Result<Catalog, IngestError> {
+    let lake = Lake::open_at(data_dir, tables)?;
     let tables = lake.load_all().await?;
     let committed = committed_positions(&tables).await?;
     let (pending, _) = replay(&committed, &wal_dir(data_dir), false, None).await?;
@@ -806,9 +812,12 @@ impl Ingestor {
         config: IngestConfig,
         log: Option<(Arc<dyn EventLog>, bool)>,
     ) -> Result<Arc<Ingestor>, IngestError> {
-        let lake = Lake::open(&config.data_dir)?;
+        let lake = Lake::open_at(&config.data_dir, config.tables.as_deref())?;
         let dir = wal_dir(lake.root());
         let writer = log.as_ref().is_none_or(|(_, w)| *w);
+        if writer {
+            restore_state_files(&lake).await?;
+        }
         let lock = if writer {
             let lock = std::fs::OpenOptions::new()
                 .create(true)
@@ -905,6 +914,14 @@ impl Ingestor {
         if replayed > 0 {
             tracing::info!(rows = replayed, "replayed write-ahead log");
         }
+        let privacy = if writer {
+            crate::privacy::Privacy::open(&lake_root)?
+        } else if lake.tables().is_remote() {
+            let shared = lake.tables().get_state(crate::privacy::STATE_FILE).await?;
+            crate::privacy::Privacy::read_only_from(&lake_root, shared.as_deref())?
+        } else {
+            crate::privacy::Privacy::open_read_only(&lake_root)?
+        };
         let features = Arc::new(features);
         let view = Arc::new(Mutex::new(view));
         let applier = spawn_applier(Arc::clone(&features), Arc::clone(&view))?;
@@ -931,11 +948,8 @@ impl Ingestor {
             rebuilds: Mutex::new(MaterializerStats::default()),
             materialize_lock: tokio::sync::Mutex::new(()),
             dim_upserts: AtomicU64::new(0),
-            privacy: if writer {
-                crate::privacy::Privacy::open(&lake_root)?
-            } else {
-                crate::privacy::Privacy::open_read_only(&lake_root)?
-            },
+            privacy,
+            mirrored: Mutex::new(HashMap::new()),
             erased_dropped: AtomicU64::new(0),
             dims_lock: tokio::sync::Mutex::new(()),
             late: Mutex::new(LateState::load(&lake_root)?),
@@ -1778,6 +1792,79 @@ impl Ingestor {
             wal_segment: wal.current_segment,
             wal_fsyncs: wal.fsyncs,
             erased_dropped: self.erased_dropped.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// State files under `_state/` that every process of a deployment shares; with tables on an
+/// object store they are mirrored next to the tables (see `reelhouse_lake::store`).
+pub(crate) const SHARED_STATE: [&str; 3] = ["log.json", "late_data.json", "privacy/state.json"];
+
+/// A writer starting with tables on an object store and no local copy of a shared state file
+/// (a new machine) takes the mirrored one.
+async fn restore_state_files(lake: &Lake) -> Result<(), IngestError> {
+    for rel in SHARED_STATE {
+        let local = lake.root().join("_state").join(rel);
+        if local.exists() {
+            continue;
+        }
+        if let Some(bytes) = lake.tables().get_state(rel).await? {
+            tracing::info!(file = rel, "restored a state file from the object store");
+            write_atomically(&local, &bytes)?;
+        }
+    }
+    Ok(())
+}
+
+impl Ingestor {
+    /// The writer with tables on an object store: copies the shared state files that changed
+    /// since the last copy next to the tables (a no-op for a local data directory).
+    pub async fn mirror_state(&self) -> Result<usize, IngestError> {
+        if !self.lake.tables().is_remote() || !self.is_writer() {
+            return Ok(0);
+        }
+        let mut copied = 0;
+        for rel in SHARED_STATE {
+            let Ok(bytes) = std::fs::read(self.lake.root().join("_state").join(rel)) else {
+                continue;
+            };
+            let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
+            let last = self
+                .mirrored
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(rel)
+                .copied();
+            if last == Some(hash) {
+                continue;
+            }
+            self.lake.tables().put_state(rel, bytes).await?;
+            self.mirrored
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(rel, hash);
+            copied += 1;
+        }
+        Ok(copied)
+    }
+
+    /// Mirrors the shared state every `interval` (and once more at `stop`).
+    pub async fn run_state_mirror(
+        self: Arc<Self>,
+        interval: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let stopping = tokio::select! {
+                _ = tokio::time::sleep(interval) => false,
+                _ = stop.changed() => true,
+            };
+            if let Err(e) = self.mirror_state().await {
+                tracing::warn!(error = %e, "could not copy state files to the object store; retrying");
+            }
+            if stopping {
+                return;
+            }
         }
     }
 }

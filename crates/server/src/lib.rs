@@ -610,6 +610,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         // Daily retention; it ends with the stop signal.
         tokio::spawn(Arc::clone(&ingestor).run_retention(rx.clone()));
     }
+    if writer && config.ingest.tables.is_some() {
+        tokio::spawn(Arc::clone(&ingestor).run_state_mirror(Duration::from_secs(1), rx.clone()));
+    }
     if writer && config.ingest.online.is_some() {
         tokio::spawn(Arc::clone(&ingestor).run_online_copier(ONLINE_COPY_INTERVAL, rx.clone()));
     }

@@ -98,6 +98,17 @@ impl Privacy {
     pub fn open_read_only(data_dir: &Path) -> std::io::Result<Privacy> {
         let dir = data_dir.join("_state").join("privacy");
         let state = read_state(&dir)?;
+        Self::read_only(dir, state)
+    }
+
+    /// [`Privacy::open_read_only`] from the bytes of the writer's state file as mirrored
+    /// next to tables on an object store (`None`: none yet).
+    pub fn read_only_from(data_dir: &Path, shared: Option<&[u8]>) -> std::io::Result<Privacy> {
+        let dir = data_dir.join("_state").join("privacy");
+        Self::read_only(dir, parse_state(shared)?)
+    }
+
+    fn read_only(dir: PathBuf, state: State) -> std::io::Result<Privacy> {
         Ok(Privacy {
             dir,
             salt: RwLock::new(state.salt.clone()),
@@ -110,7 +121,15 @@ impl Privacy {
     /// Re-reads the writer's state; returns the salted hashes of the users whose forget
     /// request (erase or anonymize) finished since the last read.
     pub fn reload(&self) -> std::io::Result<Vec<String>> {
-        let state = read_state(&self.dir)?;
+        self.reload_with(read_state(&self.dir)?)
+    }
+
+    /// [`Privacy::reload`] from the bytes of the mirrored state file (`None`: none yet).
+    pub fn reload_from(&self, shared: Option<&[u8]>) -> std::io::Result<Vec<String>> {
+        self.reload_with(parse_state(shared)?)
+    }
+
+    fn reload_with(&self, state: State) -> std::io::Result<Vec<String>> {
         *self.salt.write().unwrap_or_else(|p| p.into_inner()) = state.salt.clone();
         *self.tombstones.write().unwrap_or_else(|p| p.into_inner()) =
             state.tombstones.iter().cloned().collect();
@@ -159,12 +178,22 @@ impl Privacy {
     }
 }
 
+/// The privacy state file, relative to `_state/`.
+pub const STATE_FILE: &str = "privacy/state.json";
+
 fn read_state(dir: &Path) -> std::io::Result<State> {
     match std::fs::read(dir.join("state.json")) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map_err(|_| std::io::Error::other("_state/privacy/state.json is unreadable")),
+        Ok(b) => parse_state(Some(&b)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
         Err(e) => Err(e),
+    }
+}
+
+fn parse_state(bytes: Option<&[u8]>) -> std::io::Result<State> {
+    match bytes {
+        Some(b) => serde_json::from_slice(b)
+            .map_err(|_| std::io::Error::other("_state/privacy/state.json is unreadable")),
+        None => Ok(State::default()),
     }
 }
 

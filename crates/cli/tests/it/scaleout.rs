@@ -1,5 +1,5 @@
-//! Scale-out on a shared log: a real `nats-server` (JetStream) and a real `redis-server` on
-//! loopback and five processes of the real binary (2 ingest nodes, 1 materializer copying
+//! Scale-out on a shared log: a real `nats-server` (JetStream), a real `redis-server` and an
+//! S3 server on loopback and five processes of the real binary (2 ingest nodes, 1 materializer copying
 //! features to Redis, 1 API replica answering features from Redis, 1 API replica with its own
 //! store). One ingest node and the materializer are SIGKILLed mid-stream and restarted;
 //! afterwards every acknowledged event is in `events` exactly once, `agg_creator_daily`
@@ -7,7 +7,9 @@
 //! own store equal the single node's in-process ones, and an erasure truncates the log and
 //! deletes the user's Redis key.
 //!
-//! `scripts/test.sh` installs `nats-server` and `redis-server` (Debian packages) when missing.
+//! The tables live on an S3-compatible store (moto's server); every process has a local state
+//! directory of its own, as on separate machines. `scripts/test.sh` installs `nats-server` and
+//! `redis-server` (Debian packages) and `moto[server]` (PyPI) when missing.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -16,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use reelhouse_workload::{generate, WorkloadConfig};
 use serde_json::Value;
+
+use reelhouse_lake::deltalake::logstore::object_store;
 
 use crate::common::{self, free_port, get, post, sql, wait_healthy};
 
@@ -90,19 +94,126 @@ fn start_redis() -> Redis {
     Redis { child, port }
 }
 
+/// moto's S3 server on a free loopback port with one bucket; killed on drop.
+struct S3 {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const BUCKET: &str = "reelhouse-it";
+
+fn start_s3() -> S3 {
+    let port = free_port();
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 is missing");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Creating the bucket is also the readiness probe (moto takes no credentials).
+    loop {
+        let created = Command::new("curl")
+            .args(["-sf", "-X", "PUT", &format!("{endpoint}/{BUCKET}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if created {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "moto's S3 server did not start: run scripts/test.sh, which installs moto[server]"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    S3 { child, endpoint }
+}
+
+impl S3 {
+    /// A client of the test bucket (explicit settings: the test process has no AWS_* env).
+    fn client(&self) -> impl object_store::ObjectStore {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(BUCKET)
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .build()
+            .unwrap()
+    }
+
+    /// The keys under `prefix`.
+    async fn keys(&self, prefix: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStore;
+        self.client()
+            .list(Some(&object_store::path::Path::from(prefix)))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap()
+    }
+
+    /// User ids of every row of a Parquet object.
+    async fn parquet_users(&self, key: &str) -> Vec<i64> {
+        use object_store::ObjectStoreExt;
+        use reelhouse_lake::deltalake::arrow::array::AsArray;
+        use reelhouse_lake::deltalake::arrow::datatypes::Int64Type;
+        use reelhouse_lake::deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let bytes = self
+            .client()
+            .get(&object_store::path::Path::from(key))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap();
+        let mut users = Vec::new();
+        for b in reader {
+            let b = b.unwrap();
+            let col = b.column_by_name("user_id").expect("user_id column");
+            users.extend(col.as_primitive::<Int64Type>().iter().flatten());
+        }
+        users
+    }
+}
+
 /// One process of the deployment; SIGKILLed on drop if still running.
 struct Node {
     child: Child,
     url: String,
     port: u16,
     args: Vec<String>,
+    env: Vec<(&'static str, String)>,
 }
 
 impl Node {
-    fn spawn(port: u16, args: Vec<String>) -> Node {
+    fn spawn(port: u16, args: Vec<String>, env: &[(&'static str, String)]) -> Node {
         let child = Command::new(env!("CARGO_BIN_EXE_reelhouse"))
             .arg("serve")
             .args(&args)
+            .envs(env.iter().map(|(k, v)| (k, v.as_str())))
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -113,6 +224,7 @@ impl Node {
             url: format!("http://127.0.0.1:{port}"),
             port,
             args,
+            env: env.to_vec(),
         }
     }
 
@@ -122,7 +234,7 @@ impl Node {
     }
 
     fn restart(&mut self) {
-        *self = Node::spawn(self.port, self.args.clone());
+        *self = Node::spawn(self.port, self.args.clone(), &self.env.clone());
     }
 }
 
@@ -133,14 +245,16 @@ impl Drop for Node {
     }
 }
 
-fn role_args(role: &str, log: &str, dir: Option<&Path>) -> Vec<String> {
+/// `--data-dir` on the S3 bucket, with a state directory of the process's own (as on
+/// machines of their own).
+fn role_args(role: &str, log: &str, tables: Option<(&str, &Path)>) -> Vec<String> {
     let mut a: Vec<String> = ["--role", role, "--log", log]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    if let Some(d) = dir {
-        a.push("--data-dir".into());
-        a.push(d.display().to_string());
+    if let Some((url, state)) = tables {
+        a.extend(["--data-dir".into(), url.to_string()]);
+        a.extend(["--state-dir".into(), state.display().to_string()]);
         // Small flushes and snapshots, so the kill lands between Delta commits and acks.
         for f in [
             "--flush-rows=3000",
@@ -221,20 +335,41 @@ async fn two_ingest_nodes_one_materializer_two_replicas_survive_sigkill() {
         a.extend(["--online".to_string(), online.clone()]);
         a
     };
+    let s3 = start_s3();
+    // Every process gets the usual AWS_* variables, pointed at the loopback server.
+    let env = vec![
+        ("AWS_ACCESS_KEY_ID", "test".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ENDPOINT_URL", s3.endpoint.clone()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+    ];
+    let tables = format!("s3://{BUCKET}/scaleout");
     let dir = tempfile::tempdir().unwrap();
+    let state = |name: &str| dir.path().join(name);
 
     let mut materializer = Node::spawn(
         free_port(),
-        with_redis(role_args("materialize", &log, Some(dir.path()))),
+        with_redis(role_args(
+            "materialize",
+            &log,
+            Some((&tables, &state("materializer"))),
+        )),
+        &env,
     );
     wait_healthy(&materializer.url).await;
     let replica = Node::spawn(
         free_port(),
-        with_redis(role_args("serve", &log, Some(dir.path()))),
+        with_redis(role_args("serve", &log, Some((&tables, &state("replica"))))),
+        &env,
     );
-    let local_replica = Node::spawn(free_port(), role_args("serve", &log, Some(dir.path())));
-    let mut ingest1 = Node::spawn(free_port(), role_args("ingest", &log, None));
-    let ingest2 = Node::spawn(free_port(), role_args("ingest", &log, None));
+    let local_replica = Node::spawn(
+        free_port(),
+        role_args("serve", &log, Some((&tables, &state("local-replica")))),
+        &env,
+    );
+    let mut ingest1 = Node::spawn(free_port(), role_args("ingest", &log, None), &env);
+    let ingest2 = Node::spawn(free_port(), role_args("ingest", &log, None), &env);
     for n in [&replica, &local_replica, &ingest1, &ingest2] {
         wait_healthy(&n.url).await;
     }
@@ -509,6 +644,25 @@ async fn two_ingest_nodes_one_materializer_two_replicas_survive_sigkill() {
     let (_, from_redis) = get(&replica.url, &path).await;
     let (_, from_store) = get(&materializer.url, &path).await;
     assert_eq!(from_redis["views_total"], from_store["views_total"]);
+    // On the object store, no Parquet file of `events` holds the user any more (old versions
+    // included: vacuum removed them), and the shared state went next to the tables.
+    let keys = s3.keys("scaleout/events").await;
+    let files: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.ends_with(".parquet") && !k.contains("_delta_log"))
+        .collect();
+    assert!(!files.is_empty());
+    for key in &files {
+        let users = s3.parquet_users(key).await;
+        assert!(!users.contains(&user), "{key} still holds the erased user");
+    }
+    let state_keys = s3.keys("scaleout/_state").await;
+    for f in ["log.json", "privacy/state.json"] {
+        assert!(
+            state_keys.contains(&format!("scaleout/_state/{f}")),
+            "{f} is not mirrored: {state_keys:?}"
+        );
+    }
     let remaining = count(&materializer.url, "SELECT count(*) FROM events").await;
     assert!(remaining.is_some_and(|n| n > 0 && n < expected));
     single.shutdown().await.unwrap();

@@ -253,14 +253,23 @@ impl Ingestor {
         if derived_changed {
             *self.dashboard.lock().await = None;
         }
-        self.forget_newly_erased()?;
+        self.forget_newly_erased().await?;
         Ok(changed || derived_changed)
     }
 
     /// An API replica: users the materializer erased or anonymized since the last look leave
     /// this replica's feature store too (later events of erased users are dropped on read).
-    fn forget_newly_erased(&self) -> Result<(), IngestError> {
-        let new = self.privacy.reload()?;
+    async fn forget_newly_erased(&self) -> Result<(), IngestError> {
+        let new = if self.lake.tables().is_remote() {
+            let shared = self
+                .lake
+                .tables()
+                .get_state(crate::privacy::STATE_FILE)
+                .await?;
+            self.privacy.reload_from(shared.as_deref())?
+        } else {
+            self.privacy.reload()?
+        };
         if new.is_empty() {
             return Ok(());
         }
