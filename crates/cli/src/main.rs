@@ -255,6 +255,7 @@ async fn retention(a: RetentionArgs) -> Result<()> {
     let spinner = ProgressBar::new_spinner().with_message("applying retention…");
     spinner.enable_steady_tick(Duration::from_millis(120));
     let r = ingestor.apply_retention().await?;
+    ingestor.close().await;
     spinner.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
@@ -681,6 +682,7 @@ async fn ingest(a: IngestArgs) -> Result<()> {
     let _ = flusher.await;
     bar.set_message("committing to Delta…");
     ingestor.flush().await?;
+    ingestor.close().await;
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let lines = accepted + duplicates + rejected;
@@ -759,6 +761,7 @@ async fn forget(a: ForgetArgs) -> Result<()> {
             ingestor.run_request(&id).await;
             let s = ingestor.privacy_request(&id).unwrap_or_default();
             ingestor.flush().await?;
+            ingestor.close().await;
             s
         }
     };
@@ -794,6 +797,7 @@ async fn check(a: CheckArgs) -> Result<()> {
             let r = reelhouse_server::features::check(&ingestor)
                 .await
                 .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+            ingestor.close().await;
             spinner.finish_and_clear();
             serde_json::to_value(r)?
         }
@@ -828,6 +832,7 @@ async fn materialize(data: DataArgs, restate: Option<(i32, i32)>, full: bool) ->
         None if full => ingestor.materialize_full().await?,
         None => ingestor.materialize().await?,
     };
+    ingestor.close().await;
     spinner.finish_and_clear();
     let rows: Vec<Vec<serde_json::Value>> = report
         .tables

@@ -52,6 +52,10 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("invalid data directory: {0}")]
     Path(String),
+    #[error("{0}")]
+    WriterLease(String),
+    #[error("{0}")]
+    LeaseLost(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

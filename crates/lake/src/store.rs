@@ -21,7 +21,9 @@ use std::sync::{Arc, Once};
 
 use deltalake::logstore::object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use deltalake::logstore::object_store::path::Path as ObjectPath;
-use deltalake::logstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use deltalake::logstore::object_store::{
+    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
+};
 use deltalake::logstore::{
     default_logstore, logstore_factories, object_store_factories, LogStore, LogStoreFactory,
     ObjectStoreFactory, ObjectStoreRef, StorageConfig,
@@ -214,5 +216,343 @@ impl Location {
                 }
             }
         }
+    }
+}
+
+/// The object holding the writer lease, relative to `_state/`.
+const LEASE_FILE: &str = "writer.json";
+
+/// The claim of one process on writing the tables at an object-store location: the local
+/// data-directory lock does not reach other machines, so the one writer (a single node or the
+/// materializer) holds `_state/writer.json` there, renewed by conditional puts.
+#[derive(Debug, Clone)]
+pub struct WriterLease {
+    holder: String,
+    e_tag: Option<String>,
+    /// Whoever held it before this acquisition (`None`: nobody, or a local directory).
+    pub previous: Option<String>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LeaseBody {
+    holder: String,
+    renewed_at_ms: i64,
+}
+
+impl Location {
+    /// Takes the writer lease for `holder` when it is free, already `holder`'s (a restart on
+    /// the same state directory), or not renewed for `ttl_ms` (its holder is gone). A no-op
+    /// lease for a local directory (its lock file does the job).
+    pub async fn acquire_writer(
+        &self,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<WriterLease> {
+        let Some((store, prefix)) = &self.remote else {
+            return Ok(WriterLease {
+                holder: holder.into(),
+                e_tag: None,
+                previous: None,
+            });
+        };
+        let path = Self::state_path(prefix, LEASE_FILE);
+        let body = || {
+            let b = LeaseBody {
+                holder: holder.into(),
+                renewed_at_ms: now_ms,
+            };
+            PutPayload::from(serde_json::to_vec(&b).unwrap_or_default())
+        };
+        let lease_err = |e: deltalake::logstore::object_store::Error| {
+            Error::WriterLease(format!("the writer lease at {}: {e}", self.url))
+        };
+        // A race with another starting writer is lost or won by the conditional put; a
+        // second look settles who has it.
+        for _ in 0..3 {
+            let mut previous = None;
+            let mode = match store.get(&path).await {
+                Err(deltalake::logstore::object_store::Error::NotFound { .. }) => PutMode::Create,
+                Err(e) => return Err(lease_err(e)),
+                Ok(r) => {
+                    let version = UpdateVersion {
+                        e_tag: r.meta.e_tag.clone(),
+                        version: r.meta.version.clone(),
+                    };
+                    let bytes = r.bytes().await.map_err(lease_err)?;
+                    let cur: Option<LeaseBody> = serde_json::from_slice(&bytes).ok();
+                    previous = cur.as_ref().map(|c| c.holder.clone());
+                    if let Some(cur) = cur.filter(|c| c.holder != holder) {
+                        let age_ms = now_ms - cur.renewed_at_ms;
+                        if age_ms <= ttl_ms {
+                            return Err(Error::WriterLease(format!(
+                                "the tables at {} are written by another process (its lease \
+                                 was renewed {} s ago); stop it, or start this one {} s after \
+                                 it stopped",
+                                self.url,
+                                age_ms.max(0) / 1000,
+                                ttl_ms / 1000
+                            )));
+                        }
+                    }
+                    PutMode::Update(version)
+                }
+            };
+            match store.put_opts(&path, body(), PutOptions::from(mode)).await {
+                Ok(r) => {
+                    return Ok(WriterLease {
+                        holder: holder.into(),
+                        e_tag: r.e_tag,
+                        previous,
+                    })
+                }
+                Err(
+                    deltalake::logstore::object_store::Error::AlreadyExists { .. }
+                    | deltalake::logstore::object_store::Error::Precondition { .. },
+                ) => continue,
+                Err(e) => return Err(lease_err(e)),
+            }
+        }
+        Err(Error::WriterLease(format!(
+            "the writer lease at {} keeps changing hands; is another writer starting?",
+            self.url
+        )))
+    }
+
+    /// Gives the lease up (marks it expired, if it is still this one's), so the next writer
+    /// need not wait for it to expire.
+    pub async fn release_writer(&self, lease: &WriterLease) -> Result<()> {
+        self.renew_writer(lease, i64::MIN / 2).await.map(|_| ())
+    }
+
+    /// Renews a lease taken by [`Location::acquire_writer`]; fails when another process has
+    /// taken it over (this one must stop writing).
+    pub async fn renew_writer(&self, lease: &WriterLease, now_ms: i64) -> Result<WriterLease> {
+        let Some((store, prefix)) = &self.remote else {
+            return Ok(lease.clone());
+        };
+        let body = LeaseBody {
+            holder: lease.holder.clone(),
+            renewed_at_ms: now_ms,
+        };
+        let mode = PutMode::Update(UpdateVersion {
+            e_tag: lease.e_tag.clone(),
+            version: None,
+        });
+        match store
+            .put_opts(
+                &Self::state_path(prefix, LEASE_FILE),
+                PutPayload::from(serde_json::to_vec(&body).unwrap_or_default()),
+                PutOptions::from(mode),
+            )
+            .await
+        {
+            Ok(r) => Ok(WriterLease {
+                holder: lease.holder.clone(),
+                e_tag: r.e_tag,
+                previous: lease.previous.clone(),
+            }),
+            Err(deltalake::logstore::object_store::Error::Precondition { .. }) => {
+                Err(Error::LeaseLost(format!(
+                    "another process took over the writer lease at {}; this one stops writing",
+                    self.url
+                )))
+            }
+            Err(e) => Err(Error::WriterLease(format!(
+                "renewing the writer lease at {}: {e}",
+                self.url
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use deltalake::arrow::array::{Int64Array, RecordBatch};
+    use deltalake::arrow::datatypes::{DataType, Field, Schema};
+    use deltalake::protocol::SaveMode;
+    use deltalake::{DeltaTable, DeltaTableBuilder};
+
+    use super::*;
+
+    /// moto's S3 server on a free loopback port, with bucket `rh-lake-test`; killed on drop.
+    struct Moto(Child, String);
+
+    impl Drop for Moto {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn moto() -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 is missing");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !Command::new("curl")
+            .args(["-sf", "-X", "PUT", &format!("{endpoint}/rh-lake-test")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "moto's S3 server did not start (scripts/test.sh installs moto[server])"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Moto(child, endpoint)
+    }
+
+    fn options(endpoint: &str) -> HashMap<String, String> {
+        [
+            ("aws_endpoint", endpoint),
+            ("aws_allow_http", "true"),
+            ("aws_access_key_id", "test"),
+            ("aws_secret_access_key", "test"),
+            ("aws_region", "us-east-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    fn batch(from: i64, n: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(
+            schema,
+            vec![Arc::new(Int64Array::from_iter_values(from..from + n))],
+        )
+        .unwrap()
+    }
+
+    async fn handle(url: &Url, opts: &HashMap<String, String>) -> DeltaTable {
+        let mut t = DeltaTableBuilder::from_url(url.clone())
+            .unwrap()
+            .with_storage_options(opts.clone())
+            .build()
+            .unwrap();
+        t.load().await.unwrap();
+        t
+    }
+
+    /// Two writers appending to one table on S3 at the same time: every commit lands as its
+    /// own version (the loser of a race for version N gets 412 from the conditional put and
+    /// retries at N+1), and the store refuses to overwrite a commit file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commits_on_s3_never_overwrite_each_other() {
+        let s3 = moto();
+        register();
+        let opts = options(&s3.1);
+        let url = Url::parse("s3://rh-lake-test/t/").unwrap();
+        let first = DeltaTableBuilder::from_url(url.clone())
+            .unwrap()
+            .with_storage_options(opts.clone())
+            .build()
+            .unwrap();
+        first.write(vec![batch(0, 1)]).await.unwrap();
+        let writer = |w: i64| {
+            let (url, opts) = (url.clone(), opts.clone());
+            async move {
+                let mut t = handle(&url, &opts).await;
+                for i in 0..5 {
+                    t = t
+                        .write(vec![batch(1_000 * w + 10 * i, 10)])
+                        .with_save_mode(SaveMode::Append)
+                        .await
+                        .unwrap();
+                }
+            }
+        };
+        tokio::join!(writer(1), writer(2));
+        let t = handle(&url, &opts).await;
+        assert_eq!(
+            t.version(),
+            Some(10),
+            "1 create + 2 × 5 appends, each its own version"
+        );
+        let rows: i64 = t
+            .snapshot()
+            .unwrap()
+            .log_data()
+            .into_iter()
+            .map(|f| f.num_records().unwrap_or(0) as i64)
+            .sum();
+        assert_eq!(rows, 1 + 2 * 5 * 10, "no commit lost");
+        // The guarantee it rests on: a commit file that exists is never replaced.
+        let store = s3_store(&url, opts.iter()).unwrap();
+        let commit = ObjectPath::from("t/_delta_log/00000000000000000001.json");
+        let again = store
+            .put_opts(
+                &commit,
+                PutPayload::from_static(b"{}"),
+                PutOptions::from(PutMode::Create),
+            )
+            .await;
+        assert!(
+            matches!(
+                again,
+                Err(deltalake::logstore::object_store::Error::AlreadyExists { .. })
+            ),
+            "{again:?}"
+        );
+    }
+
+    /// The lease keeps a second writer out while the first renews it, lets the same state
+    /// directory back in at once, passes to another writer once expired or released, and
+    /// tells a writer that lost it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_writer_lease_per_location() {
+        let s3 = moto();
+        register();
+        let opts = options(&s3.1);
+        let url = Url::parse("s3://rh-lake-test/leased/").unwrap();
+        let loc = Location {
+            remote: Some((
+                s3_store(&url, opts.iter()).unwrap(),
+                ObjectPath::from_url_path(url.path()).unwrap(),
+            )),
+            url,
+        };
+        let ttl = 30_000;
+        let a = loc.acquire_writer("a", 1_000, ttl).await.unwrap();
+        assert_eq!(a.previous, None);
+        let refused = loc.acquire_writer("b", 2_000, ttl).await.unwrap_err();
+        assert!(matches!(refused, Error::WriterLease(_)), "{refused}");
+        assert!(refused.to_string().contains("written by another process"));
+        // The same holder (a restart on the same state directory) gets it back at once.
+        let a = loc.acquire_writer("a", 3_000, ttl).await.unwrap();
+        let a = loc.renew_writer(&a, 10_000).await.unwrap();
+        assert!(loc.acquire_writer("b", 10_000 + ttl, ttl).await.is_err());
+        // Not renewed for longer than the ttl: another writer takes over, and the old one
+        // learns it at its next renewal.
+        let b = loc.acquire_writer("b", 10_001 + ttl, ttl).await.unwrap();
+        assert_eq!(b.previous.as_deref(), Some("a"));
+        let lost = loc.renew_writer(&a, 10_002 + ttl).await.unwrap_err();
+        assert!(matches!(lost, Error::LeaseLost(_)), "{lost}");
+        // Released: the next writer need not wait.
+        loc.release_writer(&b).await.unwrap();
+        loc.acquire_writer("c", 10_003 + ttl, ttl).await.unwrap();
     }
 }

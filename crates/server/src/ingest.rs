@@ -127,8 +127,10 @@ pub enum IngestError {
     Overloaded,
     #[error("the write-ahead log could not persist the batch")]
     Wal(#[from] reelhouse_wal::Error),
+    // No `#[from]` (which would also make it the `source`): the message already holds the
+    // inner error, and a `{:#}` chain would print it twice.
     #[error("table storage error: {0}")]
-    Lake(#[from] reelhouse_lake::Error),
+    Lake(reelhouse_lake::Error),
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error(
@@ -146,6 +148,12 @@ pub enum IngestError {
     Log(#[from] reelhouse_log::Error),
     #[error("{0}")]
     WrongRole(&'static str),
+}
+
+impl From<reelhouse_lake::Error> for IngestError {
+    fn from(e: reelhouse_lake::Error) -> Self {
+        IngestError::Lake(e)
+    }
 }
 
 /// Where a batch came from (stored in `quarantine.ingest_path`).
@@ -600,6 +608,10 @@ pub struct Ingestor {
     dashboard: tokio::sync::Mutex<Option<Arc<crate::dashboard::DashboardIndex>>>,
     /// Content hashes of the state files last copied next to tables on an object store.
     mirrored: Mutex<HashMap<&'static str, u64>>,
+    /// The writer's lease on tables on an object store (see `reelhouse_lake::store`).
+    lease: tokio::sync::Mutex<Option<reelhouse_lake::store::WriterLease>>,
+    /// Another process took the lease over: this one commits nothing more.
+    lease_lost: std::sync::atomic::AtomicBool,
     /// Held for the life of the ingestor: one writer per data directory (`None`: a read-only
     /// API replica).
     _lock: Option<std::fs::File>,
@@ -815,9 +827,20 @@ impl Ingestor {
         let lake = Lake::open_at(&config.data_dir, config.tables.as_deref())?;
         let dir = wal_dir(lake.root());
         let writer = log.as_ref().is_none_or(|(_, w)| *w);
-        if writer {
-            restore_state_files(&lake).await?;
-        }
+        let lease = if writer && lake.tables().is_remote() {
+            let holder = writer_id(lake.root())?;
+            let now = config.clock.now_ms();
+            let lease = lake
+                .tables()
+                .acquire_writer(&holder, now, LEASE_TTL.as_millis() as i64)
+                .await?;
+            // Another writer held the tables last: its mirrored state is newer than ours.
+            let theirs = lease.previous.as_ref().is_some_and(|p| *p != holder);
+            restore_state_files(&lake, theirs).await?;
+            Some(lease)
+        } else {
+            None
+        };
         let lock = if writer {
             let lock = std::fs::OpenOptions::new()
                 .create(true)
@@ -950,6 +973,8 @@ impl Ingestor {
             dim_upserts: AtomicU64::new(0),
             privacy,
             mirrored: Mutex::new(HashMap::new()),
+            lease: tokio::sync::Mutex::new(lease),
+            lease_lost: std::sync::atomic::AtomicBool::new(false),
             erased_dropped: AtomicU64::new(0),
             dims_lock: tokio::sync::Mutex::new(()),
             late: Mutex::new(LateState::load(&lake_root)?),
@@ -1062,6 +1087,17 @@ impl Ingestor {
                     .retry_changes(changes.into_iter().map(|(k, _)| k));
                 Err(e.into())
             }
+        }
+    }
+
+    /// Whether Redis still holds a record of `user` (false without Redis).
+    pub(crate) async fn online_has_user(&self, user: i64) -> Result<bool, IngestError> {
+        match self.config.online.as_deref() {
+            Some(r) => Ok(r
+                .get(reelhouse_online::Key::User(user.max(0) as u64))
+                .await?
+                .is_some()),
+            None => Ok(false),
         }
     }
 
@@ -1308,6 +1344,12 @@ impl Ingestor {
         if !self.is_writer() {
             // An API replica commits nothing; the materializer does.
             return Ok(0);
+        }
+        if self.lease_lost.load(Ordering::Relaxed) {
+            return Err(reelhouse_lake::Error::WriterLease(
+                "another process took over the writer lease; this one commits nothing more".into(),
+            )
+            .into());
         }
         let _guard = self.flush_lock.lock().await;
         let snapshot_due = force
@@ -1800,12 +1842,32 @@ impl Ingestor {
 /// object store they are mirrored next to the tables (see `reelhouse_lake::store`).
 pub(crate) const SHARED_STATE: [&str; 3] = ["log.json", "late_data.json", "privacy/state.json"];
 
-/// A writer starting with tables on an object store and no local copy of a shared state file
-/// (a new machine) takes the mirrored one.
-async fn restore_state_files(lake: &Lake) -> Result<(), IngestError> {
+/// How long a writer's lease on object-store tables lasts without renewal (renewed every
+/// third of it): how long a replacement on another machine waits after a crash.
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// This state directory's writer identity (random, made once): a restart on the same
+/// directory takes its own lease back at once.
+fn writer_id(root: &Path) -> Result<String, IngestError> {
+    let path = root.join("_state").join("writer_id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let id = hex::encode(rand::random::<[u8; 16]>());
+            write_atomically(&path, id.as_bytes())?;
+            Ok(id)
+        }
+    }
+}
+
+/// A writer starting on tables on an object store takes the mirrored shared state files
+/// when it has no local copy (a new machine) or when another writer held the tables since
+/// (`theirs`: its copies are newer). A restart of the last writer keeps its local files, which
+/// may be up to a second newer than the mirror.
+async fn restore_state_files(lake: &Lake, theirs: bool) -> Result<(), IngestError> {
     for rel in SHARED_STATE {
         let local = lake.root().join("_state").join(rel);
-        if local.exists() {
+        if local.exists() && !theirs {
             continue;
         }
         if let Some(bytes) = lake.tables().get_state(rel).await? {
@@ -1846,6 +1908,51 @@ impl Ingestor {
             copied += 1;
         }
         Ok(copied)
+    }
+
+    /// Renews the writer lease every third of [`LEASE_TTL`] until `stop`, then gives it up.
+    /// Losing it (another process took over) stops this process's commits.
+    pub async fn run_lease_renewal(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            let stopping = tokio::select! {
+                _ = tokio::time::sleep(LEASE_TTL / 3) => false,
+                _ = stop.changed() => true,
+            };
+            let mut lease = self.lease.lock().await;
+            let Some(cur) = lease.as_ref() else { return };
+            if stopping {
+                // After the final flush has committed; the next writer need not wait.
+                return;
+            }
+            match self.lake.tables().renew_writer(cur, self.now_ms()).await {
+                Ok(next) => *lease = Some(next),
+                Err(e @ reelhouse_lake::Error::LeaseLost(_)) => {
+                    tracing::error!(error = %e, "lost the writer lease");
+                    self.lease_lost.store(true, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "could not renew the writer lease; retrying"),
+            }
+        }
+    }
+
+    /// For a writer with tables on an object store, after its last commit: copies the shared
+    /// state files there and gives the writer lease up (a no-op otherwise). One-shot commands
+    /// and server shutdown end with it.
+    pub async fn close(&self) {
+        if let Err(e) = self.mirror_state().await {
+            tracing::warn!(error = %e, "could not copy state files to the object store");
+        }
+        self.release_lease().await;
+    }
+
+    /// Gives the writer lease up (at shutdown, after the last commit).
+    async fn release_lease(&self) {
+        if let Some(l) = self.lease.lock().await.take() {
+            if let Err(e) = self.lake.tables().release_writer(&l).await {
+                tracing::warn!(error = %e, "could not release the writer lease; it expires by itself");
+            }
+        }
     }
 
     /// Mirrors the shared state every `interval` (and once more at `stop`).

@@ -612,6 +612,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     }
     if writer && config.ingest.tables.is_some() {
         tokio::spawn(Arc::clone(&ingestor).run_state_mirror(Duration::from_secs(1), rx.clone()));
+        tokio::spawn(Arc::clone(&ingestor).run_lease_renewal(rx.clone()));
     }
     if writer && config.ingest.online.is_some() {
         tokio::spawn(Arc::clone(&ingestor).run_online_copier(ONLINE_COPY_INTERVAL, rx.clone()));
@@ -717,6 +718,8 @@ impl RunningServer {
         if let Some(m) = self.materializer {
             let _ = tokio::task::spawn_blocking(move || m.join()).await;
         }
-        self.ingestor.flush().await
+        let flushed = self.ingestor.flush().await;
+        self.ingestor.close().await;
+        flushed
     }
 }

@@ -421,8 +421,17 @@ impl Ingestor {
         // 1. Online store, at an exact point of the log.
         let features = self.features_arc();
         let (_, online) = self.rotate_cut(move || features.forget_user(user))?;
-        // With Redis, the user's keys go (and the counts they changed are rewritten) now.
-        let online_redis = self.copy_online().await?;
+        // With Redis, the user's key goes (and the records whose counts they were in are
+        // rewritten) now; the periodic copy may have done part of it already, so the receipt
+        // also says whether the key is gone.
+        let online_redis = match self.copy_online().await? {
+            Some(w) => Some(json!({
+                "keys_set": w.keys_set,
+                "keys_deleted": w.keys_deleted,
+                "user_key_left": self.online_has_user(user).await?,
+            })),
+            None => None,
+        };
         // 2. Everything acknowledged into Delta; snapshot rewritten; WAL segments deleted.
         self.flush().await?;
         let wal_segments_left = reelhouse_wal::list_segments(&self.data_dir().join("_wal"))
