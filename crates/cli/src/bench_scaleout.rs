@@ -1,13 +1,17 @@
 //! `reelhouse bench scaleout`: the same events sent to one embedded node (local WAL), then
 //! through NATS JetStream to 1 and to 2 ingest processes (each run with its own materializer
-//! and one API replica, all processes of this binary on this machine): ingest rate and ack
-//! latency, how long the materializer takes to have everything in Delta, and end-to-end
-//! freshness (ack by an ingest node → the view visible in the replica's features).
+//! and two API replicas, all processes of this binary on this machine): ingest rate and ack
+//! latency, how long the materializer takes to have everything in Delta, end-to-end
+//! freshness (ack by an ingest node → the view visible in a replica's features) and feature
+//! lookup latency, for a replica with its own in-process store and one reading Redis (which
+//! the materializer fills, `--online redis://`).
 //!
 //! ```text
 //!  clients ─▶ ingest node ×n ─append─▶ nats-server (JetStream, file storage)
 //!                                          ├─▶ materializer ─▶ Delta (drain time)
-//!                                          └─▶ API replica  ─▶ GET /v1/features (freshness)
+//!                                          │        └─ changed records ─▶ redis-server
+//!                                          ├─▶ replica (own store) ─▶ GET /v1/features
+//!                                          └─▶ replica (--online) ─▶ GET/MGET redis
 //! ```
 //!
 //! Every process shares the machine's cores with the clients and nats-server, so on a small
@@ -107,6 +111,25 @@ async fn count_events(http: &reqwest::Client, url: &str) -> Option<u64> {
     v["rows"][0][0].as_u64()
 }
 
+/// Every video id in `events` (the lookup benchmark's keys).
+async fn video_ids(http: &reqwest::Client, url: &str) -> Result<Vec<u64>> {
+    let v: Value = http
+        .post(format!("{url}/v1/sql"))
+        .json(&json!({"sql": "SELECT DISTINCT video_id FROM events WHERE video_id IS NOT NULL ORDER BY 1"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let ids: Vec<u64> = v["rows"]
+        .as_array()
+        .map(|rows| rows.iter().filter_map(|r| r[0].as_u64()).collect())
+        .unwrap_or_default();
+    if ids.is_empty() {
+        bail!("no video ids to look up");
+    }
+    Ok(ids)
+}
+
 /// One new view per probe, sent to an ingest node; the time from its `200` until the replica
 /// counts it, in microseconds, sorted.
 async fn freshness(
@@ -154,6 +177,69 @@ async fn freshness(
     }
     lat.sort_unstable();
     Ok(lat)
+}
+
+/// Times `singles` single video lookups and `batches` batch-500 lookups against `url`
+/// (microseconds, sorted each).
+async fn lookups(
+    http: &reqwest::Client,
+    url: &str,
+    ids: &[u64],
+    singles: usize,
+    batches: usize,
+) -> Result<(Vec<u64>, Vec<u64>)> {
+    let mut one = Vec::with_capacity(singles);
+    for i in 0..singles {
+        let t = Instant::now();
+        let r = http
+            .get(format!("{url}/v1/features/videos/{}", ids[i % ids.len()]))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("lookup failed: {}", r.status());
+        }
+        r.bytes().await?;
+        one.push(t.elapsed().as_micros() as u64);
+    }
+    let mut many = Vec::with_capacity(batches);
+    for i in 0..batches {
+        let batch: Vec<u64> = (0..500).map(|j| ids[(i * 500 + j) % ids.len()]).collect();
+        let t = Instant::now();
+        let r = http
+            .post(format!("{url}/v1/features/videos:batch"))
+            .json(&json!({ "video_ids": batch }))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("batch lookup failed: {}", r.status());
+        }
+        r.bytes().await?;
+        many.push(t.elapsed().as_micros() as u64);
+    }
+    one.sort_unstable();
+    many.sort_unstable();
+    Ok((one, many))
+}
+
+/// A redis-server on a free loopback port without persistence.
+async fn start_redis() -> Result<(Procs, String)> {
+    let port = free_port()?;
+    let child = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("redis-server not found: install the Debian package redis-server")?;
+    let procs = Procs(vec![child]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("redis-server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((procs, format!("redis://127.0.0.1:{port}")))
 }
 
 fn summary(lat_us: &[u64]) -> Value {
@@ -233,8 +319,11 @@ pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    let (_redis, redis_url) = start_redis().await?;
     for n in [1usize, 2] {
         let log = format!("nats://127.0.0.1:{nats_port}/bench{n}");
+        // Each run its own key space in the one redis-server.
+        let online = format!("{redis_url}/{n}");
         let data = dir.path().join(format!("shared{n}"));
         let data_args = |role: &str| -> Vec<String> {
             vec![
@@ -246,12 +335,23 @@ pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
                 data.display().to_string(),
             ]
         };
-        let (mp, rp) = (free_port()?, free_port()?);
-        let mut procs = Procs(vec![spawn_node(&data_args("materialize"), mp)?]);
+        let with_online = |mut a: Vec<String>| {
+            a.extend(["--online".to_string(), online.clone()]);
+            a
+        };
+        let (mp, rp, op) = (free_port()?, free_port()?, free_port()?);
+        let mut procs = Procs(vec![spawn_node(
+            &with_online(data_args("materialize")),
+            mp,
+        )?]);
         let materializer = format!("http://127.0.0.1:{mp}");
         wait_healthy(&http, &materializer).await?;
         procs.0.push(spawn_node(&data_args("serve"), rp)?);
         let replica = format!("http://127.0.0.1:{rp}");
+        procs
+            .0
+            .push(spawn_node(&with_online(data_args("serve")), op)?);
+        let redis_replica = format!("http://127.0.0.1:{op}");
         let mut ingest = Vec::new();
         for _ in 0..n {
             let p = free_port()?;
@@ -264,7 +364,7 @@ pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
             procs.0.push(spawn_node(&args, p)?);
             ingest.push(format!("http://127.0.0.1:{p}"));
         }
-        for u in ingest.iter().chain([&replica]) {
+        for u in ingest.iter().chain([&replica, &redis_replica]) {
             wait_healthy(&http, u).await?;
         }
         let r = send_all_to(&ingest, bodies.clone(), b.clients, Arc::new(|_| {})).await?;
@@ -282,20 +382,42 @@ pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let drain_s = t.elapsed().as_secs_f64();
+        let video_ids = video_ids(&http, &materializer).await?;
         let fresh = freshness(&http, &ingest, &replica, b.probes, 9_000_000_000).await?;
+        let fresh_redis =
+            freshness(&http, &ingest, &redis_replica, b.probes, 9_500_000_000).await?;
         println!(
-            "{n} ingest process(es) through JetStream: {:.0} events/s, ack p50 {:.1} ms p99 {:.1} ms; materializer caught up {:.2} s after the last ack; freshness (ack → replica features) p50 {:.3} ms p99 {:.3} ms",
+            "{n} ingest process(es) through JetStream: {:.0} events/s, ack p50 {:.1} ms p99 {:.1} ms; materializer caught up {:.2} s after the last ack; freshness (ack → replica features) p50 {:.3} ms p99 {:.3} ms, through Redis p50 {:.3} ms p99 {:.3} ms",
             eps,
             percentile(&r.latencies_us, 50.0) as f64 / 1000.0,
             percentile(&r.latencies_us, 99.0) as f64 / 1000.0,
             drain_s,
             percentile(&fresh, 50.0) as f64 / 1000.0,
             percentile(&fresh, 99.0) as f64 / 1000.0,
+            percentile(&fresh_redis, 50.0) as f64 / 1000.0,
+            percentile(&fresh_redis, 99.0) as f64 / 1000.0,
         );
+        // Lookups on the idle replicas, alternating so both see the same machine state.
+        let mut lookup = serde_json::Map::new();
+        for (name, url) in [("in_process", &replica), ("redis", &redis_replica)] {
+            let (one, many) = lookups(&http, url, &video_ids, 2_000, 100).await?;
+            println!(
+                "  lookups on the {name} replica: single p50 {:.3} ms p99 {:.3} ms; batch-500 p50 {:.3} ms p99 {:.3} ms",
+                percentile(&one, 50.0) as f64 / 1000.0,
+                percentile(&one, 99.0) as f64 / 1000.0,
+                percentile(&many, 50.0) as f64 / 1000.0,
+                percentile(&many, 99.0) as f64 / 1000.0,
+            );
+            lookup.insert(
+                name.into(),
+                json!({"single_ms": summary(&one), "batch500_ms": summary(&many)}),
+            );
+        }
         runs.push(json!({
             "config": "jetstream", "ingest_processes": n, "events_per_s": eps,
             "ack_ms": summary(&r.latencies_us), "materializer_catch_up_s": drain_s,
-            "freshness_ms": summary(&fresh), "accepted": r.accepted,
+            "freshness_ms": summary(&fresh), "freshness_through_redis_ms": summary(&fresh_redis),
+            "lookups": lookup, "accepted": r.accepted,
             "duplicates": r.duplicates, "rejected": r.rejected,
         }));
         drop(procs);

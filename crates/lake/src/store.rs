@@ -366,76 +366,97 @@ impl Location {
     }
 }
 
+/// An S3 server for tests: moto's (`python3 -m moto.server`, PyPI `moto[server]`, which
+/// `scripts/test.sh` installs), on a free loopback port with one bucket; killed on drop.
+pub mod testing {
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    pub struct Moto {
+        child: Child,
+        pub endpoint: String,
+    }
+
+    impl Drop for Moto {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Moto {
+        /// Starts the server and creates `bucket` (panics when it cannot: a test helper).
+        pub fn start(bucket: &str) -> Moto {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free loopback port");
+            let child = Command::new("python3")
+                .args([
+                    "-m",
+                    "moto.server",
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("python3 is missing");
+            let endpoint = format!("http://127.0.0.1:{port}");
+            // Creating the bucket is also the readiness probe (moto takes any credentials).
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !Command::new("curl")
+                .args(["-sf", "-X", "PUT", &format!("{endpoint}/{bucket}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "moto's S3 server did not start (scripts/test.sh installs moto[server])"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Moto { child, endpoint }
+        }
+
+        /// The `AWS_*` settings that point a client at this server, as (variable, value).
+        pub fn env(&self) -> Vec<(&'static str, String)> {
+            vec![
+                ("AWS_ACCESS_KEY_ID", "test".into()),
+                ("AWS_SECRET_ACCESS_KEY", "test".into()),
+                ("AWS_REGION", "us-east-1".into()),
+                ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+                ("AWS_ALLOW_HTTP", "true".into()),
+            ]
+        }
+
+        /// The same settings as object-store options (lower case keys).
+        pub fn options(&self) -> Vec<(String, String)> {
+            self.env()
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
 
     use deltalake::arrow::array::{Int64Array, RecordBatch};
     use deltalake::arrow::datatypes::{DataType, Field, Schema};
     use deltalake::protocol::SaveMode;
     use deltalake::{DeltaTable, DeltaTableBuilder};
 
+    use super::testing::Moto;
     use super::*;
 
-    /// moto's S3 server on a free loopback port, with bucket `rh-lake-test`; killed on drop.
-    struct Moto(Child, String);
-
-    impl Drop for Moto {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    fn moto() -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 is missing");
-        let endpoint = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !Command::new("curl")
-            .args(["-sf", "-X", "PUT", &format!("{endpoint}/rh-lake-test")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-        {
-            assert!(
-                Instant::now() < deadline,
-                "moto's S3 server did not start (scripts/test.sh installs moto[server])"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Moto(child, endpoint)
-    }
-
-    fn options(endpoint: &str) -> HashMap<String, String> {
-        [
-            ("aws_endpoint", endpoint),
-            ("aws_allow_http", "true"),
-            ("aws_access_key_id", "test"),
-            ("aws_secret_access_key", "test"),
-            ("aws_region", "us-east-1"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    fn options(s3: &Moto) -> HashMap<String, String> {
+        s3.options().into_iter().collect()
     }
 
     fn batch(from: i64, n: i64) -> RecordBatch {
@@ -462,9 +483,9 @@ mod tests {
     /// retries at N+1), and the store refuses to overwrite a commit file.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_commits_on_s3_never_overwrite_each_other() {
-        let s3 = moto();
+        let s3 = Moto::start("rh-lake-test");
         register();
-        let opts = options(&s3.1);
+        let opts = options(&s3);
         let url = Url::parse("s3://rh-lake-test/t/").unwrap();
         let first = DeltaTableBuilder::from_url(url.clone())
             .unwrap()
@@ -524,9 +545,9 @@ mod tests {
     /// tells a writer that lost it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_writer_lease_per_location() {
-        let s3 = moto();
+        let s3 = Moto::start("rh-lake-test");
         register();
-        let opts = options(&s3.1);
+        let opts = options(&s3);
         let url = Url::parse("s3://rh-lake-test/leased/").unwrap();
         let loc = Location {
             remote: Some((

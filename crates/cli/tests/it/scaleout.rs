@@ -20,6 +20,7 @@ use reelhouse_workload::{generate, WorkloadConfig};
 use serde_json::Value;
 
 use reelhouse_lake::deltalake::logstore::object_store;
+use reelhouse_lake::store::testing::Moto;
 
 use crate::common::{self, free_port, get, post, sql, wait_healthy};
 
@@ -94,62 +95,16 @@ fn start_redis() -> Redis {
     Redis { child, port }
 }
 
-/// moto's S3 server on a free loopback port with one bucket; killed on drop.
-struct S3 {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for S3 {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 const BUCKET: &str = "reelhouse-it";
 
-fn start_s3() -> S3 {
-    let port = free_port();
-    let child = Command::new("python3")
-        .args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3 is missing");
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    // Creating the bucket is also the readiness probe (moto takes no credentials).
-    loop {
-        let created = Command::new("curl")
-            .args(["-sf", "-X", "PUT", &format!("{endpoint}/{BUCKET}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if created {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "moto's S3 server did not start: run scripts/test.sh, which installs moto[server]"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    S3 { child, endpoint }
-}
+/// Reads the test bucket from the test process (explicit settings: it has no AWS_* env).
+struct S3(Moto);
 
 impl S3 {
     /// A client of the test bucket (explicit settings: the test process has no AWS_* env).
     fn client(&self) -> impl object_store::ObjectStore {
         object_store::aws::AmazonS3Builder::new()
-            .with_endpoint(&self.endpoint)
+            .with_endpoint(&self.0.endpoint)
             .with_allow_http(true)
             .with_bucket_name(BUCKET)
             .with_region("us-east-1")
@@ -335,15 +290,9 @@ async fn two_ingest_nodes_one_materializer_two_replicas_survive_sigkill() {
         a.extend(["--online".to_string(), online.clone()]);
         a
     };
-    let s3 = start_s3();
+    let s3 = S3(Moto::start(BUCKET));
     // Every process gets the usual AWS_* variables, pointed at the loopback server.
-    let env = vec![
-        ("AWS_ACCESS_KEY_ID", "test".to_string()),
-        ("AWS_SECRET_ACCESS_KEY", "test".into()),
-        ("AWS_REGION", "us-east-1".into()),
-        ("AWS_ENDPOINT_URL", s3.endpoint.clone()),
-        ("AWS_ALLOW_HTTP", "true".into()),
-    ];
+    let env = s3.0.env();
     let tables = format!("s3://{BUCKET}/scaleout");
     let dir = tempfile::tempdir().unwrap();
     let state = |name: &str| dir.path().join(name);
