@@ -215,6 +215,54 @@ impl EventLog for NatsLog {
     }
 }
 
+type Pulled = async_nats::jetstream::consumer::pull::Batch;
+
+impl DurableReader {
+    /// A pull request for up to `max` records: answered with what is there at once
+    /// (`wait: None`), or held by the server until at least one arrives or `wait` passes.
+    async fn pull(&self, max: usize, wait: Option<Duration>) -> Result<Pulled> {
+        let r = match wait {
+            None => {
+                self.consumer
+                    .fetch()
+                    .max_messages(max.max(1))
+                    .messages()
+                    .await
+            }
+            Some(w) => {
+                self.consumer
+                    .batch()
+                    .max_messages(max.max(1))
+                    .expires(w)
+                    .messages()
+                    .await
+            }
+        };
+        r.map_err(|e| backend("fetch")(&e))
+    }
+
+    /// Moves the records of one pull into `out`, skipping redeliveries of what was handed
+    /// out already (e.g. after an ack timeout).
+    async fn take(&mut self, mut batch: Pulled, out: &mut Vec<Entry>) -> Result<()> {
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| backend("fetch")(&e))?;
+            let position = m.info().map_err(|e| backend("fetch")(&e))?.stream_sequence;
+            if position <= self.last {
+                continue;
+            }
+            self.last = position;
+            if let Some(reply) = m.message.reply.clone() {
+                self.unacked.push_back((position, reply));
+            }
+            out.push(Entry {
+                position,
+                payload: m.message.payload.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The materializer's reader: a durable pull consumer; acknowledgements wait for commits.
 struct DurableReader {
     consumer: consumer::PullConsumer,
@@ -227,30 +275,21 @@ struct DurableReader {
 #[async_trait::async_trait]
 impl LogReader for DurableReader {
     async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Entry>> {
-        let mut batch = self
-            .consumer
-            .fetch()
-            .max_messages(max.max(1))
-            .expires(wait.max(Duration::from_millis(10)))
-            .messages()
-            .await
-            .map_err(|e| backend("fetch")(&e))?;
+        // What is there now (a no-wait fetch); when nothing is, one pull request that the
+        // server answers with the first record to arrive, or empty after `wait`, so an idle
+        // reader waits instead of polling the server in a loop.
         let mut out = Vec::new();
-        while let Some(m) = batch.next().await {
-            let m = m.map_err(|e| backend("fetch")(&e))?;
-            let position = m.info().map_err(|e| backend("fetch")(&e))?.stream_sequence;
-            // A redelivery of something already handed out (e.g. after an ack timeout).
-            if position <= self.last {
-                continue;
+        let first = self.pull(max, None).await?;
+        self.take(first, &mut out).await?;
+        if out.is_empty() {
+            let one = self
+                .pull(1, Some(wait.max(Duration::from_millis(10))))
+                .await?;
+            self.take(one, &mut out).await?;
+            if !out.is_empty() && max > 1 {
+                let rest = self.pull(max - 1, None).await?;
+                self.take(rest, &mut out).await?;
             }
-            self.last = position;
-            if let Some(reply) = m.message.reply.clone() {
-                self.unacked.push_back((position, reply));
-            }
-            out.push(Entry {
-                position,
-                payload: m.message.payload.clone(),
-            });
         }
         Ok(out)
     }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  materializer: FeatureStore (computes every feature, exactly as one node does)
-//!      └─ every 20 ms: take_changes ─▶ one pipeline of SET {prefix}:v|u|c:{id} <record>
+//!      └─ every 5 ms: take_changes ─▶ one pipeline of SET {prefix}:v|u|c:{id} <record>
 //!                                      and DEL {prefix}:u:{id} for erased users ─▶ Redis
 //!  API replicas: GET (one id) / MGET (a batch, one round trip) ─▶ record.features(now)
 //! ```

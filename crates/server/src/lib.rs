@@ -90,7 +90,7 @@ impl ServerConfig {
 
 /// How often the writer copies changed feature records to Redis (`--online redis://`): a
 /// bound on how much later a replica sees a change than the writer's own store.
-pub const ONLINE_COPY_INTERVAL: Duration = Duration::from_millis(20);
+pub const ONLINE_COPY_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Errors of the API, each with one status code.
 #[derive(Debug, thiserror::Error)]
