@@ -510,33 +510,29 @@ fn encode_record<T: Serialize>(r: &T) -> Vec<u8> {
     rmp_serde::to_vec(r).unwrap_or_default()
 }
 
+/// Reads a record written by [`FeatureStore::take_changes`].
+fn decode_record<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    rmp_serde::from_slice(bytes).map_err(|e| Error::Record(e.to_string()))
+}
+
 impl VideoRecord<'_> {
-    fn encode(&self) -> Vec<u8> {
-        encode_record(self)
-    }
     /// Reads a record written by [`FeatureStore::take_changes`].
     pub fn decode(bytes: &[u8]) -> Result<VideoRecord<'static>> {
-        rmp_serde::from_slice(bytes).map_err(|e| Error::Record(e.to_string()))
+        decode_record(bytes)
     }
 }
 
 impl UserRecord {
-    fn encode(&self) -> Vec<u8> {
-        encode_record(self)
-    }
     /// Reads a record written by [`FeatureStore::take_changes`].
     pub fn decode(bytes: &[u8]) -> Result<UserRecord> {
-        rmp_serde::from_slice(bytes).map_err(|e| Error::Record(e.to_string()))
+        decode_record(bytes)
     }
 }
 
 impl CreatorRecord<'_> {
-    fn encode(&self) -> Vec<u8> {
-        encode_record(self)
-    }
     /// Reads a record written by [`FeatureStore::take_changes`].
     pub fn decode(bytes: &[u8]) -> Result<CreatorRecord<'static>> {
-        rmp_serde::from_slice(bytes).map_err(|e| Error::Record(e.to_string()))
+        decode_record(bytes)
     }
 }
 
@@ -1090,34 +1086,31 @@ impl FeatureStore {
     /// The records of everything changed since the last call (`None`: the entity is gone,
     /// e.g. an erased user), read now, so each is the newest state.
     pub fn take_changes(&self) -> Vec<(Key, Option<Vec<u8>>)> {
+        fn take<V>(
+            map: &Sharded<V>,
+            key: fn(u64) -> Key,
+            encode: impl Fn(&V) -> Vec<u8>,
+            out: &mut Vec<(Key, Option<Vec<u8>>)>,
+        ) {
+            for id in map.take_changed() {
+                out.push((key(id), map.read(id).get(&id).map(&encode)));
+            }
+        }
         let mut out = Vec::new();
-        for id in self.inner.videos.take_changed() {
-            let rec = self
-                .inner
-                .videos
-                .read(id)
-                .get(&id)
-                .map(|v| VideoRecord::of(v).encode());
-            out.push((Key::Video(id), rec));
-        }
-        for id in self.inner.users.take_changed() {
-            let rec = self
-                .inner
-                .users
-                .read(id)
-                .get(&id)
-                .map(|u| UserRecord::of(u).encode());
-            out.push((Key::User(id), rec));
-        }
-        for id in self.inner.creators.take_changed() {
-            let rec = self
-                .inner
-                .creators
-                .read(id)
-                .get(&id)
-                .map(|c| CreatorRecord::of(c).encode());
-            out.push((Key::Creator(id), rec));
-        }
+        take(
+            &self.inner.videos,
+            Key::Video,
+            |v| encode_record(&VideoRecord::of(v)),
+            &mut out,
+        );
+        take(
+            &self.inner.users,
+            Key::User,
+            |u| encode_record(&UserRecord::of(u)),
+            &mut out,
+        );
+        let creator = |c: &CreatorState| encode_record(&CreatorRecord::of(c));
+        take(&self.inner.creators, Key::Creator, creator, &mut out);
         out
     }
 
