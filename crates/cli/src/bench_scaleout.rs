@@ -51,6 +51,10 @@ pub struct ScaleoutBench {
     /// Where to write the JSON result.
     #[arg(long, default_value = "bench/results/scaleout.json")]
     out: PathBuf,
+    /// Keep each process's log (RUST_LOG=reelhouse_server=debug) in this directory, and
+    /// print the probes slower than 50 ms with their time, to line them up.
+    #[arg(long)]
+    logs: Option<PathBuf>,
 }
 
 /// Child processes, killed when dropped (the bench stops by itself, whatever fails).
@@ -78,14 +82,20 @@ fn nats_binary() -> Result<&'static str> {
         .context("nats-server not found: install the Debian package nats-server")
 }
 
-fn spawn_node(args: &[String], port: u16) -> Result<Child> {
-    Ok(Command::new(std::env::current_exe()?)
-        .arg("serve")
+/// Starts `reelhouse serve ARGS` on `port`; its log goes to `logs/<name>.log` when asked.
+fn spawn_node(args: &[String], port: u16, logs: Option<(&Path, &str)>) -> Result<Child> {
+    let mut c = Command::new(std::env::current_exe()?);
+    c.arg("serve")
         .args(args)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?)
+        .stderr(Stdio::null());
+    if let Some((dir, name)) = logs {
+        std::fs::create_dir_all(dir)?;
+        c.env("RUST_LOG", "info,reelhouse_server=debug")
+            .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?);
+    }
+    Ok(c.spawn()?)
 }
 
 async fn wait_healthy(http: &reqwest::Client, url: &str) -> Result<()> {
@@ -173,7 +183,15 @@ async fn freshness(
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
-        lat.push(t.elapsed().as_micros() as u64);
+        let took = t.elapsed();
+        if took > Duration::from_millis(50) {
+            eprintln!(
+                "  slow probe {i} to {replica}: {:.1} ms, acked at {}",
+                took.as_secs_f64() * 1000.0,
+                chrono::Utc::now() - chrono::Duration::from_std(took).unwrap_or_default()
+            );
+        }
+        lat.push(took.as_micros() as u64);
     }
     lat.sort_unstable();
     Ok(lat)
@@ -340,17 +358,23 @@ pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
             a
         };
         let (mp, rp, op) = (free_port()?, free_port()?, free_port()?);
-        let mut procs = Procs(vec![spawn_node(
+        let logs = |name: &str| b.logs.as_deref().map(|d| (d, format!("{name}{n}")));
+        let spawn = |args: &[String], port: u16, name: &str| {
+            let l = logs(name);
+            spawn_node(args, port, l.as_ref().map(|(d, n)| (*d, n.as_str())))
+        };
+        let mut procs = Procs(vec![spawn(
             &with_online(data_args("materialize")),
             mp,
+            "materializer",
         )?]);
         let materializer = format!("http://127.0.0.1:{mp}");
         wait_healthy(&http, &materializer).await?;
-        procs.0.push(spawn_node(&data_args("serve"), rp)?);
+        procs.0.push(spawn(&data_args("serve"), rp, "replica")?);
         let replica = format!("http://127.0.0.1:{rp}");
         procs
             .0
-            .push(spawn_node(&with_online(data_args("serve")), op)?);
+            .push(spawn(&with_online(data_args("serve")), op, "redis-replica")?);
         let redis_replica = format!("http://127.0.0.1:{op}");
         let mut ingest = Vec::new();
         for _ in 0..n {
@@ -361,7 +385,7 @@ pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
                 "--log".into(),
                 log.clone(),
             ];
-            procs.0.push(spawn_node(&args, p)?);
+            procs.0.push(spawn(&args, p, &format!("ingest{}-", ingest.len()))?);
             ingest.push(format!("http://127.0.0.1:{p}"));
         }
         for u in ingest.iter().chain([&replica, &redis_replica]) {

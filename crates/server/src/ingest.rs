@@ -1360,9 +1360,15 @@ impl Ingestor {
                 .elapsed()
                 >= self.config.snapshot_interval;
         let (seg, snapshot) = if snapshot_due {
+            let t = Instant::now();
             self.features.prune();
             let features = Arc::clone(&self.features);
             let (seg, bytes) = self.rotate_cut(move || features.encode())?;
+            tracing::debug!(
+                bytes = bytes.len(),
+                elapsed_ms = t.elapsed().as_millis() as u64,
+                "feature snapshot encoded (the applier waits meanwhile)"
+            );
             (seg, Some(bytes))
         } else {
             (self.rotate_cut(|| ())?.0, None)

@@ -491,7 +491,7 @@ pub struct RunningServer {
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     pg: Option<tokio::task::JoinHandle<()>>,
     /// `None` on an API replica, which commits nothing.
-    flusher: Option<tokio::task::JoinHandle<()>>,
+    flusher: Option<std::thread::JoinHandle<()>>,
     materializer: Option<std::thread::JoinHandle<()>>,
     follower: Option<tokio::task::JoinHandle<()>>,
 }
@@ -519,18 +519,22 @@ pub enum StartError {
 /// use at most one core and never take the HTTP workers' threads: on a 2-core machine, ingest
 /// (parse, WAL, feature updates) keeps the other core. On-demand rebuilds
 /// (`POST /v1/admin/materialize`) run on the request's runtime as before.
-fn spawn_materializer(
-    ingestor: Arc<Ingestor>,
-    interval: Duration,
-    stop: watch::Receiver<bool>,
+/// Runs `work` on a thread of its own with a one-thread runtime. Delta writes (flushes of up to
+/// a million rows, warehouse rebuilds) are seconds of CPU inside async code; on the request
+/// runtime they would hold its workers and stall what must stay quick: HTTP answers, reading
+/// the shared log, copying features to Redis (a flush there delayed freshness through Redis by
+/// up to 2.3 s in `bench scaleout`).
+fn spawn_own_thread(
+    name: &str,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<std::thread::JoinHandle<()>, StartError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
     std::thread::Builder::new()
-        .name("reelhouse-materialize".into())
-        .spawn(move || rt.block_on(ingestor.run_materializer(interval, stop)))
+        .name(name.into())
+        .spawn(move || rt.block_on(work))
         .map_err(StartError::Runtime)
 }
 
@@ -605,7 +609,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     if let Some(a) = pg_addr {
         tracing::info!(addr = %a, "postgres wire protocol listening (read-only SQL)");
     }
-    let flusher = writer.then(|| tokio::spawn(Arc::clone(&ingestor).run_flusher(rx.clone())));
+    let flusher = match writer {
+        true => Some(spawn_own_thread(
+            "reelhouse-flush",
+            Arc::clone(&ingestor).run_flusher(rx.clone()),
+        )?),
+        false => None,
+    };
     if writer {
         // Daily retention; it ends with the stop signal.
         tokio::spawn(Arc::clone(&ingestor).run_retention(rx.clone()));
@@ -625,7 +635,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         tokio::spawn(Arc::clone(&ingestor).run_refresher(f.refresh_interval, rx.clone()));
     }
     let materializer = match config.materialize_interval.filter(|_| writer) {
-        Some(i) => Some(spawn_materializer(Arc::clone(&ingestor), i, rx)?),
+        Some(i) => Some(spawn_own_thread(
+            "reelhouse-materialize",
+            Arc::clone(&ingestor).run_materializer(i, rx),
+        )?),
         None => None,
     };
     if config.tokens.is_empty() {
@@ -710,7 +723,7 @@ impl RunningServer {
             let _ = pg.await;
         }
         if let Some(f) = self.flusher {
-            let _ = f.await;
+            let _ = tokio::task::spawn_blocking(move || f.join()).await;
         }
         if let Some(f) = self.follower {
             let _ = f.await;
