@@ -372,9 +372,11 @@ pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
         wait_healthy(&http, &materializer).await?;
         procs.0.push(spawn(&data_args("serve"), rp, "replica")?);
         let replica = format!("http://127.0.0.1:{rp}");
-        procs
-            .0
-            .push(spawn(&with_online(data_args("serve")), op, "redis-replica")?);
+        procs.0.push(spawn(
+            &with_online(data_args("serve")),
+            op,
+            "redis-replica",
+        )?);
         let redis_replica = format!("http://127.0.0.1:{op}");
         let mut ingest = Vec::new();
         for _ in 0..n {
@@ -385,7 +387,9 @@ pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
                 "--log".into(),
                 log.clone(),
             ];
-            procs.0.push(spawn(&args, p, &format!("ingest{}-", ingest.len()))?);
+            procs
+                .0
+                .push(spawn(&args, p, &format!("ingest{}-", ingest.len()))?);
             ingest.push(format!("http://127.0.0.1:{p}"));
         }
         for u in ingest.iter().chain([&replica, &redis_replica]) {

@@ -1003,13 +1003,26 @@ impl Ingestor {
     /// Fails on a read-only API replica: only the materializer changes tables.
     pub(crate) fn require_writer(&self) -> Result<(), IngestError> {
         if self.is_writer() {
-            Ok(())
+            self.require_lease()
         } else {
             Err(IngestError::WrongRole(
                 "this node is a read-only API replica; send admin, dimension and privacy \
                  requests to the materialize node",
             ))
         }
+    }
+
+    /// Fails once another process took over the writer lease of tables on an object store:
+    /// this one changes no table any more.
+    fn require_lease(&self) -> Result<(), IngestError> {
+        if self.lease_lost.load(Ordering::Relaxed) {
+            return Err(reelhouse_lake::Error::LeaseLost(
+                "another process took over the writer lease; this one changes no table any more"
+                    .into(),
+            )
+            .into());
+        }
+        Ok(())
     }
 
     /// The shared log this process follows, with its consumer lag (`None`: embedded WAL).
@@ -1345,12 +1358,7 @@ impl Ingestor {
             // An API replica commits nothing; the materializer does.
             return Ok(0);
         }
-        if self.lease_lost.load(Ordering::Relaxed) {
-            return Err(reelhouse_lake::Error::WriterLease(
-                "another process took over the writer lease; this one commits nothing more".into(),
-            )
-            .into());
-        }
+        self.require_lease()?;
         let _guard = self.flush_lock.lock().await;
         let snapshot_due = force
             || self
