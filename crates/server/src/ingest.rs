@@ -1122,10 +1122,12 @@ impl Ingestor {
     ) {
         let mut failing = false;
         loop {
-            let stopping = tokio::select! {
-                _ = tokio::time::sleep(if failing { Duration::from_secs(1) } else { interval }) => false,
-                _ = stop.changed() => true,
+            let wait = if failing {
+                Duration::from_secs(1)
+            } else {
+                interval
             };
+            let stopping = stop_within(wait, &mut stop).await;
             if stopping {
                 // What the last records changed, before the process goes.
                 if let Err(e) = self.copy_online().await {
@@ -1435,9 +1437,8 @@ impl Ingestor {
     /// Runs until `stop` resolves: flushes whenever enough rows or time have accumulated.
     pub async fn run_flusher(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                _ = stop.changed() => return,
+            if stop_within(Duration::from_millis(200), &mut stop).await {
+                return;
             }
             if self.flush_due() {
                 match self.flush_with(false).await {
@@ -1760,9 +1761,8 @@ impl Ingestor {
     /// Runs [`Ingestor::apply_retention`] once a day until `stop` changes.
     pub async fn run_retention(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(86_400)) => {}
-                _ = stop.changed() => return,
+            if stop_within(Duration::from_secs(86_400), &mut stop).await {
+                return;
             }
             match self.apply_retention().await {
                 Ok(r) => tracing::info!(tables = r.tables.len(), "applied retention"),
@@ -1814,9 +1814,8 @@ impl Ingestor {
     ) {
         let mut wait = interval;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => return,
+            if stop_within(wait, &mut stop).await {
+                return;
             }
             if self.materialization_due() {
                 let started = Instant::now();
@@ -1849,6 +1848,18 @@ impl Ingestor {
             wal_fsyncs: wal.fsyncs,
             erased_dropped: self.erased_dropped.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Waits `wait`, or less when `stop` changes first: then true (time to stop). The pause of
+/// every background loop.
+pub(crate) async fn stop_within(
+    wait: Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => false,
+        _ = stop.changed() => true,
     }
 }
 
@@ -1928,10 +1939,7 @@ impl Ingestor {
     /// Losing it (another process took over) stops this process's commits.
     pub async fn run_lease_renewal(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         loop {
-            let stopping = tokio::select! {
-                _ = tokio::time::sleep(LEASE_TTL / 3) => false,
-                _ = stop.changed() => true,
-            };
+            let stopping = stop_within(LEASE_TTL / 3, &mut stop).await;
             let mut lease = self.lease.lock().await;
             let Some(cur) = lease.as_ref() else { return };
             if stopping {
@@ -1976,10 +1984,7 @@ impl Ingestor {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         loop {
-            let stopping = tokio::select! {
-                _ = tokio::time::sleep(interval) => false,
-                _ = stop.changed() => true,
-            };
+            let stopping = stop_within(interval, &mut stop).await;
             if let Err(e) = self.mirror_state().await {
                 tracing::warn!(error = %e, "could not copy state files to the object store; retrying");
             }

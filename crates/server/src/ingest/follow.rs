@@ -66,9 +66,8 @@ impl Ingestor {
                 Ok(r) => break r,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the shared log; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = stop.changed() => return,
+                    if stop_within(Duration::from_secs(1), &mut stop).await {
+                        return;
                     }
                 }
             }
@@ -82,10 +81,10 @@ impl Ingestor {
             }
             if self.pending_rows() >= self.config.max_pending_rows {
                 // The log holds the backlog; the flusher drains `pending`.
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                    _ = stop.changed() => return,
+                if stop_within(Duration::from_millis(50), &mut stop).await {
+                    return;
                 }
+                continue;
             }
             let read = tokio::select! {
                 r = reader.next_batch(READ_BATCH, READ_WAIT) => r,
@@ -215,9 +214,8 @@ impl Ingestor {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = stop.changed() => return,
+            if stop_within(interval, &mut stop).await {
+                return;
             }
             if let Err(e) = self.refresh().await {
                 tracing::warn!(error = %e, "could not load newer table versions; will retry");
