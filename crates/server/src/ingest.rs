@@ -827,6 +827,21 @@ impl Ingestor {
         let lake = Lake::open_at(&config.data_dir, config.tables.as_deref())?;
         let dir = wal_dir(lake.root());
         let writer = log.as_ref().is_none_or(|(_, w)| *w);
+        let lock = if writer {
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(lake.root().join(".lock"))?;
+            if lock.try_lock().is_err() {
+                return Err(IngestError::Locked(lake.root().to_path_buf()));
+            }
+            Some(lock)
+        } else {
+            None
+        };
+        // After the local lock: a second process refused by it must not touch the lease the
+        // first one holds under the same writer id.
         let lease = if writer && lake.tables().is_remote() {
             let holder = writer_id(lake.root())?;
             let now = config.clock.now_ms();
@@ -838,19 +853,6 @@ impl Ingestor {
             let theirs = lease.previous.as_ref().is_some_and(|p| *p != holder);
             restore_state_files(&lake, theirs).await?;
             Some(lease)
-        } else {
-            None
-        };
-        let lock = if writer {
-            let lock = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(lake.root().join(".lock"))?;
-            if lock.try_lock().is_err() {
-                return Err(IngestError::Locked(lake.root().to_path_buf()));
-            }
-            Some(lock)
         } else {
             None
         };
