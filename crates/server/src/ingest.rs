@@ -135,7 +135,8 @@ pub enum IngestError {
     ShuttingDown,
     #[error(
         "data directory {0} is in use by another reelhouse process (serve or ingest); \
-         stop it, send the data over HTTP instead, or use another --data-dir"
+         stop it, send the data over HTTP instead, or use another --data-dir (with tables \
+         on S3: another --state-dir)"
     )]
     Locked(PathBuf),
     #[error("cannot open data directory: {0}")]
