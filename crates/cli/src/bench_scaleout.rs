@@ -29,6 +29,7 @@ use reelhouse_workload::WorkloadConfig;
 use serde_json::{json, Value};
 
 use crate::bench::{request_bodies, warn_if_debug, write_result};
+use crate::bench_serve::{summary, time_lookups, LookupPlan};
 use crate::send::{percentile, send_all, send_all_to};
 use crate::DataArgs;
 
@@ -122,7 +123,7 @@ async fn count_events(http: &reqwest::Client, url: &str) -> Option<u64> {
 }
 
 /// Every video id in `events` (the lookup benchmark's keys).
-async fn video_ids(http: &reqwest::Client, url: &str) -> Result<Vec<u64>> {
+async fn video_ids(http: &reqwest::Client, url: &str) -> Result<Vec<i64>> {
     let v: Value = http
         .post(format!("{url}/v1/sql"))
         .json(&json!({"sql": "SELECT DISTINCT video_id FROM events WHERE video_id IS NOT NULL ORDER BY 1"}))
@@ -130,9 +131,9 @@ async fn video_ids(http: &reqwest::Client, url: &str) -> Result<Vec<u64>> {
         .await?
         .json()
         .await?;
-    let ids: Vec<u64> = v["rows"]
+    let ids: Vec<i64> = v["rows"]
         .as_array()
-        .map(|rows| rows.iter().filter_map(|r| r[0].as_u64()).collect())
+        .map(|rows| rows.iter().filter_map(|r| r[0].as_i64()).collect())
         .unwrap_or_default();
     if ids.is_empty() {
         bail!("no video ids to look up");
@@ -197,48 +198,6 @@ async fn freshness(
     Ok(lat)
 }
 
-/// Times `singles` single video lookups and `batches` batch-500 lookups against `url`
-/// (microseconds, sorted each).
-async fn lookups(
-    http: &reqwest::Client,
-    url: &str,
-    ids: &[u64],
-    singles: usize,
-    batches: usize,
-) -> Result<(Vec<u64>, Vec<u64>)> {
-    let mut one = Vec::with_capacity(singles);
-    for i in 0..singles {
-        let t = Instant::now();
-        let r = http
-            .get(format!("{url}/v1/features/videos/{}", ids[i % ids.len()]))
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("lookup failed: {}", r.status());
-        }
-        r.bytes().await?;
-        one.push(t.elapsed().as_micros() as u64);
-    }
-    let mut many = Vec::with_capacity(batches);
-    for i in 0..batches {
-        let batch: Vec<u64> = (0..500).map(|j| ids[(i * 500 + j) % ids.len()]).collect();
-        let t = Instant::now();
-        let r = http
-            .post(format!("{url}/v1/features/videos:batch"))
-            .json(&json!({ "video_ids": batch }))
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("batch lookup failed: {}", r.status());
-        }
-        r.bytes().await?;
-        many.push(t.elapsed().as_micros() as u64);
-    }
-    one.sort_unstable();
-    many.sort_unstable();
-    Ok((one, many))
-}
-
 /// A redis-server on a free loopback port without persistence.
 async fn start_redis() -> Result<(Procs, String)> {
     let port = free_port()?;
@@ -258,11 +217,6 @@ async fn start_redis() -> Result<(Procs, String)> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok((procs, format!("redis://127.0.0.1:{port}")))
-}
-
-fn summary(lat_us: &[u64]) -> Value {
-    let ms = |p| percentile(lat_us, p) as f64 / 1000.0;
-    json!({"p50": ms(50.0), "p90": ms(90.0), "p99": ms(99.0), "max": ms(100.0)})
 }
 
 pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
@@ -308,7 +262,7 @@ pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
         );
         runs.push(json!({
             "config": "embedded", "ingest_processes": 1, "events_per_s": eps,
-            "ack_ms": summary(&r.latencies_us), "freshness_ms": summary(&fresh),
+            "ack_ms": summary(r.latencies_us.clone()), "freshness_ms": summary(fresh.clone()),
         }));
         server.shutdown().await?;
     }
@@ -425,26 +379,33 @@ pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
             percentile(&fresh_redis, 50.0) as f64 / 1000.0,
             percentile(&fresh_redis, 99.0) as f64 / 1000.0,
         );
-        // Lookups on the idle replicas, alternating so both see the same machine state.
+        // Lookups on the idle replicas, the same random ids on both (as `bench serve` times
+        // them: 2,000 single, 100 batches of 500 in JSON and 100 in MessagePack).
+        let plan = LookupPlan {
+            lookups: 2_000,
+            batches: 100,
+            batch_size: 500,
+        };
         let mut lookup = serde_json::Map::new();
         for (name, url) in [("in_process", &replica), ("redis", &redis_replica)] {
-            let (one, many) = lookups(&http, url, &video_ids, 2_000, 100).await?;
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(b.seed);
+            let (one, json_batch, msgpack_batch) =
+                time_lookups(&http, url, &video_ids, &plan, &mut rng).await?;
             println!(
-                "  lookups on the {name} replica: single p50 {:.3} ms p99 {:.3} ms; batch-500 p50 {:.3} ms p99 {:.3} ms",
-                percentile(&one, 50.0) as f64 / 1000.0,
-                percentile(&one, 99.0) as f64 / 1000.0,
-                percentile(&many, 50.0) as f64 / 1000.0,
-                percentile(&many, 99.0) as f64 / 1000.0,
+                "  lookups on the {name} replica: single p50 {} ms p99 {} ms; batch-500 p50 {} ms p99 {} ms (MessagePack p50 {} ms p99 {} ms)",
+                one["p50_ms"], one["p99_ms"], json_batch["p50_ms"], json_batch["p99_ms"],
+                msgpack_batch["p50_ms"], msgpack_batch["p99_ms"],
             );
             lookup.insert(
                 name.into(),
-                json!({"single_ms": summary(&one), "batch500_ms": summary(&many)}),
+                json!({"single": one, "batch500_json": json_batch,
+                       "batch500_msgpack": msgpack_batch}),
             );
         }
         runs.push(json!({
             "config": "jetstream", "ingest_processes": n, "events_per_s": eps,
-            "ack_ms": summary(&r.latencies_us), "materializer_catch_up_s": drain_s,
-            "freshness_ms": summary(&fresh), "freshness_through_redis_ms": summary(&fresh_redis),
+            "ack_ms": summary(r.latencies_us.clone()), "materializer_catch_up_s": drain_s,
+            "freshness_ms": summary(fresh.clone()), "freshness_through_redis_ms": summary(fresh_redis.clone()),
             "lookups": lookup, "accepted": r.accepted,
             "duplicates": r.duplicates, "rejected": r.rejected,
         }));

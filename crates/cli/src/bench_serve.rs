@@ -66,7 +66,7 @@ fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-fn summary(mut us: Vec<u64>) -> Value {
+pub(crate) fn summary(mut us: Vec<u64>) -> Value {
     us.sort_unstable();
     let ms = |p| percentile(&us, p) as f64 / 1000.0;
     json!({"n": us.len(), "p50_ms": ms(50.0), "p90_ms": ms(90.0), "p99_ms": ms(99.0),
@@ -122,12 +122,20 @@ fn measure_memory(lines: &[String], now: i64) -> Result<Value> {
     }))
 }
 
-/// Times `n` single lookups and `batches` batch lookups against the server.
-async fn time_lookups(
+/// How many lookups [`time_lookups`] times.
+pub(crate) struct LookupPlan {
+    pub lookups: usize,
+    pub batches: usize,
+    pub batch_size: usize,
+}
+
+/// Times single lookups and batch lookups (JSON and MessagePack, decoded like a client would)
+/// of random `ids` against the server; the summaries of each.
+pub(crate) async fn time_lookups(
     http: &reqwest::Client,
     url: &str,
     ids: &[i64],
-    b: &ServeBench,
+    b: &LookupPlan,
     rng: &mut rand::rngs::StdRng,
 ) -> Result<(Value, Value, Value)> {
     let mut single = Vec::with_capacity(b.lookups);
@@ -468,8 +476,13 @@ pub async fn serve(b: ServeBench) -> Result<()> {
         .pool_max_idle_per_host(4)
         .build()?;
 
+    let plan = LookupPlan {
+        lookups: b.lookups,
+        batches: b.batches,
+        batch_size: b.batch_size,
+    };
     eprintln!("timing lookups with no ingest…");
-    let idle = time_lookups(&http, &url, &ids, &b, &mut rng).await?;
+    let idle = time_lookups(&http, &url, &ids, &plan, &mut rng).await?;
 
     // Steady ingest of a second workload (other users and events) while timing again.
     let per_body = 1_000;
@@ -491,7 +504,7 @@ pub async fn serve(b: ServeBench) -> Result<()> {
     eprintln!("timing lookups under {} events/s of ingest…", b.ingest_rate);
     let t = Instant::now();
     let sent_before = sent.load(Ordering::Relaxed);
-    let loaded = time_lookups(&http, &url, &ids, &b, &mut rng).await?;
+    let loaded = time_lookups(&http, &url, &ids, &plan, &mut rng).await?;
     let fresh = freshness(&http, &url, b.probes, now).await?;
     let achieved = (sent.load(Ordering::Relaxed) - sent_before) as f64 / t.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
