@@ -38,6 +38,15 @@ impl Drop for Nats {
     }
 }
 
+/// Waits until something accepts connections on the loopback `port` (at most 20 s).
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn start_nats() -> Nats {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -53,11 +62,7 @@ fn start_nats() -> Nats {
         .stderr(Stdio::null())
         .spawn()
         .expect("nats-server is missing: run scripts/test.sh, which installs it");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nats-server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_port(port, "nats-server");
     Nats {
         child,
         port,
@@ -87,11 +92,7 @@ fn start_redis() -> Redis {
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server is missing: run scripts/test.sh, which installs it");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_port(port, "redis-server");
     Redis { child, port }
 }
 
