@@ -843,6 +843,7 @@ async fn materialize(data: DataArgs, restate: Option<(i32, i32)>, full: bool) ->
                 t.rows.into(),
                 t.version.into(),
                 t.elapsed_ms.into(),
+                t.write_ms.into(),
             ]
         })
         .collect();
@@ -851,6 +852,7 @@ async fn materialize(data: DataArgs, restate: Option<(i32, i32)>, full: bool) ->
         "rows".into(),
         "delta_version".into(),
         "ms".into(),
+        "write_ms".into(),
     ];
     print!("{}", send::print_table(&cols, &rows));
     match &report.dates {

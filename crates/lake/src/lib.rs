@@ -274,10 +274,11 @@ impl Lake {
         batches: Vec<RecordBatch>,
         partition_columns: &[&str],
     ) -> Result<DeltaTable> {
-        let batch = concat_batches(&schema, &batches)?;
+        let input = write_input(schema, batches)?;
         let (table, props) = self.derived_writer(name, current)?;
         Ok(table
-            .write(vec![batch])
+            .write(Vec::new())
+            .with_input_plan(input)
             .with_save_mode(SaveMode::Overwrite)
             .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
             .with_partition_columns(partition_columns.iter().map(|c| c.to_string()))
@@ -301,16 +302,59 @@ impl Lake {
         date_column: &str,
         days: &[i32],
     ) -> Result<DeltaTable> {
-        let batch = concat_batches(&schema, &batches)?;
+        let input = write_input(schema, batches)?;
         let (table, props) = self.derived_writer(name, Some(current))?;
         Ok(table
-            .write(vec![batch])
+            .write(Vec::new())
+            .with_input_plan(input)
             .with_save_mode(SaveMode::Overwrite)
             .with_replace_where(dates_predicate(date_column, days))
             .with_writer_properties(props)
             .with_table_name(name)
             .await?)
     }
+}
+
+/// Writers that encode a derived table's rows at once: the core count, as delta-rs caps it.
+fn write_streams() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The rows to write as a plan of [`write_streams`] input partitions of about equal size.
+/// delta-rs hash-partitions the input of a partitioned table by its partition values over
+/// that many writers, so each date is still written by one writer (one file per date, as
+/// before) while the dates are encoded in parallel; a single input partition would run the
+/// whole Parquet encoding on one core.
+fn write_input(
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> Result<deltalake::datafusion::logical_expr::LogicalPlan> {
+    use deltalake::datafusion::datasource::{provider_as_source, MemTable};
+    use deltalake::datafusion::logical_expr::LogicalPlanBuilder;
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    let n = write_streams().max(1);
+    let per = rows.div_ceil(n).max(1);
+    let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
+    let (mut part, mut filled) = (0, 0);
+    for b in batches {
+        let mut offset = 0;
+        while offset < b.num_rows() {
+            let take = (b.num_rows() - offset).min(per - filled);
+            parts[part].push(b.slice(offset, take));
+            offset += take;
+            filled += take;
+            if filled == per && part + 1 < n {
+                part += 1;
+                filled = 0;
+            }
+        }
+    }
+    parts.retain(|p| !p.is_empty());
+    if parts.is_empty() {
+        parts.push(vec![RecordBatch::new_empty(Arc::clone(&schema))]);
+    }
+    let table = MemTable::try_new(schema, parts)?;
+    Ok(LogicalPlanBuilder::scan("input", provider_as_source(Arc::new(table)), None)?.build()?)
 }
 
 /// `col IN ('YYYY-MM-DD', …)` for days since 1970-01-01.

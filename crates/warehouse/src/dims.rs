@@ -79,35 +79,6 @@ impl DimKind {
             DimKind::Creators => &[("videos", true)],
         }
     }
-    /// Per id: first seen, last seen (µs) and the event columns, in that order.
-    fn events_sql(self) -> &'static str {
-        match self {
-            DimKind::Users => {
-                "WITH s AS (SELECT user_id AS id, min(event_time) AS f, max(event_time) AS l
-                   FROM events GROUP BY user_id),
-                 d AS (SELECT id, device_country, device_os, device_app_version FROM (
-                   SELECT user_id AS id, device_country, device_os, device_app_version,
-                     row_number() OVER (PARTITION BY user_id ORDER BY event_time DESC, event_id DESC) AS r
-                   FROM events WHERE device_country IS NOT NULL OR device_os IS NOT NULL
-                     OR device_app_version IS NOT NULL) WHERE r = 1)
-                 SELECT s.id, s.f, s.l, d.device_country, d.device_os, d.device_app_version
-                 FROM s LEFT JOIN d ON s.id = d.id"
-            }
-            DimKind::Videos => {
-                "WITH s AS (SELECT video_id AS id, min(event_time) AS f, max(event_time) AS l,
-                   max(video_duration_ms) AS duration FROM events WHERE video_id IS NOT NULL
-                   GROUP BY video_id),
-                 c AS (SELECT id, creator_id FROM (SELECT video_id AS id, creator_id,
-                   row_number() OVER (PARTITION BY video_id ORDER BY event_time DESC, event_id DESC) AS r
-                   FROM events WHERE video_id IS NOT NULL AND creator_id IS NOT NULL) WHERE r = 1)
-                 SELECT s.id, s.f, s.l, c.creator_id, s.duration FROM s LEFT JOIN c ON s.id = c.id"
-            }
-            DimKind::Creators => {
-                "SELECT creator_id AS id, min(event_time), max(event_time), count(DISTINCT video_id)
-                 FROM events WHERE creator_id IS NOT NULL GROUP BY creator_id"
-            }
-        }
-    }
 }
 
 /// Schema of [`UPDATES_TABLE`].
@@ -270,6 +241,139 @@ async fn rows(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, DataF
     ctx.sql(sql).await?.collect().await
 }
 
+/// The latest of several rows by (event_time, event_id): the row that last-writer-wins picks.
+#[derive(Clone, Copy)]
+struct Latest<'a, T> {
+    at: (i64, &'a str),
+    value: T,
+}
+
+fn keep_latest<'a, T>(slot: &mut Option<Latest<'a, T>>, at: (i64, &'a str), value: T) {
+    if slot.as_ref().is_none_or(|l| at > l.at) {
+        *slot = Some(Latest { at, value });
+    }
+}
+
+/// Per kind (`users`, `videos`, `creators`) and id, what events say, in one pass over
+/// `events`: first and last seen, and the event columns of [`DimKind::event_columns`]:
+/// - users: country, os and app version of the latest event carrying any of them;
+/// - videos: the creator of the latest event naming one, the largest duration seen;
+/// - creators: the number of distinct videos seen.
+async fn event_facts(
+    ctx: &SessionContext,
+) -> Result<HashMap<&'static str, BTreeMap<i64, Facts>>, DataFusionError> {
+    type Device<'a> = [Option<&'a str>; 3];
+    fn opt_s(a: &StringArray, i: usize) -> Option<&str> {
+        a.is_valid(i).then(|| a.value(i))
+    }
+    let batches = rows(
+        ctx,
+        "SELECT user_id, video_id, creator_id, event_time, event_id, device_country, \
+         device_os, device_app_version, video_duration_ms FROM events",
+    )
+    .await?;
+    let strs = |b: &RecordBatch, i: usize| -> Result<StringArray, DataFusionError> {
+        Ok(cast(b.column(i), &DataType::Utf8)?
+            .as_string::<i32>()
+            .clone())
+    };
+    let cols = batches
+        .iter()
+        .map(|b| {
+            Ok((
+                [
+                    ints(b.column(0))?,
+                    ints(b.column(1))?,
+                    ints(b.column(2))?,
+                    ints(b.column(3))?,
+                ],
+                [strs(b, 4)?, strs(b, 5)?, strs(b, 6)?, strs(b, 7)?],
+                ints(b.column(8))?,
+            ))
+        })
+        .collect::<Result<Vec<_>, DataFusionError>>()?;
+    let span = |m: &mut HashMap<i64, (i64, i64)>, id: i64, t: i64| {
+        let e = m.entry(id).or_insert((t, t));
+        e.0 = e.0.min(t);
+        e.1 = e.1.max(t);
+    };
+    let (mut user_span, mut video_span, mut creator_span) =
+        (HashMap::new(), HashMap::new(), HashMap::new());
+    let mut device: HashMap<i64, Option<Latest<Device>>> = HashMap::new();
+    let mut video: HashMap<i64, (Option<Latest<i64>>, Option<i64>)> = HashMap::new();
+    let mut videos_of: HashMap<i64, std::collections::HashSet<i64>> = HashMap::new();
+    let opt_i = |a: &Int64Array, i: usize| a.is_valid(i).then(|| a.value(i));
+    for ([user, vid, creator, time], [event_id, country, os, app], duration) in &cols {
+        for i in 0..user.len() {
+            let t = time.value(i);
+            let at = (t, event_id.value(i));
+            let (v, c) = (opt_i(vid, i), opt_i(creator, i));
+            if let Some(u) = opt_i(user, i) {
+                span(&mut user_span, u, t);
+                let d = [opt_s(country, i), opt_s(os, i), opt_s(app, i)];
+                let slot = device.entry(u).or_default();
+                if d.iter().any(Option::is_some) {
+                    keep_latest(slot, at, d);
+                }
+            }
+            if let Some(v) = v {
+                span(&mut video_span, v, t);
+                let e = video.entry(v).or_default();
+                if let Some(c) = c {
+                    keep_latest(&mut e.0, at, c);
+                }
+                if let Some(d) = opt_i(duration, i) {
+                    e.1 = Some(e.1.map_or(d, |x: i64| x.max(d)));
+                }
+            }
+            if let Some(c) = c {
+                span(&mut creator_span, c, t);
+                let set = videos_of.entry(c).or_default();
+                if let Some(v) = v {
+                    set.insert(v);
+                }
+            }
+        }
+    }
+    let text = |s: Option<&str>| s.map_or(Value::Null, Value::from);
+    let int = |x: Option<i64>| x.map_or(Value::Null, Value::from);
+    let facts = |span: HashMap<i64, (i64, i64)>, cols: &dyn Fn(i64) -> Vec<Value>| {
+        span.into_iter()
+            .map(|(id, (f, l))| {
+                let facts = Facts {
+                    first_us: f,
+                    last_us: l,
+                    cols: cols(id),
+                };
+                (id, facts)
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let mut out = HashMap::new();
+    out.insert(
+        "users",
+        facts(user_span, &|id| {
+            let d = device.get(&id).copied().flatten().map(|l| l.value);
+            let d = d.unwrap_or_default();
+            d.iter().map(|s| text(*s)).collect()
+        }),
+    );
+    out.insert(
+        "videos",
+        facts(video_span, &|id| {
+            let (c, d) = video.get(&id).copied().unwrap_or_default();
+            vec![int(c.map(|l| l.value)), int(d)]
+        }),
+    );
+    out.insert(
+        "creators",
+        facts(creator_span, &|id| {
+            vec![Value::from(videos_of.get(&id).map_or(0, |s| s.len()) as i64)]
+        }),
+    );
+    Ok(out)
+}
+
 /// Builds `dim_user`, `dim_video`, `dim_creator` and `dim_date` from `events` and, when it
 /// exists, `dim_updates` (both registered in `ctx`).
 pub(crate) async fn batches(
@@ -311,46 +415,10 @@ pub(crate) async fn batches(
             }
         }
     }
+    let mut facts_of = event_facts(ctx).await?;
     let mut out = Vec::new();
     for kind in [DimKind::Users, DimKind::Videos, DimKind::Creators] {
-        let cols = kind.event_columns();
-        let mut facts: BTreeMap<i64, Facts> = BTreeMap::new();
-        for b in rows(ctx, kind.events_sql()).await? {
-            let (id, f, l) = (ints(b.column(0))?, ints(b.column(1))?, ints(b.column(2))?);
-            let extra: Vec<ArrayRef> = (0..cols.len())
-                .map(|c| {
-                    let to = if cols[c].1 {
-                        DataType::Int64
-                    } else {
-                        DataType::Utf8
-                    };
-                    cast(b.column(3 + c), &to)
-                })
-                .collect::<Result<_, _>>()?;
-            for i in 0..b.num_rows() {
-                let vals = extra
-                    .iter()
-                    .zip(cols)
-                    .map(|(a, (_, is_int))| {
-                        if a.is_null(i) {
-                            Value::Null
-                        } else if *is_int {
-                            Value::from(a.as_primitive::<Int64Type>().value(i))
-                        } else {
-                            Value::from(a.as_string::<i32>().value(i))
-                        }
-                    })
-                    .collect();
-                facts.insert(
-                    id.value(i),
-                    Facts {
-                        first_us: f.value(i),
-                        last_us: l.value(i),
-                        cols: vals,
-                    },
-                );
-            }
-        }
+        let facts = facts_of.remove(&kind.as_str()).unwrap_or_default();
         let ups = updates.remove(kind.as_str()).unwrap_or_default();
         let mut versions = Vec::new();
         let ids: std::collections::BTreeSet<i64> =

@@ -20,9 +20,11 @@ use std::collections::HashMap;
 
 pub mod cascade;
 pub mod dims;
+pub mod views;
 use std::time::Instant;
 
 use reelhouse_lake::deltalake::arrow::array::RecordBatch;
+use reelhouse_lake::deltalake::arrow::error::ArrowError;
 use reelhouse_lake::deltalake::datafusion::datasource::MemTable;
 use reelhouse_lake::deltalake::DeltaTable;
 use reelhouse_lake::query::Catalog;
@@ -54,7 +56,15 @@ struct Model {
     partition_by: &'static [&'static str],
     /// Registered for later models but not written (helpers).
     internal: bool,
-    sql: &'static str,
+    compute: Compute,
+}
+
+/// How a model is computed.
+enum Compute {
+    /// A DataFusion SQL statement over the models before it.
+    Sql(&'static str),
+    /// A function of the `ev` batches (see [`views`]).
+    Rust(fn(&[RecordBatch]) -> std::result::Result<RecordBatch, ArrowError>),
 }
 
 /// The columns the models read, from events not left out by a date closure (see [`Inputs`]).
@@ -400,38 +410,6 @@ pub async fn incremental_dates(
     Ok(Some(write))
 }
 
-const FACT_VIDEO_VIEW: &str = "
-WITH v AS (
-  SELECT view_id,
-    coalesce(min(CASE WHEN event_type = 'video_view_start' THEN user_id END), min(user_id)) AS user_id,
-    coalesce(min(CASE WHEN event_type = 'video_view_start' THEN video_id END), min(video_id)) AS video_id,
-    coalesce(min(CASE WHEN event_type = 'video_view_start' THEN creator_id END), min(creator_id)) AS creator_id,
-    coalesce(min(CASE WHEN event_type = 'video_view_start' THEN session_id END), min(session_id)) AS session_id,
-    min(CASE WHEN event_type = 'video_view_start' THEN event_time END) AS start_time,
-    max(CASE WHEN event_type = 'video_view_end' THEN event_time END) AS end_time,
-    max(CASE WHEN event_type = 'video_view_end' THEN watch_ms END) AS watch_ms,
-    max(CASE WHEN event_type = 'video_view_end' THEN video_duration_ms END) AS video_duration_ms,
-    min(CASE WHEN event_type = 'video_view_start' THEN source END) AS source,
-    min(CASE WHEN event_type = 'video_view_start' THEN via_share_id END) AS via_share_id,
-    bool_or(event_type = 'video_view_start') AS has_start,
-    bool_or(event_type = 'video_view_end') AS has_end
-  FROM ev
-  WHERE event_type IN ('video_view_start', 'video_view_end')
-  GROUP BY view_id)
-SELECT view_id, user_id, video_id, creator_id, session_id, start_time, end_time,
-  watch_ms, video_duration_ms,
-  CASE WHEN has_end THEN least(CAST(watch_ms AS DOUBLE) / CAST(video_duration_ms AS DOUBLE), 1.0) END
-    AS percent_viewed,
-  has_end AND watch_ms >= 0.98 * video_duration_ms AS completed,
-  has_end AND watch_ms >= 3000 AS engaged,
-  coalesce(source, 'other') AS source,
-  via_share_id,
-  CAST(row_number() OVER (PARTITION BY session_id
-       ORDER BY coalesce(start_time, end_time), view_id) AS BIGINT) AS position_in_session,
-  has_start, has_end,
-  CAST(coalesce(start_time, end_time) AS DATE) AS event_date
-FROM v";
-
 const FACT_SESSION: &str = "
 WITH s AS (
   SELECT session_id,
@@ -573,12 +551,19 @@ LEFT JOIN likes l ON a.creator_id = l.creator_id AND a.date = l.date
 LEFT JOIN eng e ON a.creator_id = e.creator_id AND a.date = e.date
 LEFT JOIN follows f ON a.creator_id = f.creator_id AND a.date = f.date";
 
+/// Each input is grouped once and the three are stacked and summed per (video, hour): a key
+/// present in one input only gets zeros from the others. Unique viewers are counted as the
+/// number of (video, hour, user) groups, which is far cheaper than a distinct-set per group.
 const AGG_VIDEO_HOURLY: &str = "
-WITH views AS (
-  SELECT video_id, date_trunc('hour', coalesce(start_time, end_time)) AS hour,
-    count(*) AS views, count(DISTINCT user_id) AS unique_viewers,
-    coalesce(sum(watch_ms), 0) AS watch_time_ms, count(*) FILTER (WHERE completed) AS completions
-  FROM fact_video_view GROUP BY 1, 2),
+WITH per_user AS (
+  SELECT video_id, date_trunc('hour', coalesce(start_time, end_time)) AS hour, user_id,
+    count(*) AS views, coalesce(sum(watch_ms), 0) AS watch_time_ms,
+    count(*) FILTER (WHERE completed) AS completions
+  FROM fact_video_view GROUP BY 1, 2, 3),
+views AS (
+  SELECT video_id, hour, sum(views) AS views, count(user_id) AS unique_viewers,
+    sum(watch_time_ms) AS watch_time_ms, sum(completions) AS completions
+  FROM per_user GROUP BY 1, 2),
 likes AS (
   SELECT video_id, date_trunc('hour', event_time) AS hour,
     count(*) FILTER (WHERE added) - count(*) FILTER (WHERE removed) AS likes_net
@@ -588,18 +573,20 @@ eng AS (
     count(DISTINCT share_id) FILTER (WHERE event_type = 'share') AS shares,
     count(*) FILTER (WHERE event_type = 'comment') AS comments
   FROM ev WHERE event_type IN ('share', 'comment') GROUP BY 1, 2),
-k AS (SELECT video_id, hour FROM views UNION SELECT video_id, hour FROM likes
-      UNION SELECT video_id, hour FROM eng)
-SELECT k.video_id, k.hour,
-  coalesce(v.views, 0) AS views, coalesce(v.unique_viewers, 0) AS unique_viewers,
-  coalesce(v.watch_time_ms, 0) AS watch_time_ms, coalesce(v.completions, 0) AS completions,
-  coalesce(l.likes_net, 0) AS likes_net, coalesce(e.shares, 0) AS shares,
-  coalesce(e.comments, 0) AS comments,
-  CAST(k.hour AS DATE) AS event_date
-FROM k
-LEFT JOIN views v ON k.video_id = v.video_id AND k.hour = v.hour
-LEFT JOIN likes l ON k.video_id = l.video_id AND k.hour = l.hour
-LEFT JOIN eng e ON k.video_id = e.video_id AND k.hour = e.hour";
+k AS (
+  SELECT video_id, hour, views, unique_viewers, watch_time_ms, completions,
+    CAST(0 AS BIGINT) AS likes_net, CAST(0 AS BIGINT) AS shares, CAST(0 AS BIGINT) AS comments
+  FROM views
+  UNION ALL SELECT video_id, hour, 0, 0, 0, 0, likes_net, 0, 0 FROM likes
+  UNION ALL SELECT video_id, hour, 0, 0, 0, 0, 0, shares, comments FROM eng)
+SELECT video_id, hour,
+  CAST(sum(views) AS BIGINT) AS views, CAST(sum(unique_viewers) AS BIGINT) AS unique_viewers,
+  CAST(sum(watch_time_ms) AS BIGINT) AS watch_time_ms,
+  CAST(sum(completions) AS BIGINT) AS completions,
+  CAST(sum(likes_net) AS BIGINT) AS likes_net, CAST(sum(shares) AS BIGINT) AS shares,
+  CAST(sum(comments) AS BIGINT) AS comments,
+  CAST(hour AS DATE) AS event_date
+FROM k GROUP BY video_id, hour";
 
 /// For p = 0…100: the share of ended views whose watch_ms ≥ p % of the duration. Each view
 /// reaches p up to ⌊100·watch/duration⌋ (integer arithmetic, so exact); counting views by that
@@ -622,73 +609,73 @@ const MODELS: &[Model] = &[
         name: "ev",
         partition_by: &[],
         internal: true,
-        sql: "$ev",
+        compute: Compute::Sql("$ev"),
     },
     Model {
         name: "fact_video_view",
         partition_by: &["event_date"],
         internal: false,
-        sql: FACT_VIDEO_VIEW,
+        compute: Compute::Rust(views::fact_video_view),
     },
     Model {
         name: "fact_session",
         partition_by: &["event_date"],
         internal: false,
-        sql: FACT_SESSION,
+        compute: Compute::Sql(FACT_SESSION),
     },
     Model {
         name: "fact_engagement",
         partition_by: &["event_date"],
         internal: false,
-        sql: FACT_ENGAGEMENT,
+        compute: Compute::Sql(FACT_ENGAGEMENT),
     },
     Model {
         name: "fact_follow",
         partition_by: &["event_date"],
         internal: false,
-        sql: FACT_FOLLOW,
+        compute: Compute::Sql(FACT_FOLLOW),
     },
     Model {
         name: "like_transitions",
         partition_by: &[],
         internal: true,
-        sql: LIKE_TRANSITIONS,
+        compute: Compute::Sql(LIKE_TRANSITIONS),
     },
     Model {
         name: "follow_transitions",
         partition_by: &[],
         internal: true,
-        sql: FOLLOW_TRANSITIONS,
+        compute: Compute::Sql(FOLLOW_TRANSITIONS),
     },
     Model {
         name: "agg_creator_daily",
         partition_by: &[],
         internal: false,
-        sql: AGG_CREATOR_DAILY,
+        compute: Compute::Sql(AGG_CREATOR_DAILY),
     },
     Model {
         name: "agg_video_hourly",
         partition_by: &["event_date"],
         internal: false,
-        sql: AGG_VIDEO_HOURLY,
+        compute: Compute::Sql(AGG_VIDEO_HOURLY),
     },
     Model {
         name: "like_state",
         partition_by: &[],
         internal: false,
-        sql: LIKE_STATE,
+        compute: Compute::Sql(LIKE_STATE),
     },
     Model {
         name: "follow_state",
         partition_by: &[],
         internal: false,
-        sql: FOLLOW_STATE,
+        compute: Compute::Sql(FOLLOW_STATE),
     },
     Model {
         name: "video_retention",
         partition_by: &[],
         internal: false,
-        sql: VIDEO_RETENTION,
+        compute: Compute::Sql(VIDEO_RETENTION),
     },
 ];
 
@@ -733,8 +720,11 @@ pub struct TableReport {
     pub rows: usize,
     /// Delta version written (`None` for helper models kept in memory only).
     pub version: Option<u64>,
-    /// Time to compute and write it.
+    /// Time to compute and write it (tables computed together, the cascade tables and the
+    /// dimensions, each count their group's compute time).
     pub elapsed_ms: u64,
+    /// Of which writing the Delta commit (with the rows kept from the previous version).
+    pub write_ms: u64,
 }
 
 /// What the models read besides `events`.
@@ -883,6 +873,102 @@ impl Inputs {
     }
 }
 
+/// Computes one model over the models before it (registered in `ctx`) and registers its
+/// result in `ctx`, in memory, for the models after it. `ev_batches` holds the `ev` rows for
+/// the models computed in Rust.
+async fn run_model(
+    ctx: &reelhouse_lake::deltalake::datafusion::prelude::SessionContext,
+    m: &Model,
+    ev: &str,
+    inputs: &Inputs,
+    closed_at: &str,
+    ev_batches: &mut Vec<RecordBatch>,
+) -> Result<(
+    reelhouse_lake::deltalake::arrow::datatypes::SchemaRef,
+    Vec<RecordBatch>,
+)> {
+    let model_err = |source| Error::Model {
+        model: m.name,
+        source,
+    };
+    let (schema, batches) = match m.compute {
+        Compute::Sql(sql) => {
+            let sql = sql
+                .replace("$ev", ev)
+                .replace("$now_ms", &inputs.now_ms.to_string())
+                .replace("$closed_at", closed_at);
+            let df = ctx.sql(&sql).await.map_err(model_err)?;
+            let schema = Arc::new(df.schema().as_arrow().clone());
+            (schema, df.collect().await.map_err(model_err)?)
+        }
+        Compute::Rust(f) => {
+            let batch = f(ev_batches).map_err(|e| model_err(e.into()))?;
+            (batch.schema(), vec![batch])
+        }
+    };
+    if m.name == "ev" {
+        *ev_batches = batches.clone();
+    }
+    let _ = ctx.deregister_table(m.name);
+    let mem = MemTable::try_new(Arc::clone(&schema), vec![batches.clone()]).map_err(model_err)?;
+    ctx.register_table(m.name, Arc::new(mem))
+        .map_err(model_err)?;
+    Ok((schema, batches))
+}
+
+/// Whether any `event_id` is stored twice among the events the models read.
+async fn has_duplicates(catalog: &Catalog, closed_at: &str) -> Result<bool> {
+    let dup_sql = EV_DUPLICATES.replace("$filter", &EV_FILTER.replace("$closed_at", closed_at));
+    let dups = catalog.query(&dup_sql).await?;
+    Ok(dups
+        .first()
+        .and_then(|b| {
+            use reelhouse_lake::deltalake::arrow::array::AsArray;
+            use reelhouse_lake::deltalake::arrow::datatypes::Int64Type;
+            let c = b.column(0).as_primitive_opt::<Int64Type>()?;
+            (!c.is_empty()).then(|| c.value(0) > 0)
+        })
+        .unwrap_or(true))
+}
+
+/// The models `agg_creator_daily` is computed from, in order.
+const CREATOR_DAILY_CHAIN: [&str; 5] = [
+    "ev",
+    "fact_video_view",
+    "like_transitions",
+    "follow_transitions",
+    "agg_creator_daily",
+];
+
+/// `agg_creator_daily` alone, computed from `events` in memory with the models it needs and
+/// written nowhere: the same work as one aggregation query over the raw Parquet files, for
+/// `reelhouse bench materialize` to compare with DuckDB running that query.
+pub async fn creator_daily_in_memory(
+    catalog: &Catalog,
+    inputs: &Inputs,
+) -> Result<Vec<RecordBatch>> {
+    let closed_at = inputs.closed_at_sql();
+    let ev = ev_sql(has_duplicates(catalog, &closed_at).await?, false);
+    let mut ev_batches = Vec::new();
+    let mut out = Vec::new();
+    for name in CREATOR_DAILY_CHAIN {
+        let Some(m) = MODELS.iter().find(|m| m.name == name) else {
+            continue;
+        };
+        out = run_model(
+            catalog.context(),
+            m,
+            &ev,
+            inputs,
+            &closed_at,
+            &mut ev_batches,
+        )
+        .await?
+        .1;
+    }
+    Ok(out)
+}
+
 /// Rebuilds every model from `events` as seen by `catalog` and writes each as one Delta
 /// commit. `current` gives the derived tables' present handles (to write new versions of);
 /// returns the new handles with the report.
@@ -897,17 +983,7 @@ pub async fn materialize(
     let mut report = Report::default();
     let mut handles: Vec<(String, DeltaTable)> = Vec::new();
     let closed_at = inputs.closed_at_sql();
-    let dup_sql = EV_DUPLICATES.replace("$filter", &EV_FILTER.replace("$closed_at", &closed_at));
-    let dups = catalog.query(&dup_sql).await?;
-    let has_duplicates = dups
-        .first()
-        .and_then(|b| {
-            use reelhouse_lake::deltalake::arrow::array::AsArray;
-            use reelhouse_lake::deltalake::arrow::datatypes::Int64Type;
-            let c = b.column(0).as_primitive_opt::<Int64Type>()?;
-            (!c.is_empty()).then(|| c.value(0) > 0)
-        })
-        .unwrap_or(true);
+    let has_duplicates = has_duplicates(catalog, &closed_at).await?;
     let plan_start = Instant::now();
     let scope = match &inputs.dirty {
         Some(seeds) if table_names().all(|t| current.contains_key(t)) => {
@@ -939,6 +1015,7 @@ pub async fn materialize(
     });
     let ev = ev_sql(has_duplicates, scope.is_some());
     let mut switched = false;
+    let mut ev_batches: Vec<RecordBatch> = Vec::new();
     for m in MODELS {
         let model_start = Instant::now();
         let dated = frozen_column(m.name).map(|(col, _)| col);
@@ -977,34 +1054,23 @@ pub async fn materialize(
                 }
             }
         }
-        let sql = m
-            .sql
-            .replace("$ev", &ev)
-            .replace("$now_ms", &inputs.now_ms.to_string())
-            .replace("$closed_at", &closed_at);
         let model_err = |source| Error::Model {
             model: m.name,
             source,
         };
-        let df = ctx.sql(&sql).await.map_err(model_err)?;
-        let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches: Vec<RecordBatch> = df.collect().await.map_err(model_err)?;
+        let (schema, batches) = run_model(ctx, m, &ev, inputs, &closed_at, &mut ev_batches).await?;
         let rows = batches.iter().map(|b| b.num_rows()).sum();
-        // Later models read this one from memory, not back from Delta.
-        let _ = ctx.deregister_table(m.name);
-        let mem =
-            MemTable::try_new(Arc::clone(&schema), vec![batches.clone()]).map_err(model_err)?;
-        ctx.register_table(m.name, Arc::new(mem))
-            .map_err(model_err)?;
         if m.internal {
             report.tables.push(TableReport {
                 table: m.name.to_string(),
                 rows,
                 version: None,
                 elapsed_ms: model_start.elapsed().as_millis() as u64,
+                write_ms: 0,
             });
             continue;
         }
+        let write_start = Instant::now();
         let table = match (&scope, dated, current.get(m.name)) {
             (Some(dates), Some(_), Some(_)) if dates.is_empty() => {
                 // Nothing to recompute for date-keyed tables: their version stays.
@@ -1013,6 +1079,7 @@ pub async fn materialize(
                     rows: 0,
                     version: None,
                     elapsed_ms: model_start.elapsed().as_millis() as u64,
+                    write_ms: 0,
                 });
                 continue;
             }
@@ -1047,6 +1114,7 @@ pub async fn materialize(
             rows,
             version: table.version(),
             elapsed_ms: model_start.elapsed().as_millis() as u64,
+            write_ms: write_start.elapsed().as_millis() as u64,
         });
         handles.push((m.name.to_string(), table));
     }
@@ -1056,22 +1124,25 @@ pub async fn materialize(
         source,
     })?;
     report.share_links_broken = broken;
-    let mut computed: Vec<(&str, &[&str], RecordBatch, Instant)> = CASCADE_TABLES
+    let cascade_ms = cascade_start.elapsed();
+    let mut computed: Vec<(&str, &[&str], RecordBatch, std::time::Duration)> = CASCADE_TABLES
         .into_iter()
         .zip([fact, tree])
-        .map(|((name, parts), b)| (name, parts, b, cascade_start))
+        .map(|((name, parts), b)| (name, parts, b, cascade_ms))
         .collect();
     let dims_start = Instant::now();
     let dims = dims::batches(ctx).await.map_err(|source| Error::Model {
         model: "dim_*",
         source,
     })?;
+    let dims_ms = dims_start.elapsed();
     computed.extend(
         dims.into_iter()
-            .map(|(name, b)| (name, &[][..], b, dims_start)),
+            .map(|(name, b)| (name, &[][..], b, dims_ms)),
     );
-    for (name, partition_by, batch, since) in computed {
+    for (name, partition_by, batch, compute) in computed {
         let rows = batch.num_rows();
+        let write_start = Instant::now();
         let table = lake
             .overwrite_derived(
                 name,
@@ -1081,11 +1152,13 @@ pub async fn materialize(
                 partition_by,
             )
             .await?;
+        let write = write_start.elapsed();
         report.tables.push(TableReport {
             table: name.to_string(),
             rows,
             version: table.version(),
-            elapsed_ms: since.elapsed().as_millis() as u64,
+            elapsed_ms: (compute + write).as_millis() as u64,
+            write_ms: write.as_millis() as u64,
         });
         handles.push((name.to_string(), table));
     }

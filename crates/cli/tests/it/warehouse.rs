@@ -546,6 +546,52 @@ async fn retention_curve_equals_direct_counts() {
     server.shutdown().await.unwrap();
 }
 
+/// agg_video_hourly against its definition written plainly (a distinct count per group and
+/// outer joins of the three inputs), over `fact_video_view` and the raw `events`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn video_hourly_equals_direct_counts() {
+    let now = chrono::Utc::now().timestamp_millis();
+    let w = generate(&WorkloadConfig::new(6_000, 62, now));
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 1_000_000).await;
+    let url = url(&server);
+    ingest(&url, &w.lines).await;
+    materialize(&url).await;
+    let got = sql(
+        &url,
+        "SELECT video_id, hour, views, unique_viewers, watch_time_ms, completions, likes_net, \
+         shares, comments FROM agg_video_hourly ORDER BY 1, 2",
+    )
+    .await;
+    let want = sql(
+        &url,
+        "WITH v AS (SELECT video_id, date_trunc('hour', coalesce(start_time, end_time)) AS hour, \
+           count(*) AS views, count(DISTINCT user_id) AS uv, coalesce(sum(watch_ms), 0) AS watch, \
+           count(*) FILTER (WHERE completed) AS comp FROM fact_video_view GROUP BY 1, 2), \
+         l AS (SELECT video_id, date_trunc('hour', event_time) AS hour, \
+           sum(CASE WHEN event_type = 'like' AND (prev IS NULL OR prev = 'unlike') THEN 1 \
+                    WHEN event_type = 'unlike' AND prev = 'like' THEN -1 ELSE 0 END) AS net \
+           FROM (SELECT *, lag(event_type) OVER (PARTITION BY user_id, video_id \
+                 ORDER BY event_time, event_id) AS prev \
+                 FROM events WHERE event_type IN ('like', 'unlike')) GROUP BY 1, 2), \
+         e AS (SELECT video_id, date_trunc('hour', event_time) AS hour, \
+           count(DISTINCT share_id) FILTER (WHERE event_type = 'share') AS sh, \
+           count(*) FILTER (WHERE event_type = 'comment') AS co \
+           FROM events WHERE event_type IN ('share', 'comment') GROUP BY 1, 2), \
+         k AS (SELECT video_id, hour FROM v UNION SELECT video_id, hour FROM l \
+           UNION SELECT video_id, hour FROM e) \
+         SELECT k.video_id, k.hour, coalesce(views, 0), coalesce(uv, 0), coalesce(watch, 0), \
+           coalesce(comp, 0), coalesce(net, 0), coalesce(sh, 0), coalesce(co, 0) \
+         FROM k LEFT JOIN v ON k.video_id = v.video_id AND k.hour = v.hour \
+           LEFT JOIN l ON k.video_id = l.video_id AND k.hour = l.hour \
+           LEFT JOIN e ON k.video_id = e.video_id AND k.hour = e.hour ORDER BY 1, 2",
+    )
+    .await;
+    assert!(got.len() > 1_000, "{} video-hours", got.len());
+    assert_eq!(got, want);
+    server.shutdown().await.unwrap();
+}
+
 /// Every warehouse table as sorted rendered rows (floats to 12 significant digits: sums and
 /// averages may add in another order when fewer dates are recomputed).
 async fn snapshot(url: &str) -> BTreeMap<String, Vec<String>> {

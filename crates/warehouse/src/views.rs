@@ -1,0 +1,558 @@
+//! `fact_video_view`: view pairing and position in session, computed over the Arrow columns
+//! of the deduplicated events in one hash pass (SPEC §3).
+//!
+//! This is the hottest model of a rebuild (about 40 % of the events are view starts and ends,
+//! and nearly every view is its own group of one or two events). As a DataFusion plan it was a
+//! two-phase hash aggregate over string keys with thirteen accumulators, then a sort and a
+//! window for `position_in_session`; here it is one pass that keeps a small accumulator per
+//! `view_id`, then a grouping by session. The rules are the SQL rules it replaced, value for
+//! value (the tests compare it with that SQL):
+//! - user, video, creator, session, source and via-share come from the view's start (the
+//!   smallest value when a view has several starts); user, video, creator and session fall back
+//!   to the smallest value over all its events when it has no start (start lost);
+//! - `start_time` is the earliest start, `end_time` the latest end; `watch_ms` and
+//!   `video_duration_ms` are the largest over its ends (duplicate ends keep the max);
+//! - `percent_viewed` = min(watch / duration, 1), `completed` = watch ≥ 0.98 × duration and
+//!   `engaged` = watch ≥ 3000, for views with an end (false without one); `source` is `other`
+//!   without a start;
+//! - `position_in_session` numbers a session's views from 1 by (start, or end when the start
+//!   is lost; then `view_id`); views without a session are numbered as one group, as the SQL
+//!   window did;
+//! - `event_date` is the UTC date of the start, or of the end when the start is lost.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use reelhouse_lake::deltalake::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanBuilder, Date32Builder, Float64Builder, Int64Array,
+    Int64Builder, RecordBatch, StringBuilder, StringViewArray,
+};
+use reelhouse_lake::deltalake::arrow::compute::cast;
+use reelhouse_lake::deltalake::arrow::datatypes::{
+    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit,
+};
+use reelhouse_lake::deltalake::arrow::error::ArrowError;
+
+const START: &str = "video_view_start";
+const END: &str = "video_view_end";
+const DAY_US: i64 = 86_400_000_000;
+
+/// The columns of one input batch that pairing reads.
+struct Cols {
+    event_type: StringViewArray,
+    view_id: StringViewArray,
+    session_id: StringViewArray,
+    source: StringViewArray,
+    via_share_id: StringViewArray,
+    user_id: Int64Array,
+    video_id: Int64Array,
+    creator_id: Int64Array,
+    event_time: Int64Array,
+    watch_ms: Int64Array,
+    video_duration_ms: Int64Array,
+}
+
+fn column(b: &RecordBatch, name: &str) -> Result<ArrayRef, ArrowError> {
+    b.column_by_name(name)
+        .cloned()
+        .ok_or_else(|| ArrowError::SchemaError(format!("fact_video_view: no column {name}")))
+}
+
+fn strings(b: &RecordBatch, name: &str) -> Result<StringViewArray, ArrowError> {
+    Ok(cast(&column(b, name)?, &DataType::Utf8View)?
+        .as_string_view()
+        .clone())
+}
+
+fn ints(b: &RecordBatch, name: &str) -> Result<Int64Array, ArrowError> {
+    // Timestamps (µs) cast to their raw Int64 values.
+    Ok(cast(&column(b, name)?, &DataType::Int64)?
+        .as_primitive::<Int64Type>()
+        .clone())
+}
+
+impl Cols {
+    fn of(b: &RecordBatch) -> Result<Cols, ArrowError> {
+        Ok(Cols {
+            event_type: strings(b, "event_type")?,
+            view_id: strings(b, "view_id")?,
+            session_id: strings(b, "session_id")?,
+            source: strings(b, "source")?,
+            via_share_id: strings(b, "via_share_id")?,
+            user_id: ints(b, "user_id")?,
+            video_id: ints(b, "video_id")?,
+            creator_id: ints(b, "creator_id")?,
+            event_time: ints(b, "event_time")?,
+            watch_ms: ints(b, "watch_ms")?,
+            video_duration_ms: ints(b, "video_duration_ms")?,
+        })
+    }
+}
+
+fn opt<T>(valid: bool, v: T) -> Option<T> {
+    valid.then_some(v)
+}
+
+fn int(a: &Int64Array, i: usize) -> Option<i64> {
+    opt(a.is_valid(i), a.value(i))
+}
+
+fn text(a: &StringViewArray, i: usize) -> Option<&str> {
+    opt(a.is_valid(i), a.value(i))
+}
+
+/// `min` that ignores missing values, as SQL's `min` does.
+fn min_of<T: Ord>(acc: &mut Option<T>, v: Option<T>) {
+    if let Some(v) = v {
+        if acc.as_ref().is_none_or(|a| v < *a) {
+            *acc = Some(v);
+        }
+    }
+}
+
+/// `max` that ignores missing values.
+fn max_of<T: Ord>(acc: &mut Option<T>, v: Option<T>) {
+    if let Some(v) = v {
+        if acc.as_ref().is_none_or(|a| v > *a) {
+            *acc = Some(v);
+        }
+    }
+}
+
+/// One view's accumulated values: built for a view with several starts or ends while they
+/// are read, and for the others from their one start and one end when written out.
+#[derive(Default, Clone, Copy)]
+struct View<'a> {
+    view_id: Option<&'a str>,
+    has_start: bool,
+    has_end: bool,
+    /// From the starts.
+    user: Option<i64>,
+    video: Option<i64>,
+    creator: Option<i64>,
+    session: Option<&'a str>,
+    source: Option<&'a str>,
+    via_share: Option<&'a str>,
+    /// From every event, for a view without a start.
+    any_user: Option<i64>,
+    any_video: Option<i64>,
+    any_creator: Option<i64>,
+    any_session: Option<&'a str>,
+    start_time: Option<i64>,
+    end_time: Option<i64>,
+    watch_ms: Option<i64>,
+    duration_ms: Option<i64>,
+}
+
+impl<'a> View<'a> {
+    /// Folds in event `i` of `c` (a start or an end).
+    fn apply(&mut self, c: &'a Cols, i: usize, start: bool) {
+        let (user, video, creator) = (
+            int(&c.user_id, i),
+            int(&c.video_id, i),
+            int(&c.creator_id, i),
+        );
+        let session = text(&c.session_id, i);
+        let time = int(&c.event_time, i);
+        self.view_id = self.view_id.or(text(&c.view_id, i));
+        min_of(&mut self.any_user, user);
+        min_of(&mut self.any_video, video);
+        min_of(&mut self.any_creator, creator);
+        min_of(&mut self.any_session, session);
+        if start {
+            self.has_start = true;
+            min_of(&mut self.user, user);
+            min_of(&mut self.video, video);
+            min_of(&mut self.creator, creator);
+            min_of(&mut self.session, session);
+            min_of(&mut self.source, text(&c.source, i));
+            min_of(&mut self.via_share, text(&c.via_share_id, i));
+            min_of(&mut self.start_time, time);
+        } else {
+            self.has_end = true;
+            max_of(&mut self.end_time, time);
+            max_of(&mut self.watch_ms, int(&c.watch_ms, i));
+            max_of(&mut self.duration_ms, int(&c.video_duration_ms, i));
+        }
+    }
+    fn user(&self) -> Option<i64> {
+        self.user.or(self.any_user)
+    }
+    fn session(&self) -> Option<&'a str> {
+        self.session.or(self.any_session)
+    }
+    /// The time that dates and orders the view.
+    fn time(&self) -> Option<i64> {
+        self.start_time.or(self.end_time)
+    }
+}
+
+/// Where a view's events are: its start and its end row (`pack`ed batch and row), or
+/// [`Slot::NONE`]; `end == MULTI` when it had a second start or end (see `multi`).
+#[derive(Clone, Copy)]
+struct Slot {
+    start: u64,
+    end: u64,
+}
+
+impl Slot {
+    const NONE: u64 = u64::MAX;
+    const MULTI: u64 = u64::MAX - 1;
+    const EMPTY: Slot = Slot {
+        start: Slot::NONE,
+        end: Slot::NONE,
+    };
+    fn pack(batch: usize, row: usize) -> u64 {
+        ((batch as u64) << 32) | row as u64
+    }
+    /// The view's values from its (at most one) start and (at most one) end.
+    fn view<'a>(&self, cols: &'a [Cols]) -> View<'a> {
+        let mut v = View::default();
+        for (row, start) in [(self.start, true), (self.end, false)] {
+            if row < Slot::MULTI {
+                let (b, i) = ((row >> 32) as usize, (row & 0xffff_ffff) as usize);
+                v.apply(&cols[b], i, start);
+            }
+        }
+        v
+    }
+}
+
+/// The schema of `fact_video_view` (nullability as the SQL model wrote it).
+pub fn schema() -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let f = |n: &str, t: DataType| Field::new(n, t, true);
+    Arc::new(Schema::new(vec![
+        f("view_id", DataType::Utf8),
+        f("user_id", DataType::Int64),
+        f("video_id", DataType::Int64),
+        f("creator_id", DataType::Int64),
+        f("session_id", DataType::Utf8),
+        f("start_time", ts.clone()),
+        f("end_time", ts),
+        f("watch_ms", DataType::Int64),
+        f("video_duration_ms", DataType::Int64),
+        f("percent_viewed", DataType::Float64),
+        f("completed", DataType::Boolean),
+        f("engaged", DataType::Boolean),
+        Field::new("source", DataType::Utf8, false),
+        f("via_share_id", DataType::Utf8),
+        Field::new("position_in_session", DataType::Int64, false),
+        f("has_start", DataType::Boolean),
+        f("has_end", DataType::Boolean),
+        f("event_date", DataType::Date32),
+    ]))
+}
+
+/// `fact_video_view` from the deduplicated events `ev` (any string and integer encodings).
+pub fn fact_video_view(ev: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
+    let cols: Vec<Cols> = ev.iter().map(Cols::of).collect::<Result<_, _>>()?;
+    // Most views have a start and an end: about half as many views as view events.
+    let view_events: usize = cols
+        .iter()
+        .map(|c| {
+            c.event_type
+                .iter()
+                .filter(|t| matches!(t, Some(START | END)))
+                .count()
+        })
+        .sum();
+    let capacity = view_events / 2 + view_events / 16;
+    let mut index: HashMap<Option<&str>, usize> = HashMap::with_capacity(capacity);
+    // Per view its start and its end row, 16 bytes (a full accumulator is 280): this pass and
+    // the ones after it touch far less memory. A view with a second start or end moves to a
+    // full accumulator in `multi` (its slot's end says so).
+    let mut slots: Vec<Slot> = Vec::with_capacity(capacity);
+    let mut multi: HashMap<usize, View> = HashMap::new();
+    let mut last: Option<(Option<&str>, usize)> = None;
+    for (b, c) in cols.iter().enumerate() {
+        for i in 0..c.event_type.len() {
+            let t = c.event_type.value(i);
+            let (start, end) = (t == START, t == END);
+            if !start && !end {
+                continue;
+            }
+            let id = text(&c.view_id, i);
+            // Events are stored sorted by user, session and time, so a view's start and end
+            // are usually next to each other: skip the hash lookup then.
+            let k = match last {
+                Some((prev, k)) if prev == id => k,
+                _ => *index.entry(id).or_insert_with(|| {
+                    slots.push(Slot::EMPTY);
+                    slots.len() - 1
+                }),
+            };
+            last = Some((id, k));
+            let slot = &mut slots[k];
+            let row = Slot::pack(b, i);
+            if slot.end == Slot::MULTI {
+                if let Some(v) = multi.get_mut(&k) {
+                    v.apply(c, i, start);
+                }
+            } else if start && slot.start == Slot::NONE {
+                slot.start = row;
+            } else if end && slot.end == Slot::NONE {
+                slot.end = row;
+            } else {
+                let mut v = slot.view(&cols);
+                v.apply(c, i, start);
+                multi.insert(k, v);
+                *slot = Slot {
+                    start: Slot::NONE,
+                    end: Slot::MULTI,
+                };
+            }
+        }
+    }
+    drop(index);
+    let view = |k: usize| -> View {
+        match slots[k].end {
+            Slot::MULTI => multi.get(&k).copied().unwrap_or_default(),
+            _ => slots[k].view(&cols),
+        }
+    };
+
+    // Position in session: one sort by (session, time, view_id), nulls last, then numbering
+    // within each session's run.
+    // (session, (time missing, time), view)
+    type Rank<'a> = (Option<&'a str>, (bool, Option<i64>), usize);
+    let mut order: Vec<Rank> = (0..slots.len())
+        .map(|k| {
+            let v = view(k);
+            (v.session(), (v.time().is_none(), v.time()), k)
+        })
+        .collect();
+    order.sort_unstable_by(|a, b| {
+        (a.0, a.1).cmp(&(b.0, b.1)).then_with(|| {
+            let (x, y) = (view(a.2).view_id, view(b.2).view_id);
+            (x.is_none(), x).cmp(&(y.is_none(), y))
+        })
+    });
+    let mut position = vec![0i64; slots.len()];
+    let mut run: Option<(Option<&str>, i64)> = None;
+    for (session, _, k) in &order {
+        let p = match run {
+            Some((s, p)) if s == *session => p + 1,
+            _ => 1,
+        };
+        run = Some((*session, p));
+        position[*k] = p;
+    }
+    drop(order);
+
+    let n = slots.len();
+    let mut view_id = StringBuilder::with_capacity(n, n * 24);
+    let mut session = StringBuilder::with_capacity(n, n * 24);
+    let mut source = StringBuilder::with_capacity(n, n * 8);
+    let mut via_share = StringBuilder::with_capacity(n, n * 4);
+    let [mut user, mut video, mut creator, mut start_time, mut end_time, mut watch, mut duration] =
+        std::array::from_fn(|_| Int64Builder::with_capacity(n));
+    let mut percent = Float64Builder::with_capacity(n);
+    let [mut completed, mut engaged, mut has_start, mut has_end] =
+        std::array::from_fn(|_| BooleanBuilder::with_capacity(n));
+    let mut date = Date32Builder::with_capacity(n);
+    for k in 0..n {
+        let v = &view(k);
+        view_id.append_option(v.view_id);
+        user.append_option(v.user());
+        video.append_option(v.video.or(v.any_video));
+        creator.append_option(v.creator.or(v.any_creator));
+        session.append_option(v.session());
+        start_time.append_option(v.start_time);
+        end_time.append_option(v.end_time);
+        watch.append_option(v.watch_ms);
+        duration.append_option(v.duration_ms);
+        // With an end, watch and duration are set (validation requires both on every end).
+        let ended = match (v.has_end, v.watch_ms, v.duration_ms) {
+            (false, _, _) => Some(None),
+            (true, Some(w), Some(d)) => Some(Some((w, d))),
+            (true, _, _) => None,
+        };
+        percent.append_option(ended.flatten().map(|(w, d)| (w as f64 / d as f64).min(1.0)));
+        completed.append_option(ended.map(|e| e.is_some_and(|(w, d)| w as f64 >= 0.98 * d as f64)));
+        engaged.append_option(ended.map(|e| e.is_some_and(|(w, _)| w >= 3000)));
+        source.append_value(v.source.unwrap_or("other"));
+        via_share.append_option(v.via_share);
+        has_start.append_value(v.has_start);
+        has_end.append_value(v.has_end);
+        date.append_option(v.time().map(|t| t.div_euclid(DAY_US) as i32));
+    }
+    let ts = |mut b: Int64Builder| -> Result<ArrayRef, ArrowError> {
+        cast(
+            &b.finish(),
+            &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        )
+    };
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(view_id.finish()),
+        Arc::new(user.finish()),
+        Arc::new(video.finish()),
+        Arc::new(creator.finish()),
+        Arc::new(session.finish()),
+        ts(start_time)?,
+        ts(end_time)?,
+        Arc::new(watch.finish()),
+        Arc::new(duration.finish()),
+        Arc::new(percent.finish()),
+        Arc::new(completed.finish()),
+        Arc::new(engaged.finish()),
+        Arc::new(source.finish()),
+        Arc::new(via_share.finish()),
+        Arc::new(Int64Array::from(position)),
+        Arc::new(has_start.finish()),
+        Arc::new(has_end.finish()),
+        Arc::new(date.finish()),
+    ];
+    RecordBatch::try_new(schema(), columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use reelhouse_lake::deltalake::arrow::array::StringArray;
+    use reelhouse_lake::deltalake::arrow::util::pretty::pretty_format_batches;
+    use reelhouse_lake::deltalake::datafusion::datasource::MemTable;
+    use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
+
+    /// The SQL model this module replaced: the reference it must equal row for row.
+    const FACT_VIDEO_VIEW_SQL: &str = "
+    WITH v AS (
+      SELECT view_id,
+        coalesce(min(CASE WHEN event_type = 'video_view_start' THEN user_id END), min(user_id)) AS user_id,
+        coalesce(min(CASE WHEN event_type = 'video_view_start' THEN video_id END), min(video_id)) AS video_id,
+        coalesce(min(CASE WHEN event_type = 'video_view_start' THEN creator_id END), min(creator_id)) AS creator_id,
+        coalesce(min(CASE WHEN event_type = 'video_view_start' THEN session_id END), min(session_id)) AS session_id,
+        min(CASE WHEN event_type = 'video_view_start' THEN event_time END) AS start_time,
+        max(CASE WHEN event_type = 'video_view_end' THEN event_time END) AS end_time,
+        max(CASE WHEN event_type = 'video_view_end' THEN watch_ms END) AS watch_ms,
+        max(CASE WHEN event_type = 'video_view_end' THEN video_duration_ms END) AS video_duration_ms,
+        min(CASE WHEN event_type = 'video_view_start' THEN source END) AS source,
+        min(CASE WHEN event_type = 'video_view_start' THEN via_share_id END) AS via_share_id,
+        bool_or(event_type = 'video_view_start') AS has_start,
+        bool_or(event_type = 'video_view_end') AS has_end
+      FROM ev
+      WHERE event_type IN ('video_view_start', 'video_view_end')
+      GROUP BY view_id)
+    SELECT view_id, user_id, video_id, creator_id, session_id, start_time, end_time,
+      watch_ms, video_duration_ms,
+      CASE WHEN has_end THEN least(CAST(watch_ms AS DOUBLE) / CAST(video_duration_ms AS DOUBLE), 1.0) END
+        AS percent_viewed,
+      has_end AND watch_ms >= 0.98 * video_duration_ms AS completed,
+      has_end AND watch_ms >= 3000 AS engaged,
+      coalesce(source, 'other') AS source,
+      via_share_id,
+      CAST(row_number() OVER (PARTITION BY session_id
+           ORDER BY coalesce(start_time, end_time), view_id) AS BIGINT) AS position_in_session,
+      has_start, has_end,
+      CAST(coalesce(start_time, end_time) AS DATE) AS event_date
+    FROM v";
+
+    /// One generated view event: (is start, view, session, user, video, creator, time, watch,
+    /// duration, source, via share). Small ranges, so views get several starts or ends, ties in
+    /// time, sessions shared and missing.
+    type Gen = (
+        (bool, Option<u8>, Option<u8>, u8, u8, u8),
+        (u8, u16, u16, Option<u8>, Option<u8>),
+    );
+
+    fn batch(events: &[Gen]) -> RecordBatch {
+        let s = |v: Vec<Option<String>>| Arc::new(StringArray::from(v)) as ArrayRef;
+        let i = |v: Vec<Option<i64>>| Arc::new(Int64Array::from(v)) as ArrayRef;
+        let sources = ["feed", "profile", "share"];
+        let mut types = vec![Some("like".to_string())];
+        let mut view = vec![None];
+        let mut session = vec![Some("s0".to_string())];
+        let (mut user, mut video, mut creator) = (vec![Some(1)], vec![Some(1)], vec![Some(1)]);
+        let mut time = vec![Some(0)];
+        let (mut watch, mut dur, mut source, mut via) =
+            (vec![None], vec![None], vec![None], vec![None]);
+        for ((a0, a1, a2, a3, a4, a5), (b6, b7, b8, b9, b10)) in events {
+            let e = (*a0, *a1, *a2, *a3, *a4, *a5, *b6, *b7, *b8, *b9, *b10);
+            types.push(Some(if e.0 { START } else { END }.to_string()));
+            view.push(e.1.map(|v| format!("v{v}")));
+            session.push(e.2.map(|v| format!("s{v}")));
+            user.push(Some(e.3 as i64));
+            video.push(Some(e.4 as i64));
+            creator.push(Some(e.5 as i64));
+            time.push(Some(e.6 as i64 * 3_600_000_000));
+            watch.push((!e.0).then_some(e.7 as i64));
+            dur.push((!e.0).then_some(e.8 as i64 + 1));
+            source.push(
+                e.9.filter(|_| e.0)
+                    .map(|x| sources[x as usize % 3].to_string()),
+            );
+            via.push(e.10.filter(|_| e.0).map(|x| format!("sh{x}")));
+        }
+        let ts = cast(
+            &Int64Array::from(time),
+            &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        )
+        .unwrap();
+        let f = |n: &str, t: &ArrayRef| Field::new(n, t.data_type().clone(), true);
+        let cols: Vec<(&str, ArrayRef)> = vec![
+            ("event_type", s(types)),
+            ("view_id", s(view)),
+            ("session_id", s(session)),
+            ("source", s(source)),
+            ("via_share_id", s(via)),
+            ("user_id", i(user)),
+            ("video_id", i(video)),
+            ("creator_id", i(creator)),
+            ("event_time", ts),
+            ("watch_ms", i(watch)),
+            ("video_duration_ms", i(dur)),
+        ];
+        let schema = Arc::new(Schema::new(
+            cols.iter().map(|(n, c)| f(n, c)).collect::<Vec<_>>(),
+        ));
+        RecordBatch::try_new(schema, cols.into_iter().map(|(_, c)| c).collect()).unwrap()
+    }
+
+    async fn sorted(ctx: &SessionContext, name: &str, b: Vec<RecordBatch>) -> String {
+        if b.iter().all(|b| b.num_rows() == 0) {
+            return "no views".into();
+        }
+        let t = MemTable::try_new(b[0].schema(), vec![b]).unwrap();
+        ctx.register_table(name, Arc::new(t)).unwrap();
+        let out = ctx
+            .sql(&format!(
+                "SELECT * FROM {name} ORDER BY view_id NULLS FIRST"
+            ))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        pretty_format_batches(&out).unwrap().to_string()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn equals_the_sql_model(events in proptest::collection::vec(any::<Gen>().prop_map(|mut g| {
+            g.0.1 = g.0.1.map(|v| v % 12);
+            g.0.2 = g.0.2.map(|v| v % 4);
+            g.0.3 %= 3;
+            g.1.0 %= 6;
+            g
+        }), 0..60), split in 0usize..60) {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let b = batch(&events);
+                // Two input batches, as DataFusion hands them out.
+                let at = split.min(b.num_rows());
+                let parts = vec![b.slice(0, at), b.slice(at, b.num_rows() - at)];
+                let ctx = SessionContext::new();
+                let ev = MemTable::try_new(b.schema(), vec![parts.clone()]).unwrap();
+                ctx.register_table("ev", Arc::new(ev)).unwrap();
+                let want = ctx.sql(FACT_VIDEO_VIEW_SQL).await.unwrap().collect().await.unwrap();
+                let want = sorted(&ctx, "want", want).await;
+                let got = fact_video_view(&parts).unwrap();
+                let got = sorted(&ctx, "got", vec![got]).await;
+                prop_assert_eq!(got, want);
+                Ok(())
+            })?;
+        }
+    }
+}
