@@ -332,7 +332,7 @@ fn write_input(
     use deltalake::datafusion::datasource::{provider_as_source, MemTable};
     use deltalake::datafusion::logical_expr::LogicalPlanBuilder;
     let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-    let n = write_streams().max(1);
+    let n = write_streams();
     let per = rows.div_ceil(n).max(1);
     let mut parts: Vec<Vec<RecordBatch>> = vec![Vec::new(); n];
     let (mut part, mut filled) = (0, 0);

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use reelhouse_lake::deltalake::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Date32Array, Int32Array, Int64Array, RecordBatch,
-    StringArray, TimestampMicrosecondArray,
+    StringArray, StringViewArray, TimestampMicrosecondArray,
 };
 use reelhouse_lake::deltalake::arrow::compute::cast;
 use reelhouse_lake::deltalake::arrow::datatypes::{
@@ -263,7 +263,7 @@ async fn event_facts(
     ctx: &SessionContext,
 ) -> Result<HashMap<&'static str, BTreeMap<i64, Facts>>, DataFusionError> {
     type Device<'a> = [Option<&'a str>; 3];
-    fn opt_s(a: &StringArray, i: usize) -> Option<&str> {
+    fn opt_s(a: &StringViewArray, i: usize) -> Option<&str> {
         a.is_valid(i).then(|| a.value(i))
     }
     let batches = rows(
@@ -272,9 +272,10 @@ async fn event_facts(
          device_os, device_app_version, video_duration_ms FROM events",
     )
     .await?;
-    let strs = |b: &RecordBatch, i: usize| -> Result<StringArray, DataFusionError> {
-        Ok(cast(b.column(i), &DataType::Utf8)?
-            .as_string::<i32>()
+    // As string views: no copy of the strings when the scan hands out views already.
+    let strs = |b: &RecordBatch, i: usize| -> Result<StringViewArray, DataFusionError> {
+        Ok(cast(b.column(i), &DataType::Utf8View)?
+            .as_string_view()
             .clone())
     };
     let cols = batches

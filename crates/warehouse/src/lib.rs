@@ -64,7 +64,8 @@ struct Model {
 enum Compute {
     /// A DataFusion SQL statement over the models before it.
     Sql(&'static str),
-    /// A function of the `ev` batches (see [`views`]).
+    /// A function of the `ev` batches (see [`views`]). Only for date-keyed models: in an
+    /// incremental rebuild those batches hold the events of the dates being rewritten.
     Rust(fn(&[RecordBatch]) -> std::result::Result<RecordBatch, ArrowError>),
 }
 

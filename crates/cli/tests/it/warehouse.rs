@@ -592,6 +592,88 @@ async fn video_hourly_equals_direct_counts() {
     server.shutdown().await.unwrap();
 }
 
+/// The dimensions' event-derived columns (no upserts here, so one version per id) against
+/// their definition written as SQL windows over the raw `events`: the latest device of each
+/// user and the latest creator of each video by (event_time, event_id), first and last seen,
+/// the largest duration, the distinct videos of each creator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dimensions_equal_direct_queries() {
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut lines = generate(&WorkloadConfig::new(6_000, 63, now)).lines;
+    // The generator keeps each user's device and each video's creator fixed; these change
+    // them, arrive out of order and tie on time, so "latest" differs from "first" or "any".
+    let t0 = now - 2 * 86_400_000;
+    let ev = |id: &str, dt: i64, video: i64, creator: i64, country: Option<&str>| {
+        let mut e = serde_json::json!({"event_id": id, "event_type": "like", "event_time": t0 + dt,
+            "user_id": 990_001, "session_id": "dim-s", "video_id": video, "creator_id": creator});
+        if let Some(c) = country {
+            e["device"] = serde_json::json!({"os": "ios", "country": c});
+        }
+        e.to_string()
+    };
+    lines.extend([
+        ev("dim-3", 3_000, 990_002, 7, Some("CC")),
+        ev("dim-1", 1_000, 990_002, 5, Some("AA")),
+        ev("dim-4", 4_000, 990_002, 8, None),
+        ev("dim-2b", 2_000, 990_003, 9, Some("BB")),
+        ev("dim-2a", 2_000, 990_003, 6, Some("AB")),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 1_000_000).await;
+    let url = url(&server);
+    ingest(&url, &lines).await;
+    materialize(&url).await;
+    let latest = sql(
+        &url,
+        "SELECT country FROM dim_user WHERE user_id = 990001 UNION ALL \
+         SELECT CAST(creator_id AS VARCHAR) FROM dim_video WHERE video_id IN (990002, 990003) \
+         ORDER BY 1",
+    )
+    .await;
+    // CC: the latest event with a device (dim-4 has none); video 990002: creator 8 of dim-4;
+    // video 990003: both at one time, event_id dim-2b wins over dim-2a (creator 9).
+    let want: Vec<Vec<Value>> = [["8"], ["9"], ["CC"]]
+        .map(|r| vec![Value::from(r[0])])
+        .into();
+    assert_eq!(latest, want);
+    let pairs = [
+        (
+            "SELECT user_id, country, os, app_version, first_seen, last_seen FROM dim_user \
+             ORDER BY 1",
+            "WITH s AS (SELECT user_id, min(event_time) AS f, max(event_time) AS l FROM events \
+               GROUP BY 1), \
+             d AS (SELECT * FROM (SELECT user_id, device_country, device_os, device_app_version, \
+               row_number() OVER (PARTITION BY user_id ORDER BY event_time DESC, event_id DESC) AS r \
+               FROM events WHERE device_country IS NOT NULL OR device_os IS NOT NULL \
+               OR device_app_version IS NOT NULL) WHERE r = 1) \
+             SELECT s.user_id, d.device_country, d.device_os, d.device_app_version, s.f, s.l \
+             FROM s LEFT JOIN d ON s.user_id = d.user_id ORDER BY 1",
+        ),
+        (
+            "SELECT video_id, creator_id, duration_ms, first_seen, last_seen FROM dim_video \
+             ORDER BY 1",
+            "WITH s AS (SELECT video_id, min(event_time) AS f, max(event_time) AS l, \
+               max(video_duration_ms) AS d FROM events WHERE video_id IS NOT NULL GROUP BY 1), \
+             c AS (SELECT * FROM (SELECT video_id, creator_id, row_number() OVER \
+               (PARTITION BY video_id ORDER BY event_time DESC, event_id DESC) AS r FROM events \
+               WHERE video_id IS NOT NULL AND creator_id IS NOT NULL) WHERE r = 1) \
+             SELECT s.video_id, c.creator_id, s.d, s.f, s.l \
+             FROM s LEFT JOIN c ON s.video_id = c.video_id ORDER BY 1",
+        ),
+        (
+            "SELECT creator_id, videos, first_seen, last_seen FROM dim_creator ORDER BY 1",
+            "SELECT creator_id, count(DISTINCT video_id), min(event_time), max(event_time) \
+             FROM events WHERE creator_id IS NOT NULL GROUP BY 1 ORDER BY 1",
+        ),
+    ];
+    for (got, want) in pairs {
+        let (got, want) = (sql(&url, got).await, sql(&url, want).await);
+        assert!(got.len() > 10, "{} rows", got.len());
+        assert_eq!(got, want);
+    }
+    server.shutdown().await.unwrap();
+}
+
 /// Every warehouse table as sorted rendered rows (floats to 12 significant digits: sums and
 /// averages may add in another order when fewer dates are recomputed).
 async fn snapshot(url: &str) -> BTreeMap<String, Vec<String>> {
