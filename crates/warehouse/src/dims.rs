@@ -20,9 +20,7 @@ use reelhouse_lake::deltalake::arrow::array::{
     StringArray, StringViewArray, TimestampMicrosecondArray,
 };
 use reelhouse_lake::deltalake::arrow::compute::cast;
-use reelhouse_lake::deltalake::arrow::datatypes::{
-    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit,
-};
+use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use reelhouse_lake::deltalake::datafusion::error::DataFusionError;
 use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 use serde_json::{Map, Value};
@@ -232,9 +230,7 @@ struct Version {
 }
 
 fn ints(a: &ArrayRef) -> Result<Int64Array, DataFusionError> {
-    Ok(cast(a, &DataType::Int64)?
-        .as_primitive::<Int64Type>()
-        .clone())
+    Ok(crate::views::int64s(a)?)
 }
 
 async fn rows(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, DataFusionError> {
@@ -272,11 +268,8 @@ async fn event_facts(
          device_os, device_app_version, video_duration_ms FROM events",
     )
     .await?;
-    // As string views: no copy of the strings when the scan hands out views already.
     let strs = |b: &RecordBatch, i: usize| -> Result<StringViewArray, DataFusionError> {
-        Ok(cast(b.column(i), &DataType::Utf8View)?
-            .as_string_view()
-            .clone())
+        Ok(crate::views::string_views(b.column(i))?)
     };
     let cols = batches
         .iter()

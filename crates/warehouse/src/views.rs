@@ -61,15 +61,14 @@ fn column(b: &RecordBatch, name: &str) -> Result<ArrayRef, ArrowError> {
         .ok_or_else(|| ArrowError::SchemaError(format!("fact_video_view: no column {name}")))
 }
 
-fn strings(b: &RecordBatch, name: &str) -> Result<StringViewArray, ArrowError> {
-    Ok(cast(&column(b, name)?, &DataType::Utf8View)?
-        .as_string_view()
-        .clone())
+/// A column as string views, whatever string type it has (no copy when it is views already).
+pub(crate) fn string_views(a: &ArrayRef) -> Result<StringViewArray, ArrowError> {
+    Ok(cast(a, &DataType::Utf8View)?.as_string_view().clone())
 }
 
-fn ints(b: &RecordBatch, name: &str) -> Result<Int64Array, ArrowError> {
-    // Timestamps (µs) cast to their raw Int64 values.
-    Ok(cast(&column(b, name)?, &DataType::Int64)?
+/// A column as Int64 values, whatever integer type it has (timestamps as their raw µs).
+pub(crate) fn int64s(a: &ArrayRef) -> Result<Int64Array, ArrowError> {
+    Ok(cast(a, &DataType::Int64)?
         .as_primitive::<Int64Type>()
         .clone())
 }
@@ -77,17 +76,17 @@ fn ints(b: &RecordBatch, name: &str) -> Result<Int64Array, ArrowError> {
 impl Cols {
     fn of(b: &RecordBatch) -> Result<Cols, ArrowError> {
         Ok(Cols {
-            event_type: strings(b, "event_type")?,
-            view_id: strings(b, "view_id")?,
-            session_id: strings(b, "session_id")?,
-            source: strings(b, "source")?,
-            via_share_id: strings(b, "via_share_id")?,
-            user_id: ints(b, "user_id")?,
-            video_id: ints(b, "video_id")?,
-            creator_id: ints(b, "creator_id")?,
-            event_time: ints(b, "event_time")?,
-            watch_ms: ints(b, "watch_ms")?,
-            video_duration_ms: ints(b, "video_duration_ms")?,
+            event_type: string_views(&column(b, "event_type")?)?,
+            view_id: string_views(&column(b, "view_id")?)?,
+            session_id: string_views(&column(b, "session_id")?)?,
+            source: string_views(&column(b, "source")?)?,
+            via_share_id: string_views(&column(b, "via_share_id")?)?,
+            user_id: int64s(&column(b, "user_id")?)?,
+            video_id: int64s(&column(b, "video_id")?)?,
+            creator_id: int64s(&column(b, "creator_id")?)?,
+            event_time: int64s(&column(b, "event_time")?)?,
+            watch_ms: int64s(&column(b, "watch_ms")?)?,
+            video_duration_ms: int64s(&column(b, "video_duration_ms")?)?,
         })
     }
 }
