@@ -316,23 +316,25 @@ pub fn fact_video_view(ev: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
 
     // Position in session: one sort by (session, time, view_id), nulls last, then numbering
     // within each session's run.
-    // (session, (time missing, time), view)
-    type Rank<'a> = (Option<&'a str>, (bool, Option<i64>), usize);
+    // (session, (time missing, time), (view_id missing, view_id), view): the order is the
+    // tuple order, so the sort resolves each view once, not at every comparison.
+    type Rank<'a> = (
+        Option<&'a str>,
+        (bool, Option<i64>),
+        (bool, Option<&'a str>),
+        usize,
+    );
     let mut order: Vec<Rank> = (0..slots.len())
         .map(|k| {
             let v = view(k);
-            (v.session(), (v.time().is_none(), v.time()), k)
+            let (t, id) = (v.time(), v.view_id);
+            (v.session(), (t.is_none(), t), (id.is_none(), id), k)
         })
         .collect();
-    order.sort_unstable_by(|a, b| {
-        (a.0, a.1).cmp(&(b.0, b.1)).then_with(|| {
-            let (x, y) = (view(a.2).view_id, view(b.2).view_id);
-            (x.is_none(), x).cmp(&(y.is_none(), y))
-        })
-    });
+    order.sort_unstable();
     let mut position = vec![0i64; slots.len()];
     let mut run: Option<(Option<&str>, i64)> = None;
-    for (session, _, k) in &order {
+    for (session, _, _, k) in &order {
         let p = match run {
             Some((s, p)) if s == *session => p + 1,
             _ => 1,
