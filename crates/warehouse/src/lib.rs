@@ -21,6 +21,7 @@ use std::collections::HashMap;
 
 pub mod cascade;
 pub mod dims;
+mod plan;
 pub mod views;
 use std::time::Instant;
 
@@ -101,9 +102,6 @@ fn ev_sql(has_duplicates: bool, incremental: bool) -> String {
 /// The `event_id`s an incremental rebuild reads, registered by [`incremental_dates`].
 const REBUILD_EVENTS: &str = "__rebuild_events";
 
-/// Rounds of the view/session closure in [`expand`] before giving up (full rebuild).
-const MAX_CLOSURE_ROUNDS: usize = 8;
-
 /// Integers from the first column of `batches` (cast; e.g. days since epoch), nulls skipped.
 pub fn ints_of(batches: &[RecordBatch]) -> std::collections::BTreeSet<i32> {
     use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
@@ -120,210 +118,6 @@ pub fn ints_of(batches: &[RecordBatch]) -> std::collections::BTreeSet<i32> {
     out
 }
 
-/// What [`expand`] found: the dates of the events reached, and (when asked) their ids.
-struct Expansion {
-    dates: std::collections::BTreeSet<i32>,
-    ids: Vec<RecordBatch>,
-}
-
-/// The events of the `base` days and the complete groups they belong to: every event of the
-/// same sessions and views, transitively (a view whose events name two sessions joins them),
-/// then the like keys (user, video) and follow keys (user, creator) of the base events, one
-/// hop: every event of those keys, or with `successors` only the event right after each base
-/// event in its key (the only other transition a new event can change). Returns their dates,
-/// and with `want_ids` their `event_id`s. `None` when the closure does not settle within
-/// [`MAX_CLOSURE_ROUNDS`].
-///
-/// Sessions and views are searched first on the dates found so far and their neighbours
-/// (partition pruning: a few dates instead of all), then one scan of the other dates checks
-/// that nothing of theirs lies elsewhere; if something does, the search runs again over every
-/// date. Like and follow keys are deliberately not followed transitively: a like key reaches
-/// the user's other sessions, whose like keys reach yet others, across the calendar. That is
-/// not needed (see [`incremental_dates`]): a group read only in part yields rows only on the
-/// dates of the events read, which are rows the rebuild drops.
-async fn expand(
-    catalog: &Catalog,
-    base: &[i32],
-    successors: bool,
-    want_ids: bool,
-) -> Result<Option<Expansion>> {
-    use std::collections::BTreeSet;
-    let ctx = catalog.context();
-    let err = |source| Error::Model {
-        model: "incremental closure",
-        source,
-    };
-    let collect = |sql: String| async move {
-        let df = ctx.sql(&sql).await.map_err(err)?;
-        let schema = Arc::new(df.schema().as_arrow().clone());
-        Ok::<_, Error>((schema, df.collect().await.map_err(err)?))
-    };
-    let register = |name: &str,
-                    (schema, batches): (
-        reelhouse_lake::deltalake::arrow::datatypes::SchemaRef,
-        Vec<RecordBatch>,
-    )|
-     -> Result<()> {
-        let _ = ctx.deregister_table(name);
-        let t = MemTable::try_new(schema, vec![batches]).map_err(err)?;
-        ctx.register_table(name, Arc::new(t)).map_err(err)?;
-        Ok(())
-    };
-    let count = |sql: String| async move {
-        let b = collect(sql).await?.1;
-        Ok::<_, Error>(ints_of(&b).into_iter().next().unwrap_or(0))
-    };
-    let days = |d: &BTreeSet<i32>| {
-        reelhouse_lake::dates_predicate("event_date", &d.iter().copied().collect::<Vec<_>>())
-    };
-    let base_set: BTreeSet<i32> = base.iter().copied().collect();
-    let base_pred = days(&base_set);
-    let like = "'like', 'unlike'";
-    let follow = "'follow_creator', 'unfollow_creator'";
-
-    // 1. Sessions and views of the base events, closed.
-    register(
-        "__s",
-        collect(format!(
-            "SELECT DISTINCT session_id FROM events WHERE {base_pred} AND session_id IS NOT NULL"
-        ))
-        .await?,
-    )?;
-    register(
-        "__v",
-        collect(format!(
-            "SELECT DISTINCT view_id FROM events WHERE {base_pred} AND view_id IS NOT NULL"
-        ))
-        .await?,
-    )?;
-    let mut dates = base_set.clone();
-    let mut everywhere = false;
-    let near = |d: &BTreeSet<i32>| -> BTreeSet<i32> {
-        d.iter().flat_map(|x| [x - 1, *x, x + 1]).collect()
-    };
-    let mut rounds = 0;
-    loop {
-        rounds += 1;
-        if rounds > 2 * MAX_CLOSURE_ROUNDS {
-            return Ok(None);
-        }
-        let scope = if everywhere {
-            "true".to_string()
-        } else {
-            days(&near(&dates))
-        };
-        let found = collect(format!(
-            "SELECT DISTINCT session_id, view_id, CAST(event_date AS INT) AS d FROM events \
-               WHERE {scope} AND session_id IN (SELECT session_id FROM __s) \
-             UNION SELECT DISTINCT session_id, view_id, CAST(event_date AS INT) AS d FROM events \
-               WHERE {scope} AND view_id IN (SELECT view_id FROM __v)"
-        ))
-        .await?;
-        register("__found", found)?;
-        let before =
-            count("SELECT (SELECT count(*) FROM __s) + (SELECT count(*) FROM __v)".into()).await?;
-        let s = collect(
-            "SELECT DISTINCT session_id FROM (SELECT session_id FROM __s UNION ALL \
-             SELECT session_id FROM __found) WHERE session_id IS NOT NULL"
-                .into(),
-        )
-        .await?;
-        let v = collect(
-            "SELECT DISTINCT view_id FROM (SELECT view_id FROM __v UNION ALL \
-             SELECT view_id FROM __found) WHERE view_id IS NOT NULL"
-                .into(),
-        )
-        .await?;
-        dates.extend(ints_of(
-            &collect("SELECT DISTINCT d FROM __found".into()).await?.1,
-        ));
-        register("__s", s)?;
-        register("__v", v)?;
-        let after =
-            count("SELECT (SELECT count(*) FROM __s) + (SELECT count(*) FROM __v)".into()).await?;
-        if after != before {
-            continue;
-        }
-        if everywhere {
-            break;
-        }
-        // Settled on the dates searched: does any event of these sessions and views lie on
-        // another date?
-        let searched = days(&near(&dates));
-        let elsewhere = count(format!(
-            "SELECT (SELECT count(*) FROM events WHERE NOT ({searched}) \
-                       AND session_id IN (SELECT session_id FROM __s)) \
-                  + (SELECT count(*) FROM events WHERE NOT ({searched}) \
-                       AND view_id IN (SELECT view_id FROM __v))"
-        ))
-        .await?;
-        if elsewhere == 0 {
-            break;
-        }
-        everywhere = true;
-    }
-
-    // 2. The like and follow state machines of the base events.
-    let machine = |types: &str, key: &str| {
-        let on = key
-            .split(", ")
-            .map(|k| format!("e.{k} = k.{k}"))
-            .collect::<Vec<_>>()
-            .join(" AND ");
-        let part = key
-            .split(", ")
-            .map(|k| format!("e.{k}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let joined = format!(
-            "events e JOIN (SELECT DISTINCT {key} FROM events WHERE {base_pred} \
-             AND event_type IN ({types})) k ON {on} WHERE e.event_type IN ({types})"
-        );
-        if successors {
-            let list: Vec<String> = base.iter().map(i32::to_string).collect();
-            format!(
-                "SELECT event_id, d FROM (SELECT e.event_id, CAST(e.event_date AS INT) AS d, \
-                 lag(CAST(e.event_date AS INT)) OVER (PARTITION BY {part} \
-                 ORDER BY e.event_time, e.event_id) AS __prev FROM {joined}) \
-                 WHERE __prev IN ({})",
-                list.join(", ")
-            )
-        } else {
-            format!("SELECT e.event_id, CAST(e.event_date AS INT) AS d FROM {joined}")
-        }
-    };
-    let machines = collect(format!(
-        "{} UNION ALL {}",
-        machine(like, "user_id, video_id"),
-        machine(follow, "user_id, creator_id")
-    ))
-    .await?;
-    register("__machines", machines)?;
-    dates.extend(ints_of(
-        &collect("SELECT DISTINCT d FROM __machines".into()).await?.1,
-    ));
-    let ids = if want_ids {
-        let scope = if everywhere {
-            "true".to_string()
-        } else {
-            days(&near(&dates))
-        };
-        collect(format!(
-            "SELECT event_id FROM events WHERE {base_pred} \
-             UNION SELECT event_id FROM events WHERE {scope} \
-               AND session_id IN (SELECT session_id FROM __s) \
-             UNION SELECT event_id FROM events WHERE {scope} \
-               AND view_id IN (SELECT view_id FROM __v) \
-             UNION SELECT event_id FROM __machines"
-        ))
-        .await?
-        .1
-    } else {
-        Vec::new()
-    };
-    Ok(Some(Expansion { dates, ids }))
-}
-
 /// Plans an incremental rebuild from the dates that received events (`seeds`); returns the
 /// dates to rewrite, and registers the events to read as [`REBUILD_EVENTS`].
 ///
@@ -333,15 +127,16 @@ async fn expand(
 /// 1. the rows that can change are those of the groups of the seed dates' events (and of the
 ///    views of their sessions), and the like/follow transitions right after a seed date's
 ///    event (a transition depends only on the previous event of its key): the dates to
-///    rewrite, `W`, are the dates of [`expand`] of the seed dates' events. A session that crosses midnight brings the next date into `W`, but
+///    rewrite, `W`, are the dates of [`plan::Events::expand`] of the seed dates' events. A session that crosses midnight brings the next date into `W`, but
 ///    not that date's other sessions, so `W` does not snowball across the calendar;
-/// 2. the rows of `W` are recomputed from [`expand`] of all events on `W`: every group with a
+/// 2. the rows of `W` are recomputed from [`plan::Events::expand`] of all events on `W`: every group with a
 ///    row on `W` has an event on `W`, so it is read whole. Groups read only in part (reached
 ///    through a like key, say) have rows only on dates outside `W`, which are dropped; they
 ///    did not change.
 ///
 /// Dates with sessions still `open` are seeds too (they may have timed out since). `None`
-/// when an expansion does not settle (rebuild everything).
+/// when events are stored twice (rebuild everything). Both expansions run in memory over the
+/// key columns of every event, read once (see [`plan`]).
 pub async fn incremental_dates(
     catalog: &Catalog,
     seeds: &[i32],
@@ -369,27 +164,18 @@ pub async fn incremental_dates(
         model: "incremental closure",
         source,
     };
-    let register = |events: Vec<RecordBatch>| -> Result<()> {
-        let schema = Arc::new(reelhouse_lake::deltalake::arrow::datatypes::Schema::new(
-            vec![reelhouse_lake::deltalake::arrow::datatypes::Field::new(
-                "event_id",
-                reelhouse_lake::deltalake::arrow::datatypes::DataType::Utf8,
-                true,
-            )],
-        ));
-        let ids = events
-            .iter()
-            .map(|b| {
-                let c = reelhouse_lake::deltalake::arrow::compute::cast(
-                    b.column(0),
-                    &reelhouse_lake::deltalake::arrow::datatypes::DataType::Utf8,
-                )?;
-                RecordBatch::try_new(Arc::clone(&schema), vec![c])
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()
+    let register = |ids: Vec<Option<&str>>| -> Result<()> {
+        use reelhouse_lake::deltalake::arrow::array::StringArray;
+        use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Field, Schema};
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "event_id",
+            DataType::Utf8,
+            true,
+        )]));
+        let ids = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(StringArray::from(ids))])
             .map_err(|e| err(e.into()))?;
         let _ = ctx.deregister_table(REBUILD_EVENTS);
-        let t = MemTable::try_new(schema, vec![ids]).map_err(err)?;
+        let t = MemTable::try_new(schema, vec![vec![ids]]).map_err(err)?;
         ctx.register_table(REBUILD_EVENTS, Arc::new(t))
             .map_err(err)?;
         Ok(())
@@ -398,18 +184,16 @@ pub async fn incremental_dates(
         register(Vec::new())?;
         return Ok(Some(Vec::new()));
     }
-    let seed_list: Vec<i32> = seeds.into_iter().collect();
-    let Some(touched) = expand(catalog, &seed_list, true, false).await? else {
-        return Ok(None);
-    };
-    let mut write = touched.dates;
-    write.extend(seed_list);
-    let write: Vec<i32> = write.into_iter().collect();
-    let Some(read) = expand(catalog, &write, false, true).await? else {
-        return Ok(None);
-    };
-    register(read.ids)?;
-    Ok(Some(write))
+    let keys = catalog
+        .query(&format!("SELECT {} FROM events", plan::KEY_COLUMNS))
+        .await?;
+    let events = plan::Events::of(&keys).map_err(|e| err(e.into()))?;
+    drop(keys);
+    let mut write = events.expand(&seeds, true).dates;
+    write.extend(seeds);
+    let read = events.expand(&write, false);
+    register(events.ids(&read).collect())?;
+    Ok(Some(write.into_iter().collect()))
 }
 
 const FACT_SESSION: &str = "
