@@ -28,6 +28,8 @@ use std::time::Instant;
 use reelhouse_lake::deltalake::arrow::array::RecordBatch;
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
 use reelhouse_lake::deltalake::datafusion::datasource::MemTable;
+use reelhouse_lake::deltalake::datafusion::error::DataFusionError;
+use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 use reelhouse_lake::deltalake::DeltaTable;
 use reelhouse_lake::query::Catalog;
 use reelhouse_lake::Lake;
@@ -755,6 +757,122 @@ pub async fn creator_daily_in_memory(
     Ok(out)
 }
 
+/// A task's result with the time it ran.
+type Timed<T> = tokio::task::JoinHandle<(T, std::time::Duration)>;
+
+/// A task computing a model outside SQL.
+type Computed<T> = Timed<std::result::Result<T, DataFusionError>>;
+
+/// Delta writes running as tasks, each with its report entry (to complete when it ends).
+#[derive(Default)]
+struct Writes {
+    /// Each write's entry in `Report::tables` (which keeps the models' order) and task.
+    pending: Vec<(usize, Timed<reelhouse_lake::Result<DeltaTable>>)>,
+}
+
+/// A rebuild that fails leaves no write running behind it: each is cancelled at its next
+/// step, so its table stays at the version before or (if its commit was already made) after.
+impl Drop for Writes {
+    fn drop(&mut self) {
+        for (_, task) in &self.pending {
+            task.abort();
+        }
+    }
+}
+
+impl Writes {
+    fn spawn(
+        &mut self,
+        report: &mut Report,
+        entry: TableReport,
+        write: impl std::future::Future<Output = reelhouse_lake::Result<DeltaTable>> + Send + 'static,
+    ) {
+        let task = tokio::spawn(async move {
+            let start = Instant::now();
+            let table = write.await;
+            (table, start.elapsed())
+        });
+        report.tables.push(entry);
+        self.pending.push((report.tables.len() - 1, task));
+    }
+
+    /// Waits for every write, in the order they started; completes their report entries and
+    /// adds the new handles. The first failure is returned (after all have ended).
+    async fn finish(
+        &mut self,
+        report: &mut Report,
+        handles: &mut Vec<(String, DeltaTable)>,
+    ) -> Result<()> {
+        let mut first_error = None;
+        for (at, task) in std::mem::take(&mut self.pending) {
+            match task.await {
+                Ok((Ok(table), took)) => {
+                    let entry = &mut report.tables[at];
+                    entry.version = table.version();
+                    entry.write_ms = took.as_millis() as u64;
+                    entry.elapsed_ms += entry.write_ms;
+                    handles.push((entry.table.clone(), table));
+                }
+                Ok((Err(e), _)) => {
+                    first_error.get_or_insert(Error::from(e));
+                }
+                Err(join) => {
+                    first_error.get_or_insert(Error::Model {
+                        model: "write",
+                        source: DataFusionError::External(Box::new(join)),
+                    });
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Runs `work` over the session as a task, timing it.
+fn spawn_timed<T: Send + 'static, F>(
+    ctx: SessionContext,
+    work: impl FnOnce(SessionContext) -> F,
+) -> Computed<T>
+where
+    F: std::future::Future<Output = std::result::Result<T, DataFusionError>> + Send + 'static,
+{
+    let work = work(ctx);
+    tokio::spawn(async move {
+        let start = Instant::now();
+        (work.await, start.elapsed())
+    })
+}
+
+type CascadeBatches = (RecordBatch, RecordBatch, usize);
+
+/// [`cascade::batches`] as a task, over `ev` and `fact_video_view` as registered now.
+fn spawn_cascades(
+    ctx: &SessionContext,
+) -> tokio::task::JoinHandle<(
+    std::result::Result<
+        CascadeBatches,
+        reelhouse_lake::deltalake::datafusion::error::DataFusionError,
+    >,
+    std::time::Duration,
+)> {
+    spawn_timed(
+        ctx.clone(),
+        |ctx| async move { cascade::batches(&ctx).await },
+    )
+}
+
+/// The result of a task from [`spawn_timed`], as the error of `model` when it failed.
+async fn joined<T>(task: Computed<T>, model: &'static str) -> Result<(T, std::time::Duration)> {
+    let (result, took) = task.await.map_err(|join| Error::Model {
+        model,
+        source: DataFusionError::External(Box::new(join)),
+    })?;
+    Ok((
+        result.map_err(|source| Error::Model { model, source })?,
+        took,
+    ))
+}
+
 /// Rebuilds every model from `events` as seen by `catalog` and writes each as one Delta
 /// commit. `current` gives the derived tables' present handles (to write new versions of);
 /// returns the new handles with the report.
@@ -800,6 +918,13 @@ pub async fn materialize(
         d
     });
     let ev = ev_sql(has_duplicates, scope.is_some());
+    // Writes run as tasks beside the models after them (encoding Parquet is most of a
+    // write's time, and a model's SQL leaves a core idle part of the time); the dimensions,
+    // which read `events` alone, are computed beside the models from the start, and the
+    // cascades from when `ev` and `fact_video_view` are complete.
+    let mut writes = Writes::default();
+    let dims_task = spawn_timed(ctx.clone(), |ctx| async move { dims::batches(&ctx).await });
+    let mut cascade_task = None;
     let mut switched = false;
     let mut ev_batches: Vec<RecordBatch> = Vec::new();
     for m in MODELS {
@@ -821,6 +946,8 @@ pub async fn materialize(
                         model: "ev",
                         source,
                     })?;
+                // The new version of `fact_video_view` must be committed to be read whole.
+                writes.finish(&mut report, &mut handles).await?;
                 let fvv = handles
                     .iter()
                     .find(|(n, _)| n == "fact_video_view")
@@ -838,6 +965,7 @@ pub async fn materialize(
                             source,
                         })?;
                 }
+                cascade_task = Some(spawn_cascades(ctx));
             }
         }
         let model_err = |source| Error::Model {
@@ -845,39 +973,42 @@ pub async fn materialize(
             source,
         };
         let (schema, batches) = run_model(ctx, m, &ev, inputs, &closed_at, &mut ev_batches).await?;
+        if scope.is_none() && m.name == "fact_video_view" {
+            cascade_task = Some(spawn_cascades(ctx));
+        }
         let rows = batches.iter().map(|b| b.num_rows()).sum();
+        let mut entry = TableReport {
+            table: m.name.to_string(),
+            rows,
+            version: None,
+            elapsed_ms: model_start.elapsed().as_millis() as u64,
+            write_ms: 0,
+        };
         if m.internal {
-            report.tables.push(TableReport {
-                table: m.name.to_string(),
-                rows,
-                version: None,
-                elapsed_ms: model_start.elapsed().as_millis() as u64,
-                write_ms: 0,
-            });
+            report.tables.push(entry);
             continue;
         }
-        let write_start = Instant::now();
-        let table = match (&scope, dated, current.get(m.name)) {
-            (Some(dates), Some(_), Some(_)) if dates.is_empty() => {
+        let lake = lake.clone();
+        let cur = current.get(m.name).cloned();
+        match (&scope, dated) {
+            (Some(dates), Some(_)) if dates.is_empty() && cur.is_some() => {
                 // Nothing to recompute for date-keyed tables: their version stays.
-                report.tables.push(TableReport {
-                    table: m.name.to_string(),
-                    rows: 0,
-                    version: None,
-                    elapsed_ms: model_start.elapsed().as_millis() as u64,
-                    write_ms: 0,
-                });
-                continue;
+                entry.rows = 0;
+                report.tables.push(entry);
             }
-            (Some(dates), Some(col), Some(cur)) => {
+            (Some(dates), Some(col)) if cur.is_some() => {
                 let batches = keep_dates(&schema, batches, col, dates)
                     .await
                     .map_err(model_err)?;
-                lake.replace_dates(m.name, cur.clone(), schema, batches, col, dates)
-                    .await?
+                let dates = dates.clone();
+                writes.spawn(&mut report, entry, async move {
+                    let cur = cur.expect("checked above");
+                    lake.replace_dates(m.name, cur, schema, batches, col, &dates)
+                        .await
+                });
             }
             _ => {
-                let batches = carry_over(m.name, current.get(m.name), &schema, batches, inputs)
+                let batches = carry_over(m.name, cur.as_ref(), &schema, batches, inputs)
                     .await
                     .map_err(model_err)?;
                 let batches = if batches.is_empty() {
@@ -885,69 +1016,41 @@ pub async fn materialize(
                 } else {
                     batches
                 };
-                lake.overwrite_derived(
-                    m.name,
-                    current.get(m.name).cloned(),
-                    schema,
-                    batches,
-                    m.partition_by,
-                )
-                .await?
+                writes.spawn(&mut report, entry, async move {
+                    lake.overwrite_derived(m.name, cur, schema, batches, m.partition_by)
+                        .await
+                });
             }
-        };
-        report.tables.push(TableReport {
-            table: m.name.to_string(),
-            rows,
-            version: table.version(),
-            elapsed_ms: model_start.elapsed().as_millis() as u64,
-            write_ms: write_start.elapsed().as_millis() as u64,
-        });
-        handles.push((m.name.to_string(), table));
+        }
     }
-    let cascade_start = Instant::now();
-    let (fact, tree, broken) = cascade::batches(ctx).await.map_err(|source| Error::Model {
-        model: "share_cascade",
-        source,
-    })?;
+    let cascade_task = cascade_task.unwrap_or_else(|| spawn_cascades(ctx));
+    let ((fact, tree, broken), cascade_ms) = joined(cascade_task, "share_cascade").await?;
     report.share_links_broken = broken;
-    let cascade_ms = cascade_start.elapsed();
     let mut computed: Vec<(&str, &[&str], RecordBatch, std::time::Duration)> = CASCADE_TABLES
         .into_iter()
         .zip([fact, tree])
         .map(|((name, parts), b)| (name, parts, b, cascade_ms))
         .collect();
-    let dims_start = Instant::now();
-    let dims = dims::batches(ctx).await.map_err(|source| Error::Model {
-        model: "dim_*",
-        source,
-    })?;
-    let dims_ms = dims_start.elapsed();
+    let (dims, dims_ms) = joined(dims_task, "dim_*").await?;
     computed.extend(
         dims.into_iter()
             .map(|(name, b)| (name, &[][..], b, dims_ms)),
     );
     for (name, partition_by, batch, compute) in computed {
-        let rows = batch.num_rows();
-        let write_start = Instant::now();
-        let table = lake
-            .overwrite_derived(
-                name,
-                current.get(name).cloned(),
-                batch.schema(),
-                vec![batch],
-                partition_by,
-            )
-            .await?;
-        let write = write_start.elapsed();
-        report.tables.push(TableReport {
+        let entry = TableReport {
             table: name.to_string(),
-            rows,
-            version: table.version(),
-            elapsed_ms: (compute + write).as_millis() as u64,
-            write_ms: write.as_millis() as u64,
+            rows: batch.num_rows(),
+            version: None,
+            elapsed_ms: compute.as_millis() as u64,
+            write_ms: 0,
+        };
+        let (lake, cur) = (lake.clone(), current.get(name).cloned());
+        writes.spawn(&mut report, entry, async move {
+            lake.overwrite_derived(name, cur, batch.schema(), vec![batch], partition_by)
+                .await
         });
-        handles.push((name.to_string(), table));
     }
+    writes.finish(&mut report, &mut handles).await?;
     report.elapsed_ms = start.elapsed().as_millis() as u64;
     Ok((report, handles))
 }
