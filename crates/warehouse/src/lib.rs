@@ -83,14 +83,13 @@ const EV_FILTER: &str = "$closed_at IS NULL OR CAST(received_at AS BIGINT) <= $c
 const EV_DUPLICATES: &str = "SELECT count(*) - count(DISTINCT event_id) FROM events WHERE $filter";
 
 /// Events, deduplicated by `event_id` when needed (the earliest received copy wins); with
-/// `incremental`, only the events an incremental rebuild reads (see [`incremental_dates`]).
+/// `incremental`, only the events an incremental rebuild reads (see [`incremental_dates`];
+/// an incremental rebuild never has duplicates).
 fn ev_sql(has_duplicates: bool, incremental: bool) -> String {
-    let filter = if incremental {
-        format!("({EV_FILTER}) AND event_id IN (SELECT event_id FROM {REBUILD_EVENTS})")
-    } else {
-        EV_FILTER.to_string()
-    };
-    if has_duplicates {
+    let filter = EV_FILTER;
+    if incremental {
+        format!("SELECT {EV_COLUMNS} FROM {REBUILD_EVENTS}")
+    } else if has_duplicates {
         format!(
             "SELECT {EV_COLUMNS} FROM (SELECT {EV_COLUMNS}, row_number() OVER \
              (PARTITION BY event_id ORDER BY received_at, event_time) AS __rn \
@@ -101,7 +100,7 @@ fn ev_sql(has_duplicates: bool, incremental: bool) -> String {
     }
 }
 
-/// The `event_id`s an incremental rebuild reads, registered by [`incremental_dates`].
+/// The events an incremental rebuild reads, registered by [`incremental_dates`].
 const REBUILD_EVENTS: &str = "__rebuild_events";
 
 /// Integers from the first column of `batches` (cast; e.g. days since epoch), nulls skipped.
@@ -121,7 +120,8 @@ pub fn ints_of(batches: &[RecordBatch]) -> std::collections::BTreeSet<i32> {
 }
 
 /// Plans an incremental rebuild from the dates that received events (`seeds`); returns the
-/// dates to rewrite, and registers the events to read as [`REBUILD_EVENTS`].
+/// dates to rewrite, and registers the events to read, out of `events` (every event the
+/// models read: [`ev_sql`] without deduplication), as [`REBUILD_EVENTS`].
 ///
 /// Every date-keyed row (a view, a session and the positions of its views, a like or follow
 /// transition, a creator-day, a video-hour) is a function of the events of its groups, and
@@ -136,20 +136,17 @@ pub fn ints_of(batches: &[RecordBatch]) -> std::collections::BTreeSet<i32> {
 ///    through a like key, say) have rows only on dates outside `W`, which are dropped; they
 ///    did not change.
 ///
-/// Dates with sessions still `open` are seeds too (they may have timed out since). `None`
-/// when events are stored twice (rebuild everything). Both expansions run in memory over the
-/// key columns of every event, read once (see [`plan`]).
-pub async fn incremental_dates(
+/// Dates with sessions still `open` are seeds too (they may have timed out since). Both
+/// expansions run in memory over the key columns of `events` (see [`plan`]).
+pub(crate) async fn incremental_dates(
     catalog: &Catalog,
     seeds: &[i32],
-    has_duplicates: bool,
-) -> Result<Option<Vec<i32>>> {
+    schema: &reelhouse_lake::deltalake::arrow::datatypes::SchemaRef,
+    events: &[RecordBatch],
+) -> Result<Vec<i32>> {
+    use reelhouse_lake::deltalake::arrow::array::BooleanArray;
+    use reelhouse_lake::deltalake::arrow::compute::filter_record_batch;
     use std::collections::BTreeSet;
-    if has_duplicates {
-        // Copies of one event_id (stored only beyond the dedup window) may sit on any date;
-        // which one counts is decided over all of them: rebuild everything.
-        return Ok(None);
-    }
     let mut seeds: BTreeSet<i32> = seeds.iter().copied().collect();
     if catalog
         .context()
@@ -161,41 +158,36 @@ pub async fn incremental_dates(
             .await?;
         seeds.extend(ints_of(&open));
     }
+    let err = |e: ArrowError| Error::Model {
+        model: "incremental closure",
+        source: e.into(),
+    };
+    let index = plan::Events::of(schema, events).map_err(err)?;
+    let mut write = index.expand(&seeds, true).dates;
+    write.extend(seeds);
+    let read = index.expand(&write, false);
+    // The rows read, batch by batch (the index numbers the rows of `events` in order).
+    let mut keep = index.rows_read(&read).into_iter();
+    let read: Vec<RecordBatch> = events
+        .iter()
+        .map(|b| {
+            let mask: BooleanArray = keep.by_ref().take(b.num_rows()).map(Some).collect();
+            filter_record_batch(b, &mask)
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(err)?;
     let ctx = catalog.context();
-    let err = |source| Error::Model {
+    let _ = ctx.deregister_table(REBUILD_EVENTS);
+    let t = MemTable::try_new(Arc::clone(schema), vec![read]).map_err(|source| Error::Model {
         model: "incremental closure",
         source,
-    };
-    let register = |ids: Vec<Option<&str>>| -> Result<()> {
-        use reelhouse_lake::deltalake::arrow::array::StringArray;
-        use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Field, Schema};
-        let schema = Arc::new(Schema::new(vec![Field::new(
-            "event_id",
-            DataType::Utf8,
-            true,
-        )]));
-        let ids = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(StringArray::from(ids))])
-            .map_err(|e| err(e.into()))?;
-        let _ = ctx.deregister_table(REBUILD_EVENTS);
-        let t = MemTable::try_new(schema, vec![vec![ids]]).map_err(err)?;
-        ctx.register_table(REBUILD_EVENTS, Arc::new(t))
-            .map_err(err)?;
-        Ok(())
-    };
-    if seeds.is_empty() {
-        register(Vec::new())?;
-        return Ok(Some(Vec::new()));
-    }
-    let keys = catalog
-        .query(&format!("SELECT {} FROM events", plan::KEY_COLUMNS))
-        .await?;
-    let events = plan::Events::of(&keys).map_err(|e| err(e.into()))?;
-    drop(keys);
-    let mut write = events.expand(&seeds, true).dates;
-    write.extend(seeds);
-    let read = events.expand(&write, false);
-    register(events.ids(&read).collect())?;
-    Ok(Some(write.into_iter().collect()))
+    })?;
+    ctx.register_table(REBUILD_EVENTS, Arc::new(t))
+        .map_err(|source| Error::Model {
+            model: "incremental closure",
+            source,
+        })?;
+    Ok(write.into_iter().collect())
 }
 
 const FACT_SESSION: &str = "
@@ -889,9 +881,25 @@ pub async fn materialize(
     let closed_at = inputs.closed_at_sql();
     let has_duplicates = has_duplicates(catalog, &closed_at).await?;
     let plan_start = Instant::now();
-    let scope = match &inputs.dirty {
-        Some(seeds) if table_names().all(|t| current.contains_key(t)) => {
-            incremental_dates(catalog, seeds, has_duplicates).await?
+    // An incremental rebuild reads every event the models read once, to plan with and to
+    // feed the models after the date-keyed ones. Not when an `event_id` is stored twice: its
+    // copies may sit on any date, and which one counts is decided over all of them.
+    let all_ev = match &inputs.dirty {
+        Some(_) if !has_duplicates && table_names().all(|t| current.contains_key(t)) => {
+            let ev_err = |source| Error::Model {
+                model: "ev",
+                source,
+            };
+            let sql = ev_sql(false, false).replace("$closed_at", &closed_at);
+            let df = ctx.sql(&sql).await.map_err(ev_err)?;
+            let schema = Arc::new(df.schema().as_arrow().clone());
+            Some((schema, df.collect().await.map_err(ev_err)?))
+        }
+        _ => None,
+    };
+    let scope = match (&inputs.dirty, &all_ev) {
+        (Some(seeds), Some((schema, events))) => {
+            Some(incremental_dates(catalog, seeds, schema, events).await?)
         }
         _ => None,
     };
@@ -935,17 +943,16 @@ pub async fn materialize(
                 // The models after the date-keyed ones (state, retention curves, cascades)
                 // read every event and every view: the dates just rebuilt plus the rest.
                 switched = true;
-                let all = ev_sql(has_duplicates, false).replace("$closed_at", &closed_at);
-                let view = ctx.sql(&all).await.map_err(|source| Error::Model {
-                    model: "ev",
-                    source,
-                })?;
-                let _ = ctx.deregister_table("ev");
-                ctx.register_table("ev", view.into_view())
-                    .map_err(|source| Error::Model {
+                if let Some((schema, events)) = &all_ev {
+                    let ev_err = |source| Error::Model {
                         model: "ev",
                         source,
-                    })?;
+                    };
+                    let all = MemTable::try_new(Arc::clone(schema), vec![events.clone()])
+                        .map_err(ev_err)?;
+                    let _ = ctx.deregister_table("ev");
+                    ctx.register_table("ev", Arc::new(all)).map_err(ev_err)?;
+                }
                 // The new version of `fact_video_view` must be committed to be read whole.
                 writes.finish(&mut report, &mut handles).await?;
                 let fvv = handles

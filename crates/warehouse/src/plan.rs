@@ -16,9 +16,10 @@ use reelhouse_lake::deltalake::arrow::array::{
     Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringViewArray,
 };
 use reelhouse_lake::deltalake::arrow::compute::{cast, concat_batches};
-use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Int32Type};
+use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Int32Type, SchemaRef};
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
 use reelhouse_lake::deltalake::datafusion::common::HashMap;
+use std::sync::Arc;
 
 use crate::views::{int64s, string_views};
 
@@ -84,7 +85,6 @@ type Machine = Vec<Vec<u32>>;
 
 /// The key columns of every stored event, indexed for [`Events::expand`].
 pub(crate) struct Events {
-    ids: StringViewArray,
     dates: Vec<i32>,
     sessions: Groups,
     views: Groups,
@@ -101,12 +101,19 @@ pub(crate) struct Expansion {
 }
 
 impl Events {
-    /// Indexes the rows of [`KEY_COLUMNS`] (any string, integer and date encodings).
-    pub(crate) fn of(batches: &[RecordBatch]) -> Result<Events, ArrowError> {
-        let Some(first) = batches.first() else {
-            return Events::of(&[RecordBatch::new_empty(empty_schema())]);
-        };
-        let b = concat_batches(&first.schema(), batches)?;
+    /// Indexes the rows of `batches` (which have at least the [`KEY_COLUMNS`], in any string,
+    /// integer and date encodings), numbered in order across the batches.
+    pub(crate) fn of(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Events, ArrowError> {
+        let keys: Vec<usize> = KEY_COLUMNS
+            .split(", ")
+            .map(|c| schema.index_of(c))
+            .collect::<Result<_, _>>()?;
+        let schema = Arc::new(schema.project(&keys)?);
+        let projected: Vec<RecordBatch> = batches
+            .iter()
+            .map(|b| b.project(&keys))
+            .collect::<Result<_, _>>()?;
+        let b = concat_batches(&schema, &projected)?;
         let col = |i: usize| -> &ArrayRef { b.column(i) };
         let (ids, types) = (string_views(col(0))?, string_views(col(1))?);
         let (time, user) = (int64s(col(2))?, int64s(col(3))?);
@@ -150,7 +157,6 @@ impl Events {
             views: Groups::by(&view),
             machines,
             dates,
-            ids,
         })
     }
 
@@ -227,34 +233,14 @@ impl Events {
         Expansion { dates, rows }
     }
 
-    /// The `event_id`s of an expansion's rows.
-    pub(crate) fn ids<'a>(&'a self, e: &'a Expansion) -> impl Iterator<Item = Option<&'a str>> {
-        e.rows.iter().map(|r| {
-            let r = *r as usize;
-            self.ids.is_valid(r).then(|| self.ids.value(r))
-        })
+    /// Whether each row was reached by an expansion (in the order of [`Events::of`]).
+    pub(crate) fn rows_read(&self, e: &Expansion) -> Vec<bool> {
+        let mut read = vec![false; self.dates.len()];
+        for r in &e.rows {
+            read[*r as usize] = true;
+        }
+        read
     }
-}
-
-fn empty_schema() -> reelhouse_lake::deltalake::arrow::datatypes::SchemaRef {
-    use reelhouse_lake::deltalake::arrow::datatypes::{Field, Schema, TimeUnit};
-    let s = |n: &str| Field::new(n, DataType::Utf8, true);
-    let i = |n: &str| Field::new(n, DataType::Int64, true);
-    std::sync::Arc::new(Schema::new(vec![
-        s("event_id"),
-        s("event_type"),
-        Field::new(
-            "event_time",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            true,
-        ),
-        i("user_id"),
-        s("session_id"),
-        s("view_id"),
-        i("video_id"),
-        i("creator_id"),
-        Field::new("event_date", DataType::Date32, true),
-    ]))
 }
 
 #[cfg(test)]
@@ -270,6 +256,27 @@ mod tests {
     use std::sync::Arc;
 
     use crate::ints_of;
+
+    fn empty_schema() -> reelhouse_lake::deltalake::arrow::datatypes::SchemaRef {
+        use reelhouse_lake::deltalake::arrow::datatypes::{Field, Schema, TimeUnit};
+        let s = |n: &str| Field::new(n, DataType::Utf8, true);
+        let i = |n: &str| Field::new(n, DataType::Int64, true);
+        std::sync::Arc::new(Schema::new(vec![
+            s("event_id"),
+            s("event_type"),
+            Field::new(
+                "event_time",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+            i("user_id"),
+            s("session_id"),
+            s("view_id"),
+            i("video_id"),
+            i("creator_id"),
+            Field::new("event_date", DataType::Date32, true),
+        ]))
+    }
 
     /// The SQL planner this module replaced (semi-joins over `events`, round by round): the
     /// reference [`Events::expand`] must equal on dates and event ids.
@@ -538,7 +545,7 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             let ctx = SessionContext::new();
             ctx.register_table("events", Arc::new(MemTable::try_new(b.schema(), vec![vec![b.clone()]]).unwrap())).unwrap();
-            let ours = Events::of(&[b]).unwrap();
+            let ours = Events::of(&b.schema(), std::slice::from_ref(&b)).unwrap();
             // The two calls `incremental_dates` makes: the dates touched, then the events read.
             let touched = ours.expand(&seeds, true);
             let seed_list: Vec<i32> = seeds.iter().copied().collect();
@@ -555,7 +562,9 @@ mod tests {
                 let c = c.as_string::<i32>().clone();
                 (0..c.len()).map(move |i| c.is_valid(i).then(|| c.value(i).to_string())).collect::<Vec<_>>()
             }));
-            let our_ids = id_set(ours.ids(&read).map(|x| x.map(str::to_string)));
+            let ids = b.column(0).as_string::<i32>();
+            let our_ids = id_set(ours.rows_read(&read).into_iter().enumerate().filter(|(_, r)| *r)
+                .map(|(i, _)| Some(ids.value(i).to_string())));
             prop_assert_eq!(our_ids, sql_ids);
         }
     }
