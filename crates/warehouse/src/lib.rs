@@ -129,10 +129,11 @@ pub fn ints_of(batches: &[RecordBatch]) -> std::collections::BTreeSet<i32> {
 /// 1. the rows that can change are those of the groups of the seed dates' events (and of the
 ///    views of their sessions), and the like/follow transitions right after a seed date's
 ///    event (a transition depends only on the previous event of its key): the dates to
-///    rewrite, `W`, are the dates of [`plan::Events::expand`] of the seed dates' events. A session that crosses midnight brings the next date into `W`, but
-///    not that date's other sessions, so `W` does not snowball across the calendar;
-/// 2. the rows of `W` are recomputed from [`plan::Events::expand`] of all events on `W`: every group with a
-///    row on `W` has an event on `W`, so it is read whole. Groups read only in part (reached
+///    rewrite, `W`, are the dates of [`plan::Events::expand`] of the seed dates' events. A
+///    session that crosses midnight brings the next date into `W`, but not that date's other
+///    sessions, so `W` does not snowball across the calendar;
+/// 2. the rows of `W` are recomputed from [`plan::Events::expand`] of all events on `W`:
+///    every group with a row on `W` has an event on `W`, so it is read whole. Groups read only in part (reached
 ///    through a like key, say) have rows only on dates outside `W`, which are dropped; they
 ///    did not change.
 ///
@@ -158,16 +159,17 @@ pub(crate) async fn incremental_dates(
             .await?;
         seeds.extend(ints_of(&open));
     }
-    let err = |e: ArrowError| Error::Model {
+    let model_err = |source| Error::Model {
         model: "incremental closure",
-        source: e.into(),
+        source,
     };
+    let err = |e: ArrowError| model_err(e.into());
     let index = plan::Events::of(schema, events).map_err(err)?;
     let mut write = index.expand(&seeds, true).dates;
     write.extend(seeds);
     let read = index.expand(&write, false);
     // The rows read, batch by batch (the index numbers the rows of `events` in order).
-    let mut keep = index.rows_read(&read).into_iter();
+    let mut keep = read.read.into_iter();
     let read: Vec<RecordBatch> = events
         .iter()
         .map(|b| {
@@ -178,15 +180,9 @@ pub(crate) async fn incremental_dates(
         .map_err(err)?;
     let ctx = catalog.context();
     let _ = ctx.deregister_table(REBUILD_EVENTS);
-    let t = MemTable::try_new(Arc::clone(schema), vec![read]).map_err(|source| Error::Model {
-        model: "incremental closure",
-        source,
-    })?;
+    let t = MemTable::try_new(Arc::clone(schema), vec![read]).map_err(model_err)?;
     ctx.register_table(REBUILD_EVENTS, Arc::new(t))
-        .map_err(|source| Error::Model {
-            model: "incremental closure",
-            source,
-        })?;
+        .map_err(model_err)?;
     Ok(write.into_iter().collect())
 }
 

@@ -97,8 +97,9 @@ pub(crate) struct Events {
 pub(crate) struct Expansion {
     /// The dates of the events reached, with the dates expanded.
     pub dates: BTreeSet<i32>,
-    /// The rows reached, with every row on the dates expanded (when asked for).
-    rows: Vec<u32>,
+    /// Whether each row (numbered as in [`Events::of`]) was reached, or lies on the dates
+    /// expanded.
+    pub read: Vec<bool>,
 }
 
 impl Events {
@@ -230,17 +231,10 @@ impl Events {
         for r in base_rows {
             reached[r as usize] = true;
         }
-        let rows = (0..n).filter(|r| reached[*r]).map(|r| r as u32).collect();
-        Expansion { dates, rows }
-    }
-
-    /// Whether each row was reached by an expansion (in the order of [`Events::of`]).
-    pub(crate) fn rows_read(&self, e: &Expansion) -> Vec<bool> {
-        let mut read = vec![false; self.dates.len()];
-        for r in &e.rows {
-            read[*r as usize] = true;
+        Expansion {
+            dates,
+            read: reached,
         }
-        read
     }
 }
 
@@ -564,7 +558,7 @@ mod tests {
                 (0..c.len()).map(move |i| c.is_valid(i).then(|| c.value(i).to_string())).collect::<Vec<_>>()
             }));
             let ids = b.column(0).as_string::<i32>();
-            let our_ids = id_set(ours.rows_read(&read).into_iter().enumerate().filter(|(_, r)| *r)
+            let our_ids = id_set(read.read.iter().enumerate().filter(|(_, r)| **r)
                 .map(|(i, _)| Some(ids.value(i).to_string())));
             prop_assert_eq!(our_ids, sql_ids);
         }
