@@ -775,11 +775,7 @@ impl Writes {
         entry: TableReport,
         write: impl std::future::Future<Output = reelhouse_lake::Result<DeltaTable>> + Send + 'static,
     ) {
-        let task = tokio::spawn(async move {
-            let start = Instant::now();
-            let table = write.await;
-            (table, start.elapsed())
-        });
+        let task = spawn_timed(write);
         report.tables.push(entry);
         self.pending.push((report.tables.len() - 1, task));
     }
@@ -816,15 +812,12 @@ impl Writes {
     }
 }
 
-/// Runs `work` over the session as a task, timing it.
-fn spawn_timed<T: Send + 'static, F>(
-    ctx: SessionContext,
-    work: impl FnOnce(SessionContext) -> F,
-) -> Computed<T>
+/// Runs `work` as a task, timing it.
+fn spawn_timed<F>(work: F) -> Timed<F::Output>
 where
-    F: std::future::Future<Output = std::result::Result<T, DataFusionError>> + Send + 'static,
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
 {
-    let work = work(ctx);
     tokio::spawn(async move {
         let start = Instant::now();
         (work.await, start.elapsed())
@@ -834,19 +827,9 @@ where
 type CascadeBatches = (RecordBatch, RecordBatch, usize);
 
 /// [`cascade::batches`] as a task, over `ev` and `fact_video_view` as registered now.
-fn spawn_cascades(
-    ctx: &SessionContext,
-) -> tokio::task::JoinHandle<(
-    std::result::Result<
-        CascadeBatches,
-        reelhouse_lake::deltalake::datafusion::error::DataFusionError,
-    >,
-    std::time::Duration,
-)> {
-    spawn_timed(
-        ctx.clone(),
-        |ctx| async move { cascade::batches(&ctx).await },
-    )
+fn spawn_cascades(ctx: &SessionContext) -> Computed<CascadeBatches> {
+    let ctx = ctx.clone();
+    spawn_timed(async move { cascade::batches(&ctx).await })
 }
 
 /// The result of a task from [`spawn_timed`], as the error of `model` when it failed.
@@ -927,7 +910,10 @@ pub async fn materialize(
     // which read `events` alone, are computed beside the models from the start, and the
     // cascades from when `ev` and `fact_video_view` are complete.
     let mut writes = Writes::default();
-    let dims_task = spawn_timed(ctx.clone(), |ctx| async move { dims::batches(&ctx).await });
+    let dims_task = {
+        let ctx = ctx.clone();
+        spawn_timed(async move { dims::batches(&ctx).await })
+    };
     let mut cascade_task = None;
     let mut switched = false;
     let mut ev_batches: Vec<RecordBatch> = Vec::new();
