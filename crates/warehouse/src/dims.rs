@@ -12,7 +12,8 @@
 //! `country`) takes the upserted value when the version's attributes name it. Like every model
 //! this is a pure function of its inputs, rebuilt by each materialization.
 
-use std::collections::{BTreeMap, HashMap};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use reelhouse_lake::deltalake::arrow::array::{
@@ -295,7 +296,7 @@ async fn event_facts(
         (HashMap::new(), HashMap::new(), HashMap::new());
     let mut device: HashMap<i64, Option<Latest<Device>>> = HashMap::new();
     let mut video: HashMap<i64, (Option<Latest<i64>>, Option<i64>)> = HashMap::new();
-    let mut videos_of: HashMap<i64, std::collections::HashSet<i64>> = HashMap::new();
+    let mut videos_of: HashMap<i64, foldhash::HashSet<i64>> = HashMap::new();
     let opt_i = |a: &Int64Array, i: usize| a.is_valid(i).then(|| a.value(i));
     for ([user, vid, creator, time], [event_id, country, os, app], duration) in &cols {
         for i in 0..user.len() {

@@ -23,7 +23,7 @@
 //!   window did;
 //! - `event_date` is the UTC date of the start, or of the end when the start is lost.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use reelhouse_lake::deltalake::arrow::array::{
