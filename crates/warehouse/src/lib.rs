@@ -23,6 +23,7 @@ pub mod cascade;
 pub mod dims;
 pub mod hourly;
 mod plan;
+pub mod sessions;
 pub mod views;
 use std::time::Instant;
 
@@ -71,7 +72,7 @@ enum Compute {
     /// A function of the batches of the models before it (see [`views`], [`hourly`]). Only
     /// for date-keyed models: in an incremental rebuild those batches hold the rows of the
     /// dates being rewritten.
-    Rust(fn(&Prior) -> std::result::Result<RecordBatch, ArrowError>),
+    Rust(fn(&Prior, &Inputs) -> std::result::Result<RecordBatch, ArrowError>),
 }
 
 /// The batches each model computed so far in a rebuild, by name.
@@ -87,11 +88,15 @@ impl Prior {
     }
 }
 
-fn fact_video_view(p: &Prior) -> std::result::Result<RecordBatch, ArrowError> {
+fn fact_video_view(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
     views::fact_video_view(p.get("ev")?)
 }
 
-fn agg_video_hourly(p: &Prior) -> std::result::Result<RecordBatch, ArrowError> {
+fn fact_session(p: &Prior, inputs: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
+    sessions::fact_session(p.get("ev")?, p.get("fact_video_view")?, inputs.now_ms)
+}
+
+fn agg_video_hourly(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
     hourly::agg_video_hourly(
         p.get("fact_video_view")?,
         p.get("like_transitions")?,
@@ -160,29 +165,29 @@ async fn load_events(ctx: &SessionContext, closed_at: &str) -> Result<Loaded> {
 }
 
 /// Whether any `event_id` of `batches` occurs twice or is null (what `count(*) -
-/// count(DISTINCT event_id) > 0` tells).
+/// count(DISTINCT event_id) > 0` tells), or two ids share a 64-bit hash (about one chance in
+/// 10^7 for 2M ids): then the rebuild deduplicates in SQL, which is correct either way.
+/// Sorting the hashes touches memory in order; a hash set of the strings took 3-4 % of a
+/// rebuild's CPU time in `perf`.
 fn duplicate_ids(batches: &[RecordBatch]) -> std::result::Result<bool, ArrowError> {
-    use foldhash::{HashSet, HashSetExt};
     use reelhouse_lake::deltalake::arrow::array::Array;
-    let ids = batches
-        .iter()
-        .map(|b| match b.column_by_name("event_id") {
-            Some(c) => views::string_views(c),
-            None => Err(ArrowError::SchemaError("events: no column event_id".into())),
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let mut seen = HashSet::with_capacity(ids.iter().map(|a| a.len()).sum());
-    for a in &ids {
-        if a.null_count() > 0 {
+    let mut hashes = Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
+    for b in batches {
+        let Some(c) = b.column_by_name("event_id") else {
+            return Err(ArrowError::SchemaError("events: no column event_id".into()));
+        };
+        let ids = views::string_views(c)?;
+        if ids.null_count() > 0 {
             return Ok(true);
         }
-        for id in a.iter().flatten() {
-            if !seen.insert(id) {
-                return Ok(true);
-            }
-        }
+        hashes.extend(
+            ids.iter()
+                .flatten()
+                .map(|id| xxhash_rust::xxh3::xxh3_64(id.as_bytes())),
+        );
     }
-    Ok(false)
+    hashes.sort_unstable();
+    Ok(hashes.windows(2).any(|w| w[0] == w[1]))
 }
 
 /// Integers from the first column of `batches` (cast; e.g. days since epoch), nulls skipped.
@@ -267,41 +272,6 @@ pub(crate) async fn incremental_dates(
         .map_err(model_err)?;
     Ok(write.into_iter().collect())
 }
-
-const FACT_SESSION: &str = "
-WITH s AS (
-  SELECT session_id,
-    first_value(user_id ORDER BY event_time, event_id) AS user_id,
-    bool_or(event_type = 'session_start') AS has_start,
-    bool_or(event_type = 'session_end') AS has_end,
-    coalesce(min(CASE WHEN event_type = 'session_start' THEN event_time END), min(event_time)) AS start_time,
-    coalesce(max(CASE WHEN event_type = 'session_end' THEN event_time END), max(event_time)) AS raw_end,
-    max(event_time) AS last_event_time,
-    count(*) FILTER (WHERE event_type = 'like') AS likes,
-    count(*) FILTER (WHERE event_type = 'share') AS shares,
-    count(*) FILTER (WHERE event_type = 'comment') AS comments
-  FROM ev
-  WHERE session_id IS NOT NULL
-  GROUP BY session_id),
-w AS (
-  SELECT session_id, count(*) AS views, count(DISTINCT creator_id) AS distinct_creators,
-    coalesce(sum(watch_ms), 0) AS total_watch_ms
-  FROM fact_video_view WHERE session_id IS NOT NULL GROUP BY session_id)
-SELECT s.session_id, s.user_id, s.start_time,
-  CASE WHEN s.raw_end > s.start_time + INTERVAL '24 hours' THEN s.start_time + INTERVAL '24 hours'
-       ELSE s.raw_end END AS end_time,
-  CAST((CAST(CASE WHEN s.raw_end > s.start_time + INTERVAL '24 hours' THEN s.start_time + INTERVAL '24 hours'
-       ELSE s.raw_end END AS BIGINT) - CAST(s.start_time AS BIGINT)) / 1000 AS BIGINT) AS duration_ms,
-  coalesce(w.views, 0) AS views,
-  coalesce(w.distinct_creators, 0) AS distinct_creators,
-  coalesce(w.total_watch_ms, 0) AS total_watch_ms,
-  s.likes, s.shares, s.comments,
-  CASE WHEN s.has_end THEN 'session_end'
-       WHEN CAST(s.last_event_time AS BIGINT) / 1000 + 1800000 <= $now_ms THEN 'timeout'
-       ELSE 'open' END AS ended_by,
-  s.has_start, s.has_end,
-  CAST(s.start_time AS DATE) AS event_date
-FROM s LEFT JOIN w ON s.session_id = w.session_id";
 
 const FACT_ENGAGEMENT: &str = "
 SELECT event_id, event_type, user_id, video_id, creator_id, session_id, event_time,
@@ -442,7 +412,7 @@ const MODELS: &[Model] = &[
         name: "fact_session",
         partition_by: &["event_date"],
         internal: false,
-        compute: Compute::Sql(FACT_SESSION),
+        compute: Compute::Rust(fact_session),
     },
     Model {
         name: "fact_engagement",
@@ -723,7 +693,7 @@ async fn run_model(
             (schema, df.collect().await.map_err(model_err)?)
         }
         Compute::Rust(f) => {
-            let batch = f(prior).map_err(|e| model_err(e.into()))?;
+            let batch = f(prior, inputs).map_err(|e| model_err(e.into()))?;
             (batch.schema(), vec![batch])
         }
     };
@@ -883,6 +853,11 @@ pub async fn materialize(
     let mut report = Report::default();
     let mut handles: Vec<(String, DeltaTable)> = Vec::new();
     let closed_at = inputs.closed_at_sql();
+    // The dimensions read `events` alone: they are computed beside everything else.
+    let dims_task = {
+        let ctx = ctx.clone();
+        spawn_timed(async move { dims::batches(&ctx).await })
+    };
     let loaded = load_events(ctx, &closed_at).await?;
     let read_took = start.elapsed();
     let has_duplicates = loaded.has_duplicates;
@@ -923,14 +898,9 @@ pub async fn materialize(
     });
     let ev = ev_sql(has_duplicates);
     // Writes run as tasks beside the models after them (encoding Parquet is most of a
-    // write's time, and a model's SQL leaves a core idle part of the time); the dimensions,
-    // which read `events` alone, are computed beside the models from the start, and the
-    // cascades from when `ev` and `fact_video_view` are complete.
+    // write's time, and a model's SQL leaves a core idle part of the time); the cascades
+    // are computed beside the models from when `ev` and `fact_video_view` are complete.
     let mut writes = Writes::default();
-    let dims_task = {
-        let ctx = ctx.clone();
-        spawn_timed(async move { dims::batches(&ctx).await })
-    };
     let mut cascade_task = None;
     let mut switched = false;
     let mut prior = Prior::default();
