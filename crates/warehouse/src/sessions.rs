@@ -85,9 +85,7 @@ fn max(a: Option<i64>, b: Option<i64>) -> Option<i64> {
 }
 
 /// Sort key of `ORDER BY event_time, event_id` (ascending, nulls last).
-fn order_key<'a>(
-    (time, id): (Option<i64>, Option<&'a str>),
-) -> (bool, Option<i64>, bool, Option<&'a str>) {
+fn order_key((time, id): (Option<i64>, Option<&str>)) -> (bool, Option<i64>, bool, Option<&str>) {
     (time.is_none(), time, id.is_none(), id)
 }
 
