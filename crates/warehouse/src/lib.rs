@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 
 pub mod cascade;
+pub mod creator;
 pub mod dims;
 pub mod hourly;
 mod plan;
@@ -94,6 +95,15 @@ fn fact_video_view(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, Ar
 
 fn fact_session(p: &Prior, inputs: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
     sessions::fact_session(p.get("ev")?, p.get("fact_video_view")?, inputs.now_ms)
+}
+
+fn agg_creator_daily(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
+    creator::agg_creator_daily(
+        p.get("ev")?,
+        p.get("fact_video_view")?,
+        p.get("like_transitions")?,
+        p.get("follow_transitions")?,
+    )
 }
 
 fn agg_video_hourly(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
@@ -315,70 +325,6 @@ FROM (
   FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator'))
 WHERE r = 1";
 
-const AGG_CREATOR_DAILY: &str = "
-WITH activity AS (
-  SELECT DISTINCT creator_id, event_date AS date FROM ev WHERE creator_id IS NOT NULL
-  UNION SELECT DISTINCT creator_id, event_date FROM fact_video_view WHERE creator_id IS NOT NULL),
-views AS (
-  SELECT creator_id, event_date AS date,
-    count(*) AS views,
-    count(DISTINCT user_id) AS unique_viewers,
-    count(*) FILTER (WHERE engaged) AS engaged_views,
-    coalesce(sum(watch_ms), 0) AS watch_time_ms,
-    avg(CAST(watch_ms AS DOUBLE)) FILTER (WHERE has_end) AS avg_view_duration_ms,
-    avg(percent_viewed) FILTER (WHERE has_end) AS avg_percent_viewed,
-    count(*) FILTER (WHERE completed) AS completions,
-    count(*) FILTER (WHERE source = 'feed') AS views_feed,
-    count(*) FILTER (WHERE source = 'profile') AS views_profile,
-    count(*) FILTER (WHERE source = 'share') AS views_share,
-    count(*) FILTER (WHERE source = 'search') AS views_search,
-    count(*) FILTER (WHERE source = 'hashtag') AS views_hashtag,
-    count(*) FILTER (WHERE source = 'audio') AS views_audio,
-    count(*) FILTER (WHERE source = 'other') AS views_other
-  FROM fact_video_view GROUP BY creator_id, event_date),
-likes AS (
-  SELECT creator_id, event_date AS date,
-    count(*) FILTER (WHERE added) AS likes_added, count(*) FILTER (WHERE removed) AS likes_removed
-  FROM like_transitions GROUP BY creator_id, event_date),
-eng AS (
-  SELECT creator_id, event_date AS date,
-    count(DISTINCT share_id) FILTER (WHERE event_type = 'share') AS shares,
-    count(*) FILTER (WHERE event_type = 'comment') AS comments
-  FROM ev WHERE event_type IN ('share', 'comment') GROUP BY creator_id, event_date),
-follows AS (
-  SELECT creator_id, event_date AS date,
-    count(*) FILTER (WHERE gained) AS followers_gained, count(*) FILTER (WHERE lost) AS followers_lost
-  FROM follow_transitions GROUP BY creator_id, event_date)
-SELECT a.creator_id, a.date,
-  coalesce(v.views, 0) AS views,
-  coalesce(v.unique_viewers, 0) AS unique_viewers,
-  coalesce(v.engaged_views, 0) AS engaged_views,
-  coalesce(v.watch_time_ms, 0) AS watch_time_ms,
-  v.avg_view_duration_ms,
-  v.avg_percent_viewed,
-  coalesce(v.completions, 0) AS completions,
-  coalesce(l.likes_added, 0) AS likes_added,
-  coalesce(l.likes_removed, 0) AS likes_removed,
-  coalesce(e.shares, 0) AS shares,
-  coalesce(e.comments, 0) AS comments,
-  coalesce(f.followers_gained, 0) AS followers_gained,
-  coalesce(f.followers_lost, 0) AS followers_lost,
-  CASE WHEN coalesce(v.views, 0) > 0 THEN
-    CAST(coalesce(l.likes_added, 0) - coalesce(l.likes_removed, 0) + coalesce(e.comments, 0)
-         + coalesce(e.shares, 0) AS DOUBLE) / CAST(v.views AS DOUBLE) END AS engagement_rate,
-  coalesce(v.views_feed, 0) AS views_feed,
-  coalesce(v.views_profile, 0) AS views_profile,
-  coalesce(v.views_share, 0) AS views_share,
-  coalesce(v.views_search, 0) AS views_search,
-  coalesce(v.views_hashtag, 0) AS views_hashtag,
-  coalesce(v.views_audio, 0) AS views_audio,
-  coalesce(v.views_other, 0) AS views_other
-FROM activity a
-LEFT JOIN views v ON a.creator_id = v.creator_id AND a.date = v.date
-LEFT JOIN likes l ON a.creator_id = l.creator_id AND a.date = l.date
-LEFT JOIN eng e ON a.creator_id = e.creator_id AND a.date = e.date
-LEFT JOIN follows f ON a.creator_id = f.creator_id AND a.date = f.date";
-
 /// For p = 0…100: the share of ended views whose watch_ms ≥ p % of the duration. Each view
 /// reaches p up to ⌊100·watch/duration⌋ (integer arithmetic, so exact); counting views by that
 /// reach and summing from 100 down gives the curve without a views × 101 cross join.
@@ -442,7 +388,7 @@ const MODELS: &[Model] = &[
         name: "agg_creator_daily",
         partition_by: &[],
         internal: false,
-        compute: Compute::Sql(AGG_CREATOR_DAILY),
+        compute: Compute::Rust(agg_creator_daily),
     },
     Model {
         name: "agg_video_hourly",
