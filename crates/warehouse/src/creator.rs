@@ -192,10 +192,8 @@ pub fn agg_creator_daily(
             }
             match kind.is_valid(i).then(|| kind.value(i)) {
                 Some("comment") => row.comments += 1,
-                Some("share") if share.is_valid(i) => {
-                    if shares.insert((n, share.value(i))) {
-                        row.shares += 1;
-                    }
+                Some("share") if share.is_valid(i) && shares.insert((n, share.value(i))) => {
+                    row.shares += 1
                 }
                 _ => {}
             }
