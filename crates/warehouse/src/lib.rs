@@ -1,10 +1,11 @@
 //! The star schema: facts, state and aggregates derived from `events` (SPEC §3).
 //!
 //! Every model is a DataFusion SQL statement over the surviving events, deduplicated again by
-//! `event_id`, or (`fact_video_view`, see [`views`]; cascades and dimensions after the SQL
-//! models) a Rust function of the same Arrow batches, so each table is a pure function of
-//! `events` and a rebuild gives identical results. Models run in dependency order; each result is registered in the session for the
-//! models after it and written as one Delta commit (readers see the old or the new version):
+//! `event_id`, or a Rust function of the same Arrow batches ([`views`], [`sessions`],
+//! [`hourly`], [`creator`]; [`cascade`] and [`dims`] beside the others), so each table is a
+//! pure function of `events` and a rebuild gives identical results. Models run in dependency
+//! order; each result is registered in the session for the models after it and written as
+//! one Delta commit (readers see the old or the new version):
 //!
 //! ```text
 //!  events ─dedup─▶ ev ─┬─▶ fact_video_view ─┬─▶ fact_session
