@@ -139,13 +139,6 @@ fn ev_sql(has_duplicates: bool) -> String {
 /// The events the models read, registered by [`load_events`] (and by [`incremental_dates`]).
 const REBUILD_EVENTS: &str = "__rebuild_events";
 
-/// The columns only the dimensions read: loaded with the models' when every stored event is
-/// read (no date closure leaves any out), so the dimensions need no scan of their own.
-const DIM_ONLY_COLUMNS: &str = "device_country, device_os, device_app_version";
-
-/// Every stored event in memory, for the dimensions (see [`load_events`]).
-const ALL_EVENTS: &str = "__all_events";
-
 /// The events a rebuild reads, in memory.
 struct Loaded {
     schema: reelhouse_lake::deltalake::arrow::datatypes::SchemaRef,
@@ -155,37 +148,26 @@ struct Loaded {
 }
 
 /// Reads every event the models read (those not left out by a date closure, see [`Inputs`])
-/// once, checks them for repeated `event_id`s and registers them as [`REBUILD_EVENTS`]. With
-/// `for_dims` (only when no closure leaves events out) it reads [`DIM_ONLY_COLUMNS`] too and
-/// registers the same rows as [`ALL_EVENTS`].
+/// once, checks them for repeated `event_id`s and registers them as [`REBUILD_EVENTS`].
 ///
 /// Ingest dedups within the allowed lateness, so repeats are rare; a hash set over the ids
 /// already in memory costs a fraction of the `count(DISTINCT event_id)` scan it replaced
 /// (1.2 s of a 10 s rebuild of 2M events; see docs/performance.md).
-async fn load_events(ctx: &SessionContext, closed_at: &str, for_dims: bool) -> Result<Loaded> {
+async fn load_events(ctx: &SessionContext, closed_at: &str) -> Result<Loaded> {
     let ev_err = |source| Error::Model {
         model: "ev",
         source,
     };
-    let columns = if for_dims {
-        format!("{EV_COLUMNS}, {DIM_ONLY_COLUMNS}")
-    } else {
-        EV_COLUMNS.to_string()
-    };
-    let sql =
-        format!("SELECT {columns} FROM events WHERE {EV_FILTER}").replace("$closed_at", closed_at);
+    let sql = format!("SELECT {EV_COLUMNS} FROM events WHERE {EV_FILTER}")
+        .replace("$closed_at", closed_at);
     let df = ctx.sql(&sql).await.map_err(ev_err)?;
     let schema = Arc::new(df.schema().as_arrow().clone());
     let batches = df.collect().await.map_err(ev_err)?;
     let has_duplicates = duplicate_ids(&batches).map_err(|e| ev_err(e.into()))?;
-    for name in [REBUILD_EVENTS, ALL_EVENTS] {
-        let _ = ctx.deregister_table(name);
-        if name == REBUILD_EVENTS || for_dims {
-            let t =
-                MemTable::try_new(Arc::clone(&schema), vec![batches.clone()]).map_err(ev_err)?;
-            ctx.register_table(name, Arc::new(t)).map_err(ev_err)?;
-        }
-    }
+    let _ = ctx.deregister_table(REBUILD_EVENTS);
+    let t = MemTable::try_new(Arc::clone(&schema), vec![batches.clone()]).map_err(ev_err)?;
+    ctx.register_table(REBUILD_EVENTS, Arc::new(t))
+        .map_err(ev_err)?;
     Ok(Loaded {
         schema,
         batches,
@@ -688,7 +670,7 @@ pub async fn creator_daily_in_memory(
 ) -> Result<Vec<RecordBatch>> {
     let closed_at = inputs.closed_at_sql();
     let ev = ev_sql(
-        load_events(catalog.context(), &closed_at, false)
+        load_events(catalog.context(), &closed_at)
             .await?
             .has_duplicates,
     );
@@ -818,16 +800,12 @@ pub async fn materialize(
     let mut report = Report::default();
     let mut handles: Vec<(String, DeltaTable)> = Vec::new();
     let closed_at = inputs.closed_at_sql();
-    // The dimensions read every stored event and nothing else: from the events loaded for
-    // the models when those are all of them, else from their own scan, beside the load.
-    let spawn_dims = |events: &'static str| {
+    // The dimensions read `events` alone: they are computed beside everything else.
+    let dims_task = {
         let ctx = ctx.clone();
-        spawn_timed(async move { dims::batches(&ctx, events).await })
+        spawn_timed(async move { dims::batches(&ctx).await })
     };
-    let whole = inputs.closures.is_empty();
-    let dims_task = (!whole).then(|| spawn_dims("events"));
-    let loaded = load_events(ctx, &closed_at, whole).await?;
-    let dims_task = dims_task.unwrap_or_else(|| spawn_dims(ALL_EVENTS));
+    let loaded = load_events(ctx, &closed_at).await?;
     let read_took = start.elapsed();
     let has_duplicates = loaded.has_duplicates;
     // An incremental rebuild plans over the events read and feeds the models after the
