@@ -17,10 +17,9 @@
 
 use std::sync::Arc;
 
-use foldhash::{HashMap, HashSet, HashSetExt};
+use foldhash::{HashSet, HashSetExt};
 use reelhouse_lake::deltalake::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Date32Array, Float64Array, Int64Array, RecordBatch,
-    StringViewArray,
+    Array, ArrayRef, AsArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringViewArray,
 };
 use reelhouse_lake::deltalake::arrow::compute::cast;
 use reelhouse_lake::deltalake::arrow::datatypes::{
@@ -28,7 +27,8 @@ use reelhouse_lake::deltalake::arrow::datatypes::{
 };
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
 
-use crate::views::{int64s, string_views};
+use crate::batch::{bools, column, ints, is_true, opt, Rows};
+use crate::views::string_views;
 
 /// The view sources counted in their own columns, in column order.
 const SOURCES: [&str; 7] = [
@@ -59,26 +59,6 @@ struct Counts {
     by_source: [i64; 7],
 }
 
-/// The rows found so far, in the order first seen.
-#[derive(Default)]
-struct Rows {
-    index: HashMap<Key, usize>,
-    keys: Vec<Key>,
-    counts: Vec<Counts>,
-}
-
-impl Rows {
-    /// The row of `key` (added when new) and its counters.
-    fn of(&mut self, key: Key) -> (usize, &mut Counts) {
-        let n = *self.index.entry(key).or_insert_with(|| {
-            self.keys.push(key);
-            self.counts.push(Counts::default());
-            self.keys.len() - 1
-        });
-        (n, &mut self.counts[n])
-    }
-}
-
 /// The schema of `agg_creator_daily` (types and nullability as the SQL model wrote it).
 pub fn schema() -> SchemaRef {
     let count = |n: &str| Field::new(n, DataType::Int64, false);
@@ -105,43 +85,19 @@ pub fn schema() -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, ArrowError> {
-    b.column_by_name(name)
-        .ok_or_else(|| ArrowError::SchemaError(format!("agg_creator_daily: no column {name}")))
-}
-
-fn ints(b: &RecordBatch, name: &str) -> Result<Int64Array, ArrowError> {
-    int64s(column(b, name)?)
-}
-
 fn dates(b: &RecordBatch, name: &str) -> Result<Date32Array, ArrowError> {
     Ok(cast(column(b, name)?, &DataType::Date32)?
         .as_primitive()
         .clone())
 }
 
-fn bools(b: &RecordBatch, name: &str) -> Result<BooleanArray, ArrowError> {
-    column(b, name)?
-        .as_boolean_opt()
-        .cloned()
-        .ok_or_else(|| ArrowError::SchemaError(format!("agg_creator_daily: {name} not boolean")))
-}
-
-fn opt(a: &Int64Array, i: usize) -> Option<i64> {
-    a.is_valid(i).then(|| a.value(i))
-}
-
 fn day(a: &Date32Array, i: usize) -> Option<i32> {
     a.is_valid(i).then(|| a.value(i))
 }
 
-fn is_true(a: &BooleanArray, i: usize) -> bool {
-    a.is_valid(i) && a.value(i)
-}
-
 /// Counts `kind` ("like" or "follow") transitions (`added`/`removed` or `gained`/`lost`).
 fn transitions(
-    rows: &mut Rows,
+    rows: &mut Rows<Key, Counts>,
     batches: &[RecordBatch],
     (plus, minus): (&str, &str),
     count: fn(&mut Counts, bool, bool),
@@ -169,7 +125,7 @@ pub fn agg_creator_daily(
     like_transitions: &[RecordBatch],
     follow_transitions: &[RecordBatch],
 ) -> Result<RecordBatch, ArrowError> {
-    let mut rows = Rows::default();
+    let mut rows: Rows<Key, Counts> = Rows::default();
     let mut events = Vec::with_capacity(ev.len());
     for b in ev {
         events.push((

@@ -11,15 +11,15 @@
 
 use std::sync::Arc;
 
-use foldhash::{HashMap, HashSet, HashSetExt};
+use foldhash::{HashSet, HashSetExt};
 use reelhouse_lake::deltalake::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Date32Array, Int64Array, RecordBatch,
-    TimestampMicrosecondArray,
+    Array, ArrayRef, Date32Array, Int64Array, RecordBatch, TimestampMicrosecondArray,
 };
 use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
 
-use crate::views::{int64s, string_views};
+use crate::batch::{bools, column, ints, is_true, opt, Rows};
+use crate::views::string_views;
 
 const HOUR_US: i64 = 3_600_000_000;
 const DAY_US: i64 = 86_400_000_000;
@@ -37,26 +37,6 @@ struct Counts {
     likes_net: i64,
     shares: i64,
     comments: i64,
-}
-
-/// The rows found so far, in the order first seen.
-#[derive(Default)]
-struct Rows {
-    index: HashMap<Key, usize>,
-    keys: Vec<Key>,
-    counts: Vec<Counts>,
-}
-
-impl Rows {
-    /// The row of `key` (added when new) and its counters.
-    fn of(&mut self, key: Key) -> (usize, &mut Counts) {
-        let n = *self.index.entry(key).or_insert_with(|| {
-            self.keys.push(key);
-            self.counts.push(Counts::default());
-            self.keys.len() - 1
-        });
-        (n, &mut self.counts[n])
-    }
 }
 
 /// The schema of `agg_video_hourly` (types and nullability as the SQL model wrote it).
@@ -80,30 +60,6 @@ pub fn schema() -> SchemaRef {
     ]))
 }
 
-fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, ArrowError> {
-    b.column_by_name(name)
-        .ok_or_else(|| ArrowError::SchemaError(format!("agg_video_hourly: no column {name}")))
-}
-
-fn ints(b: &RecordBatch, name: &str) -> Result<Int64Array, ArrowError> {
-    int64s(column(b, name)?)
-}
-
-fn bools(b: &RecordBatch, name: &str) -> Result<BooleanArray, ArrowError> {
-    column(b, name)?
-        .as_boolean_opt()
-        .cloned()
-        .ok_or_else(|| ArrowError::SchemaError(format!("agg_video_hourly: {name} not boolean")))
-}
-
-fn opt(a: &Int64Array, i: usize) -> Option<i64> {
-    a.is_valid(i).then(|| a.value(i))
-}
-
-fn is_true(a: &BooleanArray, i: usize) -> bool {
-    a.is_valid(i) && a.value(i)
-}
-
 /// The start of the UTC hour of `t` (µs since the epoch).
 fn hour(t: Option<i64>) -> Option<i64> {
     t.map(|t| t - t.rem_euclid(HOUR_US))
@@ -116,7 +72,7 @@ pub fn agg_video_hourly(
     like_transitions: &[RecordBatch],
     ev: &[RecordBatch],
 ) -> Result<RecordBatch, ArrowError> {
-    let mut rows = Rows::default();
+    let mut rows: Rows<Key, Counts> = Rows::default();
     let capacity = views.iter().map(|b| b.num_rows()).sum::<usize>();
     let mut viewers: HashSet<(usize, i64)> = HashSet::with_capacity(capacity);
     for b in views {

@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 
+mod batch;
 pub mod cascade;
 pub mod creator;
 pub mod dims;

@@ -26,6 +26,7 @@ use reelhouse_lake::deltalake::arrow::array::{
 use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
 
+use crate::batch::{column, opt};
 use crate::views::{int64s, string_views};
 use crate::{SESSION_CAP_MS, SESSION_TIMEOUT_MS};
 
@@ -111,15 +112,6 @@ pub fn schema() -> SchemaRef {
         f("has_end", DataType::Boolean),
         f("event_date", DataType::Date32),
     ]))
-}
-
-fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, ArrowError> {
-    b.column_by_name(name)
-        .ok_or_else(|| ArrowError::SchemaError(format!("fact_session: no column {name}")))
-}
-
-fn opt(a: &Int64Array, i: usize) -> Option<i64> {
-    a.is_valid(i).then(|| a.value(i))
 }
 
 fn text(a: &StringViewArray, i: usize) -> Option<&str> {

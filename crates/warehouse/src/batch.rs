@@ -1,0 +1,70 @@
+//! Helpers shared by the models computed in Rust ([`crate::sessions`], [`crate::hourly`],
+//! [`crate::creator`]): typed columns of a batch by name, and rows of counters found by key.
+//! Errors name the column; the caller's `Error::Model` names the model.
+
+use std::hash::Hash;
+
+use foldhash::HashMap;
+use reelhouse_lake::deltalake::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch,
+};
+use reelhouse_lake::deltalake::arrow::error::ArrowError;
+
+use crate::views::int64s;
+
+/// The column `name` of `b`.
+pub(crate) fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, ArrowError> {
+    b.column_by_name(name)
+        .ok_or_else(|| ArrowError::SchemaError(format!("no column {name}")))
+}
+
+/// The column `name` as Int64 values, whatever integer type it has.
+pub(crate) fn ints(b: &RecordBatch, name: &str) -> Result<Int64Array, ArrowError> {
+    int64s(column(b, name)?)
+}
+
+/// The Boolean column `name`.
+pub(crate) fn bools(b: &RecordBatch, name: &str) -> Result<BooleanArray, ArrowError> {
+    column(b, name)?
+        .as_boolean_opt()
+        .cloned()
+        .ok_or_else(|| ArrowError::SchemaError(format!("column {name} is not Boolean")))
+}
+
+pub(crate) fn opt(a: &Int64Array, i: usize) -> Option<i64> {
+    a.is_valid(i).then(|| a.value(i))
+}
+
+/// Whether row `i` is true (null counts as false, as in a SQL `FILTER (WHERE …)`).
+pub(crate) fn is_true(a: &BooleanArray, i: usize) -> bool {
+    a.is_valid(i) && a.value(i)
+}
+
+/// The rows of a grouped model found so far, in the order first seen: their keys and counters.
+pub(crate) struct Rows<K, C> {
+    index: HashMap<K, usize>,
+    pub(crate) keys: Vec<K>,
+    pub(crate) counts: Vec<C>,
+}
+
+impl<K, C> Default for Rows<K, C> {
+    fn default() -> Self {
+        Rows {
+            index: HashMap::default(),
+            keys: Vec::new(),
+            counts: Vec::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Copy, C: Default> Rows<K, C> {
+    /// The row of `key` (added when new) and its counters.
+    pub(crate) fn of(&mut self, key: K) -> (usize, &mut C) {
+        let n = *self.index.entry(key).or_insert_with(|| {
+            self.keys.push(key);
+            self.counts.push(C::default());
+            self.keys.len() - 1
+        });
+        (n, &mut self.counts[n])
+    }
+}
