@@ -151,9 +151,9 @@ struct Loaded {
 /// Reads every event the models read (those not left out by a date closure, see [`Inputs`])
 /// once, checks them for repeated `event_id`s and registers them as [`REBUILD_EVENTS`].
 ///
-/// Ingest dedups within the allowed lateness, so repeats are rare; a hash set over the ids
-/// already in memory costs a fraction of the `count(DISTINCT event_id)` scan it replaced
-/// (1.2 s of a 10 s rebuild of 2M events; see docs/performance.md).
+/// Ingest dedups within the allowed lateness, so repeats are rare; checking the ids already
+/// in memory ([`duplicate_ids`]) costs a fraction of the `count(DISTINCT event_id)` scan it
+/// replaced (1.2 s of a 10 s rebuild of 2M events; see docs/performance.md).
 async fn load_events(ctx: &SessionContext, closed_at: &str) -> Result<Loaded> {
     let ev_err = |source| Error::Model {
         model: "ev",
@@ -185,10 +185,7 @@ fn duplicate_ids(batches: &[RecordBatch]) -> std::result::Result<bool, ArrowErro
     use reelhouse_lake::deltalake::arrow::array::Array;
     let mut hashes = Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
     for b in batches {
-        let Some(c) = b.column_by_name("event_id") else {
-            return Err(ArrowError::SchemaError("events: no column event_id".into()));
-        };
-        let ids = views::string_views(c)?;
+        let ids = views::string_views(batch::column(b, "event_id")?)?;
         if ids.null_count() > 0 {
             return Ok(true);
         }
