@@ -68,3 +68,30 @@ impl<K: Hash + Eq + Copy, C: Default> Rows<K, C> {
         (n, &mut self.counts[n])
     }
 }
+
+/// Scaffolding shared by the property tests that compare a Rust model with its SQL.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use reelhouse_lake::deltalake::arrow::array::{ArrayRef, RecordBatch};
+    use reelhouse_lake::deltalake::arrow::datatypes::{Field, Schema};
+    use reelhouse_lake::deltalake::datafusion::datasource::MemTable;
+    use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
+
+    /// A batch of the named columns, every field nullable.
+    pub(crate) fn batch_of(cols: Vec<(&str, ArrayRef)>) -> RecordBatch {
+        let fields: Vec<Field> = cols
+            .iter()
+            .map(|(n, c)| Field::new(*n, c.data_type().clone(), true))
+            .collect();
+        let columns = cols.into_iter().map(|(_, c)| c).collect();
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+    }
+
+    /// Registers `b` (at least one batch) as the in-memory table `name`.
+    pub(crate) fn register(ctx: &SessionContext, name: &str, b: Vec<RecordBatch>) {
+        let t = MemTable::try_new(b[0].schema(), vec![b]).unwrap();
+        ctx.register_table(name, Arc::new(t)).unwrap();
+    }
+}

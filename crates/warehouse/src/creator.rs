@@ -279,11 +279,11 @@ pub fn agg_creator_daily(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::testing::{batch_of, register};
     use proptest::prelude::*;
     use reelhouse_lake::deltalake::arrow::array::StringArray;
     use reelhouse_lake::deltalake::arrow::datatypes::TimeUnit;
     use reelhouse_lake::deltalake::arrow::util::pretty::pretty_format_batches;
-    use reelhouse_lake::deltalake::datafusion::datasource::MemTable;
     use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 
     /// The SQL model this module replaced: the reference it must equal row for row.
@@ -457,16 +457,7 @@ mod tests {
             ),
             ("event_date", Arc::new(date)),
         ];
-        let f = |n: &str, t: &ArrayRef| Field::new(n, t.data_type().clone(), true);
-        let schema = Arc::new(Schema::new(
-            cols.iter().map(|(n, c)| f(n, c)).collect::<Vec<_>>(),
-        ));
-        RecordBatch::try_new(schema, cols.into_iter().map(|(_, c)| c).collect()).unwrap()
-    }
-
-    fn register(ctx: &SessionContext, name: &str, b: Vec<RecordBatch>) {
-        let t = MemTable::try_new(b[0].schema(), vec![b]).unwrap();
-        ctx.register_table(name, Arc::new(t)).unwrap();
+        batch_of(cols)
     }
 
     async fn collect(ctx: &SessionContext, sql: &str) -> Vec<RecordBatch> {

@@ -163,11 +163,11 @@ pub fn agg_video_hourly(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::testing::{batch_of, register};
     use proptest::prelude::*;
     use reelhouse_lake::deltalake::arrow::array::StringArray;
     use reelhouse_lake::deltalake::arrow::compute::cast;
     use reelhouse_lake::deltalake::arrow::util::pretty::pretty_format_batches;
-    use reelhouse_lake::deltalake::datafusion::datasource::MemTable;
     use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 
     /// The SQL model this module replaced: the reference it must equal row for row. Each
@@ -299,24 +299,14 @@ mod tests {
             ),
             ("event_date", date),
         ];
-        let f = |n: &str, t: &ArrayRef| Field::new(n, t.data_type().clone(), true);
-        let schema = Arc::new(Schema::new(
-            cols.iter().map(|(n, c)| f(n, c)).collect::<Vec<_>>(),
-        ));
-        RecordBatch::try_new(schema, cols.into_iter().map(|(_, c)| c).collect()).unwrap()
-    }
-
-    async fn table(ctx: &SessionContext, name: &str, b: Vec<RecordBatch>) -> Vec<RecordBatch> {
-        let t = MemTable::try_new(b[0].schema(), vec![b.clone()]).unwrap();
-        ctx.register_table(name, Arc::new(t)).unwrap();
-        b
+        batch_of(cols)
     }
 
     async fn sorted(ctx: &SessionContext, name: &str, b: Vec<RecordBatch>) -> String {
         if b.iter().all(|b| b.num_rows() == 0) {
             return "no rows".into();
         }
-        table(ctx, name, b).await;
+        register(ctx, name, b);
         let sql = format!("SELECT * FROM {name} ORDER BY hour, video_id NULLS FIRST");
         let out = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
         pretty_format_batches(&out).unwrap().to_string()
@@ -331,17 +321,16 @@ mod tests {
                 let b = events(&gen);
                 // Two input batches, as DataFusion hands them out.
                 let at = split.min(b.num_rows());
-                let ev = table(&SessionContext::new(), "x", vec![b.clone()]).await;
-                let ev = vec![ev[0].slice(0, at), ev[0].slice(at, b.num_rows() - at)];
+                let ev = vec![b.slice(0, at), b.slice(at, b.num_rows() - at)];
                 let ctx = SessionContext::new();
-                table(&ctx, "ev", ev.clone()).await;
+                register(&ctx, "ev", ev.clone());
                 let views = vec![crate::views::fact_video_view(&ev).unwrap()];
-                table(&ctx, "fact_video_view", views.clone()).await;
+                register(&ctx, "fact_video_view", views.clone());
                 let df = ctx.sql(crate::LIKE_TRANSITIONS).await.unwrap();
                 let like_schema = Arc::new(df.schema().as_arrow().clone());
                 let mut likes = df.collect().await.unwrap();
                 likes.insert(0, RecordBatch::new_empty(like_schema));
-                table(&ctx, "like_transitions", likes.clone()).await;
+                register(&ctx, "like_transitions", likes.clone());
                 let want = ctx.sql(AGG_VIDEO_HOURLY_SQL).await.unwrap().collect().await.unwrap();
                 let got = agg_video_hourly(&views, &likes, &ev).unwrap();
                 for w in &want {
