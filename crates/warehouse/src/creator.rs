@@ -494,9 +494,9 @@ mod tests {
                 register(&ctx, "ev", ev.clone());
                 let views = vec![crate::views::fact_video_view(&ev).unwrap()];
                 register(&ctx, "fact_video_view", views.clone());
-                let likes = collect(&ctx, crate::LIKE_TRANSITIONS).await;
+                let likes = collect(&ctx, crate::transitions::sql::LIKE_TRANSITIONS).await;
                 register(&ctx, "like_transitions", likes.clone());
-                let follows = collect(&ctx, crate::FOLLOW_TRANSITIONS).await;
+                let follows = collect(&ctx, crate::transitions::sql::FOLLOW_TRANSITIONS).await;
                 register(&ctx, "follow_transitions", follows.clone());
                 let want = collect(&ctx, AGG_CREATOR_DAILY_SQL).await;
                 let got = agg_creator_daily(&ev, &views, &likes, &follows).unwrap();

@@ -326,7 +326,7 @@ mod tests {
                 register(&ctx, "ev", ev.clone());
                 let views = vec![crate::views::fact_video_view(&ev).unwrap()];
                 register(&ctx, "fact_video_view", views.clone());
-                let df = ctx.sql(crate::LIKE_TRANSITIONS).await.unwrap();
+                let df = ctx.sql(crate::transitions::sql::LIKE_TRANSITIONS).await.unwrap();
                 let like_schema = Arc::new(df.schema().as_arrow().clone());
                 let mut likes = df.collect().await.unwrap();
                 likes.insert(0, RecordBatch::new_empty(like_schema));

@@ -2,7 +2,8 @@
 //!
 //! Every model is a DataFusion SQL statement over the surviving events, deduplicated again by
 //! `event_id`, or a Rust function of the same Arrow batches ([`views`], [`sessions`],
-//! [`hourly`], [`creator`]; [`cascade`] and [`dims`] beside the others), so each table is a
+//! [`transitions`], [`hourly`], [`creator`], [`retention`]; [`cascade`] and [`dims`] beside
+//! the others), so each table is a
 //! pure function of `events` and a rebuild gives identical results. Models run in dependency
 //! order; each result is registered in the session for the models after it and written as
 //! one Delta commit (readers see the old or the new version):
@@ -26,7 +27,9 @@ pub mod creator;
 pub mod dims;
 pub mod hourly;
 mod plan;
+pub mod retention;
 pub mod sessions;
+pub mod transitions;
 pub mod views;
 use std::time::Instant;
 
@@ -72,9 +75,10 @@ struct Model {
 enum Compute {
     /// A DataFusion SQL statement over the models before it.
     Sql(&'static str),
-    /// A function of the batches of the models before it (see [`views`], [`hourly`]). Only
-    /// for date-keyed models: in an incremental rebuild those batches hold the rows of the
-    /// dates being rewritten.
+    /// A function of the batches of the models before it (see [`views`], [`hourly`]). In an
+    /// incremental rebuild the date-keyed models see the rows of the dates being rewritten;
+    /// the models after them every event and (of `fact_video_view`) the columns
+    /// [`retention`] reads, from its new version.
     Rust(fn(&Prior, &Inputs) -> std::result::Result<RecordBatch, ArrowError>),
 }
 
@@ -114,6 +118,26 @@ fn agg_video_hourly(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, A
         p.get("like_transitions")?,
         p.get("ev")?,
     )
+}
+
+fn like_transitions(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
+    transitions::transitions(p.get("ev")?, &transitions::LIKES)
+}
+
+fn follow_transitions(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
+    transitions::transitions(p.get("ev")?, &transitions::FOLLOWS)
+}
+
+fn like_state(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
+    transitions::state(p.get("ev")?, &transitions::LIKES)
+}
+
+fn follow_state(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
+    transitions::state(p.get("ev")?, &transitions::FOLLOWS)
+}
+
+fn video_retention(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
+    retention::video_retention(p.get("fact_video_view")?)
 }
 
 /// The columns the models read, from events not left out by a date closure (see [`Inputs`]).
@@ -291,55 +315,6 @@ const FACT_FOLLOW: &str = "
 SELECT event_id, event_type, user_id, creator_id, event_time, event_date
 FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator')";
 
-/// Like transitions: replaying each (user, video) in (event_time, event_id) order from "not
-/// liked", a like adds when not liked, an unlike removes when liked; the rest change nothing.
-const LIKE_TRANSITIONS: &str = "
-SELECT user_id, video_id, creator_id, event_time, event_date, event_type,
-  event_type = 'like' AND (prev IS NULL OR prev = 'unlike') AS added,
-  event_type = 'unlike' AND prev = 'like' AS removed
-FROM (
-  SELECT *, lag(event_type) OVER (PARTITION BY user_id, video_id ORDER BY event_time, event_id) AS prev
-  FROM ev WHERE event_type IN ('like', 'unlike'))";
-
-const FOLLOW_TRANSITIONS: &str = "
-SELECT user_id, creator_id, event_time, event_date, event_type,
-  event_type = 'follow_creator' AND (prev IS NULL OR prev = 'unfollow_creator') AS gained,
-  event_type = 'unfollow_creator' AND prev = 'follow_creator' AS lost
-FROM (
-  SELECT *, lag(event_type) OVER (PARTITION BY user_id, creator_id ORDER BY event_time, event_id) AS prev
-  FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator'))";
-
-/// Last writer wins by (event_time, event_id).
-const LIKE_STATE: &str = "
-SELECT user_id, video_id, creator_id, event_type = 'like' AS liked, event_time AS updated_at
-FROM (
-  SELECT *, row_number() OVER (PARTITION BY user_id, video_id ORDER BY event_time DESC, event_id DESC) AS r
-  FROM ev WHERE event_type IN ('like', 'unlike'))
-WHERE r = 1";
-
-const FOLLOW_STATE: &str = "
-SELECT user_id, creator_id, event_type = 'follow_creator' AS following, event_time AS updated_at
-FROM (
-  SELECT *, row_number() OVER (PARTITION BY user_id, creator_id ORDER BY event_time DESC, event_id DESC) AS r
-  FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator'))
-WHERE r = 1";
-
-/// For p = 0…100: the share of ended views whose watch_ms ≥ p % of the duration. Each view
-/// reaches p up to ⌊100·watch/duration⌋ (integer arithmetic, so exact); counting views by that
-/// reach and summing from 100 down gives the curve without a views × 101 cross join.
-const VIDEO_RETENTION: &str = "
-WITH b AS (
-  SELECT video_id, least((watch_ms * 100) / video_duration_ms, 100) AS reach
-  FROM fact_video_view WHERE has_end),
-c AS (SELECT video_id, reach, count(*) AS n FROM b GROUP BY 1, 2),
-t AS (SELECT video_id, count(*) AS total FROM b GROUP BY 1),
-g AS (SELECT t.video_id, t.total, CAST(p.value AS BIGINT) AS p FROM t CROSS JOIN generate_series(0, 100) p)
-SELECT g.video_id, g.p,
-  CAST(sum(coalesce(c.n, 0)) OVER (PARTITION BY g.video_id ORDER BY g.p DESC
-       ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS DOUBLE) / CAST(g.total AS DOUBLE)
-    AS share_retained
-FROM g LEFT JOIN c ON g.video_id = c.video_id AND g.p = c.reach";
-
 const MODELS: &[Model] = &[
     Model {
         name: "ev",
@@ -375,13 +350,13 @@ const MODELS: &[Model] = &[
         name: "like_transitions",
         partition_by: &[],
         internal: true,
-        compute: Compute::Sql(LIKE_TRANSITIONS),
+        compute: Compute::Rust(like_transitions),
     },
     Model {
         name: "follow_transitions",
         partition_by: &[],
         internal: true,
-        compute: Compute::Sql(FOLLOW_TRANSITIONS),
+        compute: Compute::Rust(follow_transitions),
     },
     Model {
         name: "agg_creator_daily",
@@ -399,19 +374,19 @@ const MODELS: &[Model] = &[
         name: "like_state",
         partition_by: &[],
         internal: false,
-        compute: Compute::Sql(LIKE_STATE),
+        compute: Compute::Rust(like_state),
     },
     Model {
         name: "follow_state",
         partition_by: &[],
         internal: false,
-        compute: Compute::Sql(FOLLOW_STATE),
+        compute: Compute::Rust(follow_state),
     },
     Model {
         name: "video_retention",
         partition_by: &[],
         internal: false,
-        compute: Compute::Sql(VIDEO_RETENTION),
+        compute: Compute::Rust(video_retention),
     },
 ];
 
@@ -866,6 +841,7 @@ pub async fn materialize(
                         .map_err(ev_err)?;
                     let _ = ctx.deregister_table("ev");
                     ctx.register_table("ev", Arc::new(all)).map_err(ev_err)?;
+                    prior.0.insert("ev", events.clone());
                 }
                 // The new version of `fact_video_view` must be committed to be read whole.
                 writes.finish(&mut report, &mut handles).await?;
@@ -879,12 +855,25 @@ pub async fn materialize(
                         model: "fact_video_view",
                         source: e,
                     })?;
+                    let fvv_err = |source| Error::Model {
+                        model: "fact_video_view",
+                        source,
+                    };
                     let _ = ctx.deregister_table("fact_video_view");
                     ctx.register_table("fact_video_view", provider)
-                        .map_err(|source| Error::Model {
-                            model: "fact_video_view",
-                            source,
-                        })?;
+                        .map_err(fvv_err)?;
+                    // The columns the Rust models after this point read (retention curves).
+                    let whole = ctx
+                        .sql(
+                            "SELECT video_id, watch_ms, video_duration_ms, has_end \
+                             FROM fact_video_view",
+                        )
+                        .await
+                        .map_err(fvv_err)?
+                        .collect()
+                        .await
+                        .map_err(fvv_err)?;
+                    prior.0.insert("fact_video_view", whole);
                 }
                 cascade_task = Some(spawn_cascades(ctx));
             }
