@@ -240,7 +240,11 @@ impl Lake {
             Some(t) => t,
             None => handle_for_writing(&self.tables.table(name)?)?,
         };
-        let zstd = ZstdLevel::try_new(3).map_err(Error::from_parquet)?;
+        // zstd 1: encoding `fact_video_view` (828k rows, 91 date files) took 351-355 ms
+        // against 541-596 ms at level 3, for files 2 % larger (32.3 MB against 31.7 MB;
+        // `examples/write_cost.rs`, docs/performance.md). A rebuild is CPU-bound, and the
+        // derived tables are rewritten by every rebuild; `events` keeps level 3.
+        let zstd = ZstdLevel::try_new(1).map_err(Error::from_parquet)?;
         // No dictionary pages: most derived columns are ids with few repeats per file (view,
         // session, user ids), where a dictionary page saves little and costs a hash per value.
         // Without it the full rebuild's `fact_video_view` write took 1.0–1.4 s instead of
