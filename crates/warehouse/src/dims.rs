@@ -258,6 +258,7 @@ fn keep_latest<'a, T>(slot: &mut Option<Latest<'a, T>>, at: (i64, &'a str), valu
 /// - creators: the number of distinct videos seen.
 async fn event_facts(
     ctx: &SessionContext,
+    events: &str,
 ) -> Result<HashMap<&'static str, BTreeMap<i64, Facts>>, DataFusionError> {
     type Device<'a> = [Option<&'a str>; 3];
     fn opt_s(a: &StringViewArray, i: usize) -> Option<&str> {
@@ -265,8 +266,10 @@ async fn event_facts(
     }
     let batches = rows(
         ctx,
-        "SELECT user_id, video_id, creator_id, event_time, event_id, device_country, \
-         device_os, device_app_version, video_duration_ms FROM events",
+        &format!(
+            "SELECT user_id, video_id, creator_id, event_time, event_id, device_country, \
+             device_os, device_app_version, video_duration_ms FROM {events}"
+        ),
     )
     .await?;
     let strs = |b: &RecordBatch, i: usize| -> Result<StringViewArray, DataFusionError> {
@@ -369,10 +372,12 @@ async fn event_facts(
     Ok(out)
 }
 
-/// Builds `dim_user`, `dim_video`, `dim_creator` and `dim_date` from `events` and, when it
-/// exists, `dim_updates` (both registered in `ctx`).
+/// Builds `dim_user`, `dim_video`, `dim_creator` and `dim_date` from the table `events`
+/// (every stored event: `events` itself, or the same rows in memory) and, when it exists,
+/// `dim_updates` (both registered in `ctx`).
 pub(crate) async fn batches(
     ctx: &SessionContext,
+    events: &str,
 ) -> Result<Vec<(&'static str, RecordBatch)>, DataFusionError> {
     let mut updates: HashMap<&'static str, BTreeMap<i64, Vec<Upsert>>> = HashMap::new();
     if ctx.table_exist(UPDATES_TABLE)? {
@@ -410,7 +415,7 @@ pub(crate) async fn batches(
             }
         }
     }
-    let mut facts_of = event_facts(ctx).await?;
+    let mut facts_of = event_facts(ctx, events).await?;
     let mut out = Vec::new();
     for kind in [DimKind::Users, DimKind::Videos, DimKind::Creators] {
         let facts = facts_of.remove(&kind.as_str()).unwrap_or_default();
@@ -454,7 +459,7 @@ pub(crate) async fn batches(
         }
         out.push((kind.table(), dim_batch(kind, &versions, &facts)?));
     }
-    out.push(("dim_date", date_batch(ctx).await?));
+    out.push(("dim_date", date_batch(ctx, events).await?));
     Ok(out)
 }
 
@@ -538,12 +543,12 @@ fn dim_batch(
 }
 
 /// One row per date between the first and the last `event_date` in `events`.
-async fn date_batch(ctx: &SessionContext) -> Result<RecordBatch, DataFusionError> {
+async fn date_batch(ctx: &SessionContext, events: &str) -> Result<RecordBatch, DataFusionError> {
     use chrono::Datelike;
     let mut range: Option<(i32, i32)> = None;
     for b in rows(
         ctx,
-        "SELECT CAST(min(event_date) AS INT), CAST(max(event_date) AS INT) FROM events",
+        &format!("SELECT CAST(min(event_date) AS INT), CAST(max(event_date) AS INT) FROM {events}"),
     )
     .await?
     {
