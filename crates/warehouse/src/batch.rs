@@ -76,6 +76,7 @@ pub(crate) mod testing {
 
     use reelhouse_lake::deltalake::arrow::array::{ArrayRef, RecordBatch};
     use reelhouse_lake::deltalake::arrow::datatypes::{Field, Schema};
+    use reelhouse_lake::deltalake::arrow::util::pretty::pretty_format_batches;
     use reelhouse_lake::deltalake::datafusion::datasource::MemTable;
     use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 
@@ -93,5 +94,29 @@ pub(crate) mod testing {
     pub(crate) fn register(ctx: &SessionContext, name: &str, b: Vec<RecordBatch>) {
         let t = MemTable::try_new(b[0].schema(), vec![b]).unwrap();
         ctx.register_table(name, Arc::new(t)).unwrap();
+    }
+
+    /// `b` as two batches split at `at` (clamped), as DataFusion hands a table out in parts.
+    pub(crate) fn two_batches(b: &RecordBatch, at: usize) -> Vec<RecordBatch> {
+        let at = at.min(b.num_rows());
+        vec![b.slice(0, at), b.slice(at, b.num_rows() - at)]
+    }
+
+    /// The rows of `b`, registered as `name`, printed by `SELECT {select} FROM name ORDER BY
+    /// {order}`: a model's output and its SQL's compare equal when these strings do.
+    pub(crate) async fn printed(
+        ctx: &SessionContext,
+        name: &str,
+        b: Vec<RecordBatch>,
+        select: &str,
+        order: &str,
+    ) -> String {
+        if b.iter().all(|b| b.num_rows() == 0) {
+            return "no rows".into();
+        }
+        register(ctx, name, b);
+        let sql = format!("SELECT {select} FROM {name} ORDER BY {order}");
+        let out = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+        pretty_format_batches(&out).unwrap().to_string()
     }
 }

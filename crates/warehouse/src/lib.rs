@@ -3,10 +3,11 @@
 //! Every model is a DataFusion SQL statement over the surviving events, deduplicated again by
 //! `event_id`, or a Rust function of the same Arrow batches ([`views`], [`sessions`],
 //! [`transitions`], [`hourly`], [`creator`], [`retention`]; [`cascade`] and [`dims`] beside
-//! the others), so each table is a
-//! pure function of `events` and a rebuild gives identical results. Models run in dependency
-//! order; each result is registered in the session for the models after it and written as
-//! one Delta commit (readers see the old or the new version):
+//! the others), so each table is a pure function of `events` and a rebuild gives the same
+//! results (averages up to the last bit: a sum of fractions follows the order the events are
+//! read in). Models run in dependency order; each result is registered in the session for
+//! the models after it and written as one Delta commit (readers see the old or the new
+//! version):
 //!
 //! ```text
 //!  events ─dedup─▶ ev ─┬─▶ fact_video_view ─┬─▶ fact_session

@@ -104,10 +104,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use reelhouse_lake::deltalake::arrow::array::BooleanArray;
-    use reelhouse_lake::deltalake::arrow::util::pretty::pretty_format_batches;
     use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 
-    use crate::batch::testing::{batch_of, register};
+    use crate::batch::testing::{batch_of, printed, register, two_batches};
 
     /// For p = 0…100: the share of ended views whose watch_ms ≥ p % of the duration. Each view
     /// reaches p up to ⌊100·watch/duration⌋ (integer arithmetic, so exact); counting views by that
@@ -159,16 +158,6 @@ mod tests {
         ])
     }
 
-    async fn sorted(ctx: &SessionContext, name: &str, b: Vec<RecordBatch>) -> String {
-        if b.iter().all(|b| b.num_rows() == 0) {
-            return "no rows".into();
-        }
-        register(ctx, name, b);
-        let sql = format!("SELECT * FROM {name} ORDER BY 1, 2");
-        let out = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
-        pretty_format_batches(&out).unwrap().to_string()
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
@@ -179,8 +168,7 @@ mod tests {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async {
                 let b = views(&gen);
-                let at = split.min(b.num_rows());
-                let fvv = vec![b.slice(0, at), b.slice(at, b.num_rows() - at)];
+                let fvv = two_batches(&b, split);
                 let ctx = SessionContext::new();
                 register(&ctx, "fact_video_view", fvv.clone());
                 let want = ctx.sql(VIDEO_RETENTION).await.unwrap().collect().await.unwrap();
@@ -188,8 +176,8 @@ mod tests {
                 for w in &want {
                     prop_assert_eq!(w.schema(), got.schema());
                 }
-                let want = sorted(&ctx, "want", want).await;
-                let got = sorted(&ctx, "got", vec![got]).await;
+                let want = printed(&ctx, "want", want, "*", "1, 2").await;
+                let got = printed(&ctx, "got", vec![got], "*", "1, 2").await;
                 prop_assert_eq!(got, want);
                 Ok(())
             })?;

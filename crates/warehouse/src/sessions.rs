@@ -285,10 +285,9 @@ pub fn fact_session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::testing::{batch_of, register};
+    use crate::batch::testing::{batch_of, printed, register, two_batches};
     use proptest::prelude::*;
     use reelhouse_lake::deltalake::arrow::compute::cast;
-    use reelhouse_lake::deltalake::arrow::util::pretty::pretty_format_batches;
     use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 
     /// The SQL model this module replaced: the reference it must equal row for row.
@@ -416,16 +415,6 @@ mod tests {
         batch_of(cols)
     }
 
-    async fn sorted(ctx: &SessionContext, name: &str, b: Vec<RecordBatch>) -> String {
-        if b.iter().all(|b| b.num_rows() == 0) {
-            return "no rows".into();
-        }
-        register(ctx, name, b);
-        let sql = format!("SELECT * FROM {name} ORDER BY session_id");
-        let out = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
-        pretty_format_batches(&out).unwrap().to_string()
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
@@ -438,8 +427,7 @@ mod tests {
             rt.block_on(async {
                 let b = events(&gen);
                 // Two input batches, as DataFusion hands them out.
-                let at = split.min(b.num_rows());
-                let ev = vec![b.slice(0, at), b.slice(at, b.num_rows() - at)];
+                let ev = two_batches(&b, split);
                 let views = vec![crate::views::fact_video_view(&ev).unwrap()];
                 let ctx = SessionContext::new();
                 register(&ctx, "ev", ev.clone());
@@ -451,8 +439,8 @@ mod tests {
                 for w in &want {
                     prop_assert_eq!(w.schema(), got.schema());
                 }
-                let want = sorted(&ctx, "want", want).await;
-                let got = sorted(&ctx, "got", vec![got]).await;
+                let want = printed(&ctx, "want", want, "*", "session_id").await;
+                let got = printed(&ctx, "got", vec![got], "*", "session_id").await;
                 prop_assert_eq!(got, want);
                 Ok(())
             })?;

@@ -415,9 +415,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use reelhouse_lake::deltalake::arrow::array::StringArray;
-    use reelhouse_lake::deltalake::arrow::util::pretty::pretty_format_batches;
-    use reelhouse_lake::deltalake::datafusion::datasource::MemTable;
     use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
+
+    use crate::batch::testing::{printed, register, two_batches};
 
     /// The SQL model this module replaced: the reference it must equal row for row.
     const FACT_VIDEO_VIEW_SQL: &str = "
@@ -480,8 +480,10 @@ mod tests {
             video.push(Some(e.4 as i64));
             creator.push(Some(e.5 as i64));
             time.push(Some(e.6 as i64 * 3_600_000_000));
-            watch.push((!e.0).then_some(e.7 as i64));
-            dur.push((!e.0).then_some(e.8 as i64 + 1));
+            // Steps of 100 ms, so the boundaries are hit: engaged at 3,000 ms, completed at
+            // 98 % (4,900 of 5,000), more watched than the duration.
+            watch.push((!e.0).then_some((e.7 % 64) as i64 * 100));
+            dur.push((!e.0).then_some((e.8 % 64) as i64 * 100 + 100));
             source.push(
                 e.9.filter(|_| e.0)
                     .map(|x| sources[x as usize % 3].to_string()),
@@ -513,24 +515,6 @@ mod tests {
         RecordBatch::try_new(schema, cols.into_iter().map(|(_, c)| c).collect()).unwrap()
     }
 
-    async fn sorted(ctx: &SessionContext, name: &str, b: Vec<RecordBatch>) -> String {
-        if b.iter().all(|b| b.num_rows() == 0) {
-            return "no views".into();
-        }
-        let t = MemTable::try_new(b[0].schema(), vec![b]).unwrap();
-        ctx.register_table(name, Arc::new(t)).unwrap();
-        let out = ctx
-            .sql(&format!(
-                "SELECT * FROM {name} ORDER BY view_id NULLS FIRST"
-            ))
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        pretty_format_batches(&out).unwrap().to_string()
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
@@ -545,15 +529,14 @@ mod tests {
             rt.block_on(async {
                 let b = batch(&events);
                 // Two input batches, as DataFusion hands them out.
-                let at = split.min(b.num_rows());
-                let parts = vec![b.slice(0, at), b.slice(at, b.num_rows() - at)];
+                let parts = two_batches(&b, split);
                 let ctx = SessionContext::new();
-                let ev = MemTable::try_new(b.schema(), vec![parts.clone()]).unwrap();
-                ctx.register_table("ev", Arc::new(ev)).unwrap();
+                register(&ctx, "ev", parts.clone());
+                let order = "view_id NULLS FIRST";
                 let want = ctx.sql(FACT_VIDEO_VIEW_SQL).await.unwrap().collect().await.unwrap();
-                let want = sorted(&ctx, "want", want).await;
+                let want = printed(&ctx, "want", want, "*", order).await;
                 let got = fact_video_view(&parts).unwrap();
-                let got = sorted(&ctx, "got", vec![got]).await;
+                let got = printed(&ctx, "got", vec![got], "*", order).await;
                 prop_assert_eq!(got, want);
                 Ok(())
             })?;
