@@ -165,10 +165,10 @@ fn ev_sql(has_duplicates: bool) -> String {
 /// The events the models read, registered by [`load_events`] (and by [`incremental_dates`]).
 const REBUILD_EVENTS: &str = "__rebuild_events";
 
-/// The columns only the dimensions read, loaded with the models' (see [`load_events`]).
+/// The columns only the dimensions read, loaded with the models' (see [`read_all_events`]).
 const DIM_ONLY_COLUMNS: &str = "device_country, device_os, device_app_version";
 
-/// Every stored event in memory, for the dimensions (see [`load_events`]).
+/// Every stored event in memory, for the dimensions and the models (see [`read_all_events`]).
 const ALL_EVENTS: &str = "__all_events";
 
 /// The events a rebuild reads, in memory.
@@ -179,48 +179,45 @@ struct Loaded {
     has_duplicates: bool,
 }
 
-/// Reads every event the models read (those not left out by a date closure, see [`Inputs`])
-/// once, checks them for repeated `event_id`s and registers them as [`REBUILD_EVENTS`].
-///
-/// With `dims`, it reads every stored event first, with [`DIM_ONLY_COLUMNS`] too, registers
-/// them as [`ALL_EVENTS`] and calls `dims` (which starts the dimensions on them), then takes
-/// the models' rows out of those in memory: one scan of the Parquet files instead of two
-/// (`examples/read_cost.rs`: 1.0–1.1 s of CPU for both column sets at once against 0.9–1.1 s
-/// and 0.55–0.59 s apart, on 2M events). A closure filter that keeps every row copies
-/// nothing.
-///
-/// Ingest dedups within the allowed lateness, so repeats are rare; checking the ids already
-/// in memory ([`duplicate_ids`]) costs a fraction of the `count(DISTINCT event_id)` scan it
-/// replaced (1.2 s of a 10 s rebuild of 2M events; see docs/performance.md).
-async fn load_events(
-    ctx: &SessionContext,
-    closed_at: &str,
-    dims: Option<Box<dyn FnOnce() + Send + '_>>,
-) -> Result<Loaded> {
+/// Reads every stored event once, with the columns of the models and of the dimensions
+/// ([`DIM_ONLY_COLUMNS`]), and registers them in memory as [`ALL_EVENTS`]: the dimensions
+/// read them there and [`load_events`] takes the models' rows out of them, so the Parquet
+/// files are scanned once instead of twice (`examples/read_cost.rs`: 1.0–1.1 s of CPU for
+/// both column sets at once against 0.9–1.1 s and 0.55–0.59 s apart, on 2M events).
+async fn read_all_events(ctx: &SessionContext) -> Result<()> {
     let ev_err = |source| Error::Model {
         model: "ev",
         source,
     };
     let _ = ctx.deregister_table(ALL_EVENTS);
-    let from = match dims {
-        Some(start_dims) => {
-            let sql = format!("SELECT {EV_COLUMNS}, {DIM_ONLY_COLUMNS} FROM events");
-            let df = ctx.sql(&sql).await.map_err(ev_err)?;
-            let schema = Arc::new(df.schema().as_arrow().clone());
-            let all = df.collect().await.map_err(ev_err)?;
-            let t = MemTable::try_new(schema, vec![all]).map_err(ev_err)?;
-            ctx.register_table(ALL_EVENTS, Arc::new(t))
-                .map_err(ev_err)?;
-            start_dims();
-            ALL_EVENTS
-        }
-        None => "events",
+    let sql = format!("SELECT {EV_COLUMNS}, {DIM_ONLY_COLUMNS} FROM events");
+    let df = ctx.sql(&sql).await.map_err(ev_err)?;
+    let schema = Arc::new(df.schema().as_arrow().clone());
+    let all = df.collect().await.map_err(ev_err)?;
+    let t = MemTable::try_new(schema, vec![all]).map_err(ev_err)?;
+    ctx.register_table(ALL_EVENTS, Arc::new(t))
+        .map_err(ev_err)?;
+    Ok(())
+}
+
+/// Reads every event the models read (those not left out by a date closure, see [`Inputs`])
+/// from the table `from` (`events`, or [`ALL_EVENTS`] in memory, where a closure filter that
+/// keeps every row copies nothing), checks them for repeated `event_id`s and registers them
+/// as [`REBUILD_EVENTS`].
+///
+/// Ingest dedups within the allowed lateness, so repeats are rare; checking the ids already
+/// in memory ([`duplicate_ids`]) costs a fraction of the `count(DISTINCT event_id)` scan it
+/// replaced (1.2 s of a 10 s rebuild of 2M events; see docs/performance.md).
+async fn load_events(ctx: &SessionContext, closed_at: &str, from: &str) -> Result<Loaded> {
+    let ev_err = |source| Error::Model {
+        model: "ev",
+        source,
     };
     let sql = format!("SELECT {EV_COLUMNS} FROM {from} WHERE {EV_FILTER}")
         .replace("$closed_at", closed_at);
     let df = ctx.sql(&sql).await.map_err(ev_err)?;
     let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await.map_err(ev_err)?;
+    let batches = with_schema(Arc::clone(&schema), df.collect().await.map_err(ev_err)?);
     let has_duplicates = duplicate_ids(&batches).map_err(|e| ev_err(e.into()))?;
     let _ = ctx.deregister_table(REBUILD_EVENTS);
     let t = MemTable::try_new(Arc::clone(&schema), vec![batches.clone()]).map_err(ev_err)?;
@@ -231,6 +228,19 @@ async fn load_events(
         batches,
         has_duplicates,
     })
+}
+
+/// `batches`, or one empty batch of `schema` when there are none (a query over no rows may
+/// return no batch): the Rust models read their input's schema from its batches.
+fn with_schema(
+    schema: reelhouse_lake::deltalake::arrow::datatypes::SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> Vec<RecordBatch> {
+    if batches.is_empty() {
+        vec![RecordBatch::new_empty(schema)]
+    } else {
+        batches
+    }
 }
 
 /// Whether any `event_id` of `batches` occurs twice or is null (what `count(*) -
@@ -643,7 +653,8 @@ async fn run_model(
                 .replace("$closed_at", closed_at);
             let df = ctx.sql(&sql).await.map_err(model_err)?;
             let schema = Arc::new(df.schema().as_arrow().clone());
-            (schema, df.collect().await.map_err(model_err)?)
+            let batches = df.collect().await.map_err(model_err)?;
+            (Arc::clone(&schema), with_schema(schema, batches))
         }
         Compute::Rust(f) => {
             let batch = f(prior, inputs).map_err(|e| model_err(e.into()))?;
@@ -676,7 +687,7 @@ pub async fn creator_daily_in_memory(
 ) -> Result<Vec<RecordBatch>> {
     let closed_at = inputs.closed_at_sql();
     let ev = ev_sql(
-        load_events(catalog.context(), &closed_at, None)
+        load_events(catalog.context(), &closed_at, "events")
             .await?
             .has_duplicates,
     );
@@ -807,21 +818,13 @@ pub async fn materialize(
     let mut handles: Vec<(String, DeltaTable)> = Vec::new();
     let closed_at = inputs.closed_at_sql();
     // The dimensions read every stored event and nothing else: they start on the events
-    // loaded for the models as soon as those are in memory, and run beside the models.
-    let mut dims_task = None;
-    let start_dims = {
-        let (ctx, task) = (ctx.clone(), &mut dims_task);
-        Box::new(move || {
-            *task = Some(spawn_timed(
-                async move { dims::batches(&ctx, ALL_EVENTS).await },
-            ));
-        })
+    // read for the models as soon as those are in memory, and run beside the models.
+    read_all_events(ctx).await?;
+    let dims_task = {
+        let ctx = ctx.clone();
+        spawn_timed(async move { dims::batches(&ctx, ALL_EVENTS).await })
     };
-    let loaded = load_events(ctx, &closed_at, Some(start_dims)).await?;
-    let dims_task = dims_task.ok_or_else(|| Error::Model {
-        model: "dim_*",
-        source: DataFusionError::Internal("the dimensions did not start".into()),
-    })?;
+    let loaded = load_events(ctx, &closed_at, ALL_EVENTS).await?;
     let read_took = start.elapsed();
     let has_duplicates = loaded.has_duplicates;
     // An incremental rebuild plans over the events read and feeds the models after the
@@ -971,11 +974,7 @@ pub async fn materialize(
                 let batches = carry_over(m.name, cur.as_ref(), &schema, batches, inputs)
                     .await
                     .map_err(model_err)?;
-                let batches = if batches.is_empty() {
-                    vec![RecordBatch::new_empty(Arc::clone(&schema))]
-                } else {
-                    batches
-                };
+                let batches = with_schema(Arc::clone(&schema), batches);
                 writes.spawn(&mut report, entry, async move {
                     lake.overwrite_derived(m.name, cur, schema, batches, m.partition_by)
                         .await
