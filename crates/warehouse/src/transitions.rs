@@ -7,7 +7,7 @@
 //!   like, NULL when an unlike comes first (as SQL's `prev = 'like'` with no previous event);
 //! - the *state* is the key's last event (last writer wins by (`event_time`, `event_id`)).
 //!
-//! As DataFusion window plans (`lag` and `row_number` over the key) these took about 0.9 s of
+//! As DataFusion window plans (`lag` and `row_number` over the key) these took about 0.8 s of
 //! a 2M-event rebuild on the 2-core test machine; here they are one sort of the matching
 //! rows' positions each. The rules are the SQL rules they replaced, value for value (the
 //! tests compare them with that SQL); the columns passed through keep `ev`'s types.
