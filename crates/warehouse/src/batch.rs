@@ -43,6 +43,9 @@ pub(crate) fn is_true(a: &BooleanArray, i: usize) -> bool {
 /// The rows of a grouped model found so far, in the order first seen: their keys and counters.
 pub(crate) struct Rows<K, C> {
     index: HashMap<K, usize>,
+    /// The last key asked for and its row: consecutive input rows often share a key (events
+    /// are stored sorted by user, session and time), and then the lookup is skipped.
+    last: Option<(K, usize)>,
     pub(crate) keys: Vec<K>,
     pub(crate) counts: Vec<C>,
 }
@@ -51,6 +54,7 @@ impl<K, C> Default for Rows<K, C> {
     fn default() -> Self {
         Rows {
             index: HashMap::default(),
+            last: None,
             keys: Vec::new(),
             counts: Vec::new(),
         }
@@ -60,11 +64,18 @@ impl<K, C> Default for Rows<K, C> {
 impl<K: Hash + Eq + Copy, C: Default> Rows<K, C> {
     /// The row of `key` (added when new) and its counters.
     pub(crate) fn of(&mut self, key: K) -> (usize, &mut C) {
-        let n = *self.index.entry(key).or_insert_with(|| {
-            self.keys.push(key);
-            self.counts.push(C::default());
-            self.keys.len() - 1
-        });
+        let n = match self.last {
+            Some((k, n)) if k == key => n,
+            _ => {
+                let n = *self.index.entry(key).or_insert_with(|| {
+                    self.keys.push(key);
+                    self.counts.push(C::default());
+                    self.keys.len() - 1
+                });
+                self.last = Some((key, n));
+                n
+            }
+        };
         (n, &mut self.counts[n])
     }
 }
