@@ -8,7 +8,9 @@ use foldhash::HashMap;
 use reelhouse_lake::deltalake::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch,
 };
+use reelhouse_lake::deltalake::arrow::compute::{concat_batches, filter_record_batch};
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
+use std::sync::Arc;
 
 use crate::views::int64s;
 
@@ -78,6 +80,33 @@ impl<K: Hash + Eq + Copy, C: Default> Rows<K, C> {
         };
         (n, &mut self.counts[n])
     }
+}
+
+/// The rows of `ev` whose `event_type` is one of `kinds`, with `columns` in that order, as
+/// one batch: `SELECT columns FROM ev WHERE event_type IN (kinds)` without planning a query
+/// (that SQL, for `fact_engagement` and `fact_follow`, is the reference in the tests).
+pub(crate) fn events_of_kinds(
+    ev: &[RecordBatch],
+    kinds: &[&str],
+    columns: &str,
+) -> Result<RecordBatch, ArrowError> {
+    let schema = ev
+        .first()
+        .ok_or_else(|| ArrowError::SchemaError("no batch of events".into()))?
+        .schema();
+    let keep: Vec<usize> = columns
+        .split(", ")
+        .map(|c| schema.index_of(c.trim()))
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::with_capacity(ev.len());
+    for b in ev {
+        let kind = crate::views::string_views(column(b, "event_type")?)?;
+        let mask: BooleanArray = (0..kind.len())
+            .map(|i| Some(kind.is_valid(i) && kinds.contains(&kind.value(i))))
+            .collect();
+        out.push(filter_record_batch(&b.project(&keep)?, &mask)?);
+    }
+    concat_batches(&Arc::new(schema.project(&keep)?), &out)
 }
 
 /// Scaffolding shared by the property tests that compare a Rust model with its SQL.

@@ -349,14 +349,26 @@ pub(crate) async fn incremental_dates(
     Ok(write.into_iter().collect())
 }
 
-const FACT_ENGAGEMENT: &str = "
-SELECT event_id, event_type, user_id, video_id, creator_id, session_id, event_time,
-  comment_id, share_id, parent_share_id, channel, event_date
-FROM ev WHERE event_type IN ('like', 'unlike', 'share', 'comment')";
+/// `fact_engagement`: the like, unlike, share and comment events, with these columns.
+const ENGAGEMENT: (&[&str], &str) = (
+    &["like", "unlike", "share", "comment"],
+    "event_id, event_type, user_id, video_id, creator_id, session_id, event_time, comment_id, \
+     share_id, parent_share_id, channel, event_date",
+);
 
-const FACT_FOLLOW: &str = "
-SELECT event_id, event_type, user_id, creator_id, event_time, event_date
-FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator')";
+/// `fact_follow`: the follow and unfollow events, with these columns.
+const FOLLOW: (&[&str], &str) = (
+    &["follow_creator", "unfollow_creator"],
+    "event_id, event_type, user_id, creator_id, event_time, event_date",
+);
+
+fn fact_engagement(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
+    batch::events_of_kinds(p.get("ev")?, ENGAGEMENT.0, ENGAGEMENT.1)
+}
+
+fn fact_follow(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
+    batch::events_of_kinds(p.get("ev")?, FOLLOW.0, FOLLOW.1)
+}
 
 const MODELS: &[Model] = &[
     Model {
@@ -381,13 +393,13 @@ const MODELS: &[Model] = &[
         name: "fact_engagement",
         partition_by: &["event_date"],
         internal: false,
-        compute: Compute::Sql(FACT_ENGAGEMENT),
+        compute: Compute::Rust(fact_engagement),
     },
     Model {
         name: "fact_follow",
         partition_by: &["event_date"],
         internal: false,
-        compute: Compute::Sql(FACT_FOLLOW),
+        compute: Compute::Rust(fact_follow),
     },
     Model {
         name: "like_transitions",
@@ -785,10 +797,12 @@ where
 
 type CascadeBatches = (RecordBatch, RecordBatch, usize);
 
-/// [`cascade::batches`] as a task, over `ev` and `fact_video_view` as registered now.
-fn spawn_cascades(ctx: &SessionContext) -> Computed<CascadeBatches> {
+/// [`cascade::batches`] as a task, over the `ev` batches computed so far and
+/// `fact_video_view` as registered now.
+fn spawn_cascades(ctx: &SessionContext, prior: &Prior) -> Computed<CascadeBatches> {
     let ctx = ctx.clone();
-    spawn_timed(async move { cascade::batches(&ctx).await })
+    let ev = prior.get("ev").map(<[RecordBatch]>::to_vec);
+    spawn_timed(async move { cascade::batches(&ctx, &ev?).await })
 }
 
 /// The result of a task from [`spawn_timed`], as the error of `model` when it failed.
@@ -921,7 +935,7 @@ pub async fn materialize(
                         .map_err(fvv_err)?;
                     prior.0.insert("fact_video_view", whole);
                 }
-                cascade_task = Some(spawn_cascades(ctx));
+                cascade_task = Some(spawn_cascades(ctx, &prior));
             }
         }
         let model_err = |source| Error::Model {
@@ -930,7 +944,7 @@ pub async fn materialize(
         };
         let (schema, batches) = run_model(ctx, m, &ev, inputs, &closed_at, &mut prior).await?;
         if scope.is_none() && m.name == "fact_video_view" {
-            cascade_task = Some(spawn_cascades(ctx));
+            cascade_task = Some(spawn_cascades(ctx, &prior));
         }
         let rows = batches.iter().map(|b| b.num_rows()).sum();
         let mut entry = TableReport {
@@ -982,7 +996,7 @@ pub async fn materialize(
             }
         }
     }
-    let cascade_task = cascade_task.unwrap_or_else(|| spawn_cascades(ctx));
+    let cascade_task = cascade_task.unwrap_or_else(|| spawn_cascades(ctx, &prior));
     let ((fact, tree, broken), cascade_ms) = joined(cascade_task, "share_cascade").await?;
     report.share_links_broken = broken;
     let mut computed: Vec<(&str, &[&str], RecordBatch, std::time::Duration)> = CASCADE_TABLES
@@ -1013,4 +1027,118 @@ pub async fn materialize(
     writes.finish(&mut report, &mut handles).await?;
     report.elapsed_ms = start.elapsed().as_millis() as u64;
     Ok((report, handles))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::testing::{batch_of, printed, register, two_batches};
+    use proptest::prelude::*;
+    use reelhouse_lake::deltalake::arrow::array::{ArrayRef, Int64Array, StringArray};
+    use reelhouse_lake::deltalake::arrow::compute::cast;
+    use reelhouse_lake::deltalake::arrow::datatypes::{DataType, TimeUnit};
+
+    /// The SQL models [`fact_engagement`] and [`fact_follow`] replaced: their references.
+    const FACT_ENGAGEMENT_SQL: &str = "
+    SELECT event_id, event_type, user_id, video_id, creator_id, session_id, event_time,
+      comment_id, share_id, parent_share_id, channel, event_date
+    FROM ev WHERE event_type IN ('like', 'unlike', 'share', 'comment')";
+    const FACT_FOLLOW_SQL: &str = "
+    SELECT event_id, event_type, user_id, creator_id, event_time, event_date
+    FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator')";
+
+    const KINDS: [&str; 8] = [
+        "like",
+        "unlike",
+        "share",
+        "comment",
+        "follow_creator",
+        "unfollow_creator",
+        "video_view_start",
+        "session_end",
+    ];
+
+    /// Events of every kind (and none), with string columns as views, as `ev` has them.
+    fn events(gen: &[(Option<u8>, u8, Option<u8>)]) -> RecordBatch {
+        let views = |v: Vec<Option<String>>| -> ArrayRef {
+            cast(&StringArray::from(v), &DataType::Utf8View).unwrap()
+        };
+        let ints = |v: Vec<Option<i64>>| Arc::new(Int64Array::from(v)) as ArrayRef;
+        let some = |f: &dyn Fn(usize) -> String| -> ArrayRef {
+            views((0..gen.len()).map(|i| Some(f(i))).collect())
+        };
+        let maybe = |f: &dyn Fn(u8) -> String| -> ArrayRef {
+            views(gen.iter().map(|g| g.2.map(f)).collect())
+        };
+        let time = cast(
+            &Int64Array::from_iter_values(gen.iter().map(|g| i64::from(g.1) * 1_000_000)),
+            &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        )
+        .unwrap();
+        let date = cast(&time, &DataType::Date32).unwrap();
+        batch_of(vec![
+            ("event_id", some(&|i| format!("e{i:03}"))),
+            (
+                "event_type",
+                views(
+                    gen.iter()
+                        .map(|g| g.0.map(|k| KINDS[k as usize % 8].to_string()))
+                        .collect(),
+                ),
+            ),
+            ("event_time", time),
+            (
+                "user_id",
+                ints(gen.iter().map(|g| Some(i64::from(g.1 % 5))).collect()),
+            ),
+            ("session_id", maybe(&|x| format!("s{x}"))),
+            (
+                "video_id",
+                ints(gen.iter().map(|g| g.2.map(i64::from)).collect()),
+            ),
+            (
+                "creator_id",
+                ints(gen.iter().map(|g| Some(i64::from(g.1 % 3))).collect()),
+            ),
+            ("comment_id", maybe(&|x| format!("c{x}"))),
+            ("share_id", maybe(&|x| format!("sh{x}"))),
+            ("parent_share_id", maybe(&|x| format!("p{x}"))),
+            ("channel", maybe(&|x| format!("ch{}", x % 2))),
+            ("event_date", date),
+        ])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        #[test]
+        fn engagement_and_follows_equal_the_sql(
+            gen in proptest::collection::vec(any::<(Option<u8>, u8, Option<u8>)>(), 1..60),
+            split in 0usize..60,
+        ) {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let ev = two_batches(&events(&gen), split);
+                let ctx = SessionContext::new();
+                register(&ctx, "ev", ev.clone());
+                let mut prior = Prior::default();
+                prior.0.insert("ev", ev);
+                for (f, sql) in [
+                    (fact_engagement as fn(&Prior, &Inputs) -> _, FACT_ENGAGEMENT_SQL),
+                    (fact_follow, FACT_FOLLOW_SQL),
+                ] {
+                    let want = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+                    let got = f(&prior, &Inputs::default()).unwrap();
+                    for w in &want {
+                        prop_assert_eq!(w.schema(), got.schema());
+                    }
+                    let want = printed(&ctx, "want", want, "*", "event_id").await;
+                    let got = printed(&ctx, "got", vec![got], "*", "event_id").await;
+                    prop_assert_eq!(got, want);
+                    let _ = ctx.deregister_table("want");
+                    let _ = ctx.deregister_table("got");
+                }
+                Ok(())
+            })?;
+        }
+    }
 }

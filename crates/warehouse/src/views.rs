@@ -7,9 +7,9 @@
 //! window for `position_in_session` (EXPLAIN ANALYZE: about 5.5 s of operator time for 2M
 //! events on the 2-core test machine; this code: 0.9–1.5 s). Here it is one pass that
 //! keeps, per `view_id`, the row of its start and of its end (a view with a second start or
-//! end gets a full accumulator), one sort by session for the positions, and one pass that
-//! writes the columns. The rules are the SQL rules it replaced, value for
-//! value (the tests compare it with that SQL):
+//! end gets a full accumulator), one pass that writes the columns and numbers the sessions,
+//! and one sort by (session number, time) for the positions. The rules are the SQL rules it
+//! replaced, value for value (the tests compare it with that SQL):
 //! - user, video, creator, session, source and via-share come from the view's start (the
 //!   smallest value when a view has several starts); user, video, creator and session fall back
 //!   to the smallest value over all its events when it has no start (start lost);
@@ -314,49 +314,18 @@ pub fn fact_video_view(ev: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
         }
     };
 
-    // Position in session: numbering within each session by (time, view_id), nulls last.
-    // Sessions are numbered first (a hash lookup only when a view's session differs from the
-    // previous view's: views arrive grouped by session), so the sort compares integers and
-    // only compares `view_id`s on equal times; comparing the session strings was a third of
-    // this model's time. Views without a session form one group, as in the SQL window.
+    // One pass over the views writes their columns and their ranks for the position in
+    // session: numbering within each session by (time, view_id), nulls last. Sessions are
+    // numbered first (a hash lookup only when a view's session differs from the previous
+    // view's: views arrive grouped by session), so the sort compares integers and compares
+    // `view_id`s only on equal times; comparing the session strings was a third of this
+    // model's time. Views without a session form one group, as in the SQL window.
     // (session number, (time missing, time), (view_id missing, view_id), view).
     type Rank<'a> = (u32, (bool, Option<i64>), (bool, Option<&'a str>), usize);
+    let n = slots.len();
+    let mut order: Vec<Rank> = Vec::with_capacity(n);
     let mut numbers: HashMap<&str, u32> = HashMap::new();
     let mut prev: Option<(&str, u32)> = None;
-    let mut order: Vec<Rank> = (0..slots.len())
-        .map(|k| {
-            let v = view(k);
-            let group = match v.session() {
-                None => u32::MAX,
-                Some(s) => match prev {
-                    Some((p, g)) if p == s => g,
-                    _ => {
-                        let next = numbers.len() as u32;
-                        let g = *numbers.entry(s).or_insert(next);
-                        prev = Some((s, g));
-                        g
-                    }
-                },
-            };
-            let (t, id) = (v.time(), v.view_id);
-            (group, (t.is_none(), t), (id.is_none(), id), k)
-        })
-        .collect();
-    drop(numbers);
-    order.sort_unstable();
-    let mut position = vec![0i64; slots.len()];
-    let mut run: Option<(u32, i64)> = None;
-    for (session, _, _, k) in &order {
-        let p = match run {
-            Some((s, p)) if s == *session => p + 1,
-            _ => 1,
-        };
-        run = Some((*session, p));
-        position[*k] = p;
-    }
-    drop(order);
-
-    let n = slots.len();
     let mut view_id = StringBuilder::with_capacity(n, n * 24);
     let mut session = StringBuilder::with_capacity(n, n * 24);
     let mut source = StringBuilder::with_capacity(n, n * 8);
@@ -369,6 +338,20 @@ pub fn fact_video_view(ev: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
     let mut date = Date32Builder::with_capacity(n);
     for k in 0..n {
         let v = &view(k);
+        let group = match v.session() {
+            None => u32::MAX,
+            Some(s) => match prev {
+                Some((p, g)) if p == s => g,
+                _ => {
+                    let next = numbers.len() as u32;
+                    let g = *numbers.entry(s).or_insert(next);
+                    prev = Some((s, g));
+                    g
+                }
+            },
+        };
+        let t = v.time();
+        order.push((group, (t.is_none(), t), (v.view_id.is_none(), v.view_id), k));
         view_id.append_option(v.view_id);
         user.append_option(v.user());
         video.append_option(v.video.or(v.any_video));
@@ -391,8 +374,21 @@ pub fn fact_video_view(ev: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
         via_share.append_option(v.via_share);
         has_start.append_value(v.has_start);
         has_end.append_value(v.has_end);
-        date.append_option(v.time().map(|t| t.div_euclid(DAY_US) as i32));
+        date.append_option(t.map(|t| t.div_euclid(DAY_US) as i32));
     }
+    drop(numbers);
+    order.sort_unstable();
+    let mut position = vec![0i64; n];
+    let mut run: Option<(u32, i64)> = None;
+    for (session, _, _, k) in &order {
+        let p = match run {
+            Some((s, p)) if s == *session => p + 1,
+            _ => 1,
+        };
+        run = Some((*session, p));
+        position[*k] = p;
+    }
+    drop(order);
     let ts = |mut b: Int64Builder| -> Result<ArrayRef, ArrowError> {
         cast(
             &b.finish(),
