@@ -335,10 +335,21 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
     server.ingestor.flush().await?;
     eprintln!("loaded {} events over {} days", m.valid_unique, b.days);
 
-    // Full rebuild, then a late trickle touching 3 old dates and a rebuild again.
+    // Full rebuild (the first creates the tables, two more replace them; the median is
+    // reported, as for DuckDB), then a late trickle touching 3 old dates and a rebuild again.
     let t = Instant::now();
     let report = server.ingestor.materialize().await?;
-    let full_s = t.elapsed().as_secs_f64();
+    let mut full_runs = vec![t.elapsed().as_secs_f64()];
+    for _ in 0..2 {
+        let t = Instant::now();
+        server.ingestor.materialize_full().await?;
+        full_runs.push(t.elapsed().as_secs_f64());
+    }
+    let full_s = {
+        let mut sorted = full_runs.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted[1]
+    };
     // The same aggregation as DuckDB's: agg_creator_daily from the events Parquet files, in
     // memory, with the models it needs (three runs; the median is reported).
     let mut same = Vec::new();
@@ -442,7 +453,7 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
     let ms = |p| percentile(&lat, p) as f64 / 1000.0;
     let eps = m.valid_unique as f64 / full_s;
     println!(
-        "reelhouse warehouse rebuild ({} events, {} days):",
+        "reelhouse warehouse rebuild ({} events, {} days; per table: the first full rebuild):",
         m.valid_unique, b.days
     );
     for t in &report.tables {
@@ -451,7 +462,16 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
             t.table, t.rows, t.elapsed_ms, t.write_ms
         );
     }
-    println!("  full rebuild {:.2}s = {:.0} events/s", full_s, eps);
+    println!(
+        "  full rebuild {:.2}s = {:.0} events/s (median of 3: {})",
+        full_s,
+        eps,
+        full_runs
+            .iter()
+            .map(|s| format!("{s:.2}s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!(
         "  agg_creator_daily alone, in memory from the events Parquet files (DuckDB's work): {:.2}s = {:.0} events/s ({} rows; median of 3: {})",
         same_s,
@@ -490,6 +510,7 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
         "days": b.days,
         "reelhouse": {
             "full_rebuild_s": full_s,
+            "full_rebuild_runs_s": full_runs,
             "full_rebuild_events_per_s": eps,
             "creator_daily_in_memory_s": same_s,
             "creator_daily_in_memory_runs_s": same.iter().map(|(s, _)| *s).collect::<Vec<_>>(),

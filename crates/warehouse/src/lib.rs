@@ -1,11 +1,12 @@
 //! The star schema: facts, state and aggregates derived from `events` (SPEC §3).
 //!
-//! Every model is a DataFusion SQL statement over the surviving events, deduplicated again by
-//! `event_id`, or a Rust function of the same Arrow batches ([`views`], [`sessions`],
-//! [`transitions`], [`hourly`], [`creator`], [`retention`]; [`cascade`] and [`dims`] beside
-//! the others), so each table is a pure function of `events` and a rebuild gives the same
-//! results (averages up to the last bit: a sum of fractions follows the order the events are
-//! read in). Models run in dependency order; each result is registered in the session for
+//! The events are read once and deduplicated again by `event_id` (DataFusion SQL, `ev`); every
+//! model is a Rust function of those Arrow batches ([`views`], [`sessions`], [`transitions`],
+//! [`hourly`], [`creator`], [`retention`], the event filters of `fact_engagement` and
+//! `fact_follow`; [`cascade`] and [`dims`] beside the others; each module's tests keep the SQL
+//! it replaced as the reference), so each table is a pure function of `events` and a rebuild
+//! gives the same results (averages up to the last bit: a sum of fractions follows the order
+//! the events are read in). Models run in dependency order; each result is registered in the session for
 //! the models after it and written as one Delta commit (readers see the old or the new
 //! version):
 //!
