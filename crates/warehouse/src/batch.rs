@@ -120,6 +120,20 @@ pub(crate) mod testing {
     use reelhouse_lake::deltalake::datafusion::datasource::MemTable;
     use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 
+    /// Every event type of SPEC §1, the view start and end first.
+    pub(crate) const EVENT_TYPES: [&str; 10] = [
+        "video_view_start",
+        "video_view_end",
+        "like",
+        "unlike",
+        "share",
+        "comment",
+        "follow_creator",
+        "unfollow_creator",
+        "session_start",
+        "session_end",
+    ];
+
     /// A batch of the named columns, every field nullable.
     pub(crate) fn batch_of(cols: Vec<(&str, ArrayRef)>) -> RecordBatch {
         let fields: Vec<Field> = cols

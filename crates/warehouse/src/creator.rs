@@ -353,17 +353,7 @@ mod tests {
     LEFT JOIN eng e ON a.creator_id = e.creator_id AND a.date = e.date
     LEFT JOIN follows f ON a.creator_id = f.creator_id AND a.date = f.date";
 
-    const KINDS: [&str; 9] = [
-        "video_view_start",
-        "video_view_end",
-        "like",
-        "unlike",
-        "share",
-        "comment",
-        "follow_creator",
-        "unfollow_creator",
-        "session_start",
-    ];
+    const KINDS: [&str; 10] = crate::batch::testing::EVENT_TYPES;
 
     /// One generated event: (kind, view, user, creator, hour, watch, source, share). Small
     /// ranges: keys repeat, views cross dates, users, creators, sources and shares are

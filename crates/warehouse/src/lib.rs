@@ -1048,16 +1048,7 @@ mod tests {
     SELECT event_id, event_type, user_id, creator_id, event_time, event_date
     FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator')";
 
-    const KINDS: [&str; 8] = [
-        "like",
-        "unlike",
-        "share",
-        "comment",
-        "follow_creator",
-        "unfollow_creator",
-        "video_view_start",
-        "session_end",
-    ];
+    use crate::batch::testing::EVENT_TYPES as KINDS;
 
     /// Events of every kind (and none), with string columns as views, as `ev` has them.
     fn events(gen: &[(Option<u8>, u8, Option<u8>)]) -> RecordBatch {
@@ -1083,7 +1074,7 @@ mod tests {
                 "event_type",
                 views(
                     gen.iter()
-                        .map(|g| g.0.map(|k| KINDS[k as usize % 8].to_string()))
+                        .map(|g| g.0.map(|k| KINDS[k as usize % KINDS.len()].to_string()))
                         .collect(),
                 ),
             ),
