@@ -112,20 +112,33 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Starts the real binary (`reelhouse serve`) on `port` with extra flags.
+/// Where [`spawn_serve`] appends the server's stderr for `port` (outside the data directory,
+/// which some tests scan for traces of a user).
+fn serve_log(port: u16) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("reelhouse-it-serve-{port}.log"))
+}
+
+/// Starts the real binary (`reelhouse serve`) on `port` with extra flags; its stderr is
+/// appended to [`serve_log`], which [`wait_healthy`] prints when the server does not come up.
 pub fn spawn_serve(dir: &Path, port: u16, extra: &[&str]) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(serve_log(port))
+        .expect("open the server's log");
     std::process::Command::new(env!("CARGO_BIN_EXE_reelhouse"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args(extra)
         .arg("--data-dir")
         .arg(dir)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("spawn reelhouse serve")
 }
 
-/// Waits (at most a minute) until `/v1/health` answers.
+/// Waits (at most a minute) until `/v1/health` answers; panics with the end of the server's
+/// log (see [`spawn_serve`]) when it does not.
 pub async fn wait_healthy(url: &str) {
     for _ in 0..600 {
         if let Ok(r) = reqwest::get(format!("{url}/v1/health")).await {
@@ -135,7 +148,18 @@ pub async fn wait_healthy(url: &str) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("server did not become healthy");
+    let log = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .and_then(|port| std::fs::read_to_string(serve_log(port)).ok())
+        .unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    panic!(
+        "server at {url} did not become healthy; its log ends with:\n{}",
+        tail.join("\n")
+    );
 }
 
 /// Writes a tokens file under `dir` with `(token, role)` pairs and loads it.
