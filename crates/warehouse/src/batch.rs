@@ -150,6 +150,15 @@ pub(crate) mod testing {
         ctx.register_table(name, Arc::new(t)).unwrap();
     }
 
+    /// `b` as two batches split at `at` (see [`two_batches`]), and a session holding them as
+    /// the table `ev`: where every property test of a model over the events starts.
+    pub(crate) fn ev_session(b: &RecordBatch, at: usize) -> (Vec<RecordBatch>, SessionContext) {
+        let ev = two_batches(b, at);
+        let ctx = SessionContext::new();
+        register(&ctx, "ev", ev.clone());
+        (ev, ctx)
+    }
+
     /// `b` as two batches split at `at` (clamped), as DataFusion hands a table out in parts.
     pub(crate) fn two_batches(b: &RecordBatch, at: usize) -> Vec<RecordBatch> {
         let at = at.min(b.num_rows());

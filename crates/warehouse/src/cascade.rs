@@ -710,9 +710,7 @@ mod tests {
         fn shares_equal_the_sql(gen in proptest::collection::vec(any::<Gen>(), 1..60), split in 0usize..60) {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async {
-                let ev = crate::batch::testing::two_batches(&events(&gen), split);
-                let ctx = reelhouse_lake::deltalake::datafusion::prelude::SessionContext::new();
-                crate::batch::testing::register(&ctx, "ev", ev.clone());
+                let (ev, ctx) = crate::batch::testing::ev_session(&events(&gen), split);
                 let rows = ctx.sql(SHARES_SQL).await.unwrap().collect().await.unwrap();
                 let mut want = Vec::new();
                 for b in &rows {

@@ -282,7 +282,7 @@ pub fn agg_creator_daily(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::testing::{batch_of, printed, register, two_batches};
+    use crate::batch::testing::{batch_of, ev_session, printed, register};
     use proptest::prelude::*;
     use reelhouse_lake::deltalake::arrow::array::StringArray;
     use reelhouse_lake::deltalake::arrow::datatypes::TimeUnit;
@@ -472,11 +472,8 @@ mod tests {
         fn equals_the_sql_model(gen in proptest::collection::vec(any::<Gen>(), 1..80), split in 0usize..80) {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async {
-                let b = events(&gen);
                 // Two input batches, as DataFusion hands them out.
-                let ev = two_batches(&b, split);
-                let ctx = SessionContext::new();
-                register(&ctx, "ev", ev.clone());
+                let (ev, ctx) = ev_session(&events(&gen), split);
                 let views = vec![crate::views::fact_video_view(&ev).unwrap()];
                 register(&ctx, "fact_video_view", views.clone());
                 let likes = collect(&ctx, crate::transitions::sql::LIKE_TRANSITIONS).await;

@@ -209,11 +209,10 @@ pub fn agg_video_hourly(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::testing::{batch_of, printed, register, two_batches};
+    use crate::batch::testing::{batch_of, ev_session, printed, register};
     use proptest::prelude::*;
     use reelhouse_lake::deltalake::arrow::array::StringArray;
     use reelhouse_lake::deltalake::arrow::compute::cast;
-    use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 
     /// The SQL model this module replaced: the reference it must equal row for row. Each
     /// input is grouped once and the three are stacked and summed per (video, hour); unique
@@ -252,14 +251,8 @@ mod tests {
       CAST(hour AS DATE) AS event_date
     FROM k GROUP BY video_id, hour";
 
-    const KINDS: [&str; 6] = [
-        "video_view_start",
-        "video_view_end",
-        "like",
-        "unlike",
-        "share",
-        "comment",
-    ];
+    /// The view, like and engagement types: the first six event types.
+    const KINDS: &[&str] = crate::batch::testing::EVENT_TYPES.split_at(6).0;
 
     /// One generated event: (kind, view, user, video, minute, watch, duration, share). Small
     /// ranges, so keys repeat, views cross hours and dates, and users, videos and shares
@@ -272,7 +265,7 @@ mod tests {
         let n = gen.len();
         let kind: Vec<_> = gen
             .iter()
-            .map(|g| KINDS[g.0 as usize % 6].to_string())
+            .map(|g| KINDS[g.0 as usize % KINDS.len()].to_string())
             .collect();
         let view = |g: &Gen| g.0 % 6 < 2;
         // Seven hours around the first midnight: a (video, hour) holds several events.
@@ -354,11 +347,8 @@ mod tests {
         fn equals_the_sql_model(gen in proptest::collection::vec(any::<Gen>(), 1..80), split in 0usize..80) {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async {
-                let b = events(&gen);
                 // Two input batches, as DataFusion hands them out.
-                let ev = two_batches(&b, split);
-                let ctx = SessionContext::new();
-                register(&ctx, "ev", ev.clone());
+                let (ev, ctx) = ev_session(&events(&gen), split);
                 let views = vec![crate::views::fact_video_view(&ev).unwrap()];
                 register(&ctx, "fact_video_view", views.clone());
                 let df = ctx.sql(crate::transitions::sql::LIKE_TRANSITIONS).await.unwrap();

@@ -1033,7 +1033,7 @@ pub async fn materialize(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::testing::{batch_of, printed, register, two_batches};
+    use crate::batch::testing::{batch_of, ev_session, printed};
     use proptest::prelude::*;
     use reelhouse_lake::deltalake::arrow::array::{ArrayRef, Int64Array, StringArray};
     use reelhouse_lake::deltalake::arrow::compute::cast;
@@ -1109,9 +1109,7 @@ mod tests {
         ) {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async {
-                let ev = two_batches(&events(&gen), split);
-                let ctx = SessionContext::new();
-                register(&ctx, "ev", ev.clone());
+                let (ev, ctx) = ev_session(&events(&gen), split);
                 let mut prior = Prior::default();
                 prior.0.insert("ev", ev);
                 for (f, sql) in [

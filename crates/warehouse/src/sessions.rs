@@ -301,10 +301,9 @@ pub fn fact_session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::testing::{batch_of, printed, register, two_batches};
+    use crate::batch::testing::{batch_of, ev_session, printed, register};
     use proptest::prelude::*;
     use reelhouse_lake::deltalake::arrow::compute::cast;
-    use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 
     /// The SQL model this module replaced: the reference it must equal row for row.
     const FACT_SESSION_SQL: &str = "
@@ -441,12 +440,9 @@ mod tests {
         ) {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async {
-                let b = events(&gen);
                 // Two input batches, as DataFusion hands them out.
-                let ev = two_batches(&b, split);
+                let (ev, ctx) = ev_session(&events(&gen), split);
                 let views = vec![crate::views::fact_video_view(&ev).unwrap()];
-                let ctx = SessionContext::new();
-                register(&ctx, "ev", ev.clone());
                 register(&ctx, "fact_video_view", views.clone());
                 let now_ms = now_hours * 3_600_000;
                 let sql = FACT_SESSION_SQL.replace("$now_ms", &now_ms.to_string());

@@ -270,9 +270,8 @@ mod tests {
     use reelhouse_lake::deltalake::arrow::array::StringArray;
     use reelhouse_lake::deltalake::arrow::compute::cast;
     use reelhouse_lake::deltalake::arrow::datatypes::TimeUnit;
-    use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 
-    use crate::batch::testing::{batch_of, printed, register, two_batches};
+    use crate::batch::testing::{batch_of, ev_session, printed};
 
     const KINDS: [&str; 6] = [
         "like",
@@ -340,11 +339,8 @@ mod tests {
         ) {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async {
-                let b = events(&gen);
                 // Two input batches, as DataFusion hands them out.
-                let ev = two_batches(&b, split);
-                let ctx = SessionContext::new();
-                register(&ctx, "ev", ev.clone());
+                let (ev, ctx) = ev_session(&events(&gen), split);
                 for (sql, r, is_state) in [
                     (sql::LIKE_TRANSITIONS, &LIKES, false),
                     (sql::FOLLOW_TRANSITIONS, &FOLLOWS, false),
