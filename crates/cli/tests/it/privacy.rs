@@ -46,7 +46,11 @@ async fn forget_and_wait(u: &str, user: i64, mode: &str) -> Value {
 
 /// Every file under `dir`, recursively.
 fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
+    // A directory removed since it was listed (a temporary) has nothing left to check.
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
             files(&p, out);
@@ -57,9 +61,26 @@ fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 }
 
 /// Reads every Parquet file's columns: no id column equals `user`, no string holds any of
-/// `ids` or a `"user_id":user` statistic. Other files: the same on their raw bytes.
+/// `ids` or a `"user_id":user` statistic. Other files: the same on their raw bytes. Returns
+/// the number of Parquet files read.
+///
+/// The server keeps running meanwhile (its timer, snapshots), so a file listed may be gone
+/// (a temporary renamed or removed) when it is read: then the whole scan starts over, so that
+/// the scan that passes read every file it listed.
 fn assert_no_trace(dir: &Path, user: i64, ids: &HashSet<String>) -> usize {
+    for _ in 0..20 {
+        if let Some(n) = scan_for_trace(dir, user, ids) {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("files kept vanishing while the data directory was scanned");
+}
+
+/// One scan of [`assert_no_trace`]; `None` when a listed file was gone before it was opened.
+fn scan_for_trace(dir: &Path, user: i64, ids: &HashSet<String>) -> Option<usize> {
     use reelhouse_lake::deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     let stat = format!("\"user_id\":{user}");
     let stat_hit = |s: &str| {
         s.match_indices(&stat)
@@ -72,7 +93,13 @@ fn assert_no_trace(dir: &Path, user: i64, ids: &HashSet<String>) -> usize {
         let name = f.display().to_string();
         if name.ends_with(".parquet") {
             parquet_files += 1;
-            let file = std::fs::File::open(f).unwrap();
+            let file = match std::fs::File::open(f) {
+                Err(e) if gone(&e) => {
+                    eprintln!("{name} vanished during the scan; scanning again");
+                    return None;
+                }
+                file => file.unwrap(),
+            };
             let reader = ParquetRecordBatchReaderBuilder::try_new(file)
                 .unwrap()
                 .build()
@@ -110,7 +137,13 @@ fn assert_no_trace(dir: &Path, user: i64, ids: &HashSet<String>) -> usize {
                 }
             }
         } else {
-            let bytes = std::fs::read(f).unwrap();
+            let bytes = match std::fs::read(f) {
+                Err(e) if gone(&e) => {
+                    eprintln!("{name} vanished during the scan; scanning again");
+                    return None;
+                }
+                bytes => bytes.unwrap(),
+            };
             let text = String::from_utf8_lossy(&bytes);
             for id in ids {
                 assert!(
@@ -124,7 +157,7 @@ fn assert_no_trace(dir: &Path, user: i64, ids: &HashSet<String>) -> usize {
             );
         }
     }
-    parquet_files
+    Some(parquet_files)
 }
 
 /// The user with the most stored events (ties: the smallest id), and that count.
