@@ -88,15 +88,15 @@ impl<K: Hash + Eq + Copy, C: Default> Rows<K, C> {
 pub(crate) fn events_of_kinds(
     ev: &[RecordBatch],
     kinds: &[&str],
-    columns: &str,
+    columns: &[&str],
 ) -> Result<RecordBatch, ArrowError> {
     let schema = ev
         .first()
         .ok_or_else(|| ArrowError::SchemaError("no batch of events".into()))?
         .schema();
     let keep: Vec<usize> = columns
-        .split(", ")
-        .map(|c| schema.index_of(c.trim()))
+        .iter()
+        .map(|c| schema.index_of(c))
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(ev.len());
     for b in ev {

@@ -6,9 +6,9 @@
 //! `fact_follow`; [`cascade`] and [`dims`] beside the others; each module's tests keep the SQL
 //! it replaced as the reference), so each table is a pure function of `events` and a rebuild
 //! gives the same results (averages up to the last bit: a sum of fractions follows the order
-//! the events are read in). Models run in dependency order; each result is registered in the session for
-//! the models after it and written as one Delta commit (readers see the old or the new
-//! version):
+//! the events are read in). Models run in dependency order; each result is registered in the
+//! session for the models after it and written as one Delta commit (readers see the old or
+//! the new version):
 //!
 //! ```text
 //!  events ─dedup─▶ ev ─┬─▶ fact_video_view ─┬─▶ fact_session
@@ -351,16 +351,35 @@ pub(crate) async fn incremental_dates(
 }
 
 /// `fact_engagement`: the like, unlike, share and comment events, with these columns.
-const ENGAGEMENT: (&[&str], &str) = (
+const ENGAGEMENT: (&[&str], &[&str]) = (
     &["like", "unlike", "share", "comment"],
-    "event_id, event_type, user_id, video_id, creator_id, session_id, event_time, comment_id, \
-     share_id, parent_share_id, channel, event_date",
+    &[
+        "event_id",
+        "event_type",
+        "user_id",
+        "video_id",
+        "creator_id",
+        "session_id",
+        "event_time",
+        "comment_id",
+        "share_id",
+        "parent_share_id",
+        "channel",
+        "event_date",
+    ],
 );
 
 /// `fact_follow`: the follow and unfollow events, with these columns.
-const FOLLOW: (&[&str], &str) = (
+const FOLLOW: (&[&str], &[&str]) = (
     &["follow_creator", "unfollow_creator"],
-    "event_id, event_type, user_id, creator_id, event_time, event_date",
+    &[
+        "event_id",
+        "event_type",
+        "user_id",
+        "creator_id",
+        "event_time",
+        "event_date",
+    ],
 );
 
 fn fact_engagement(p: &Prior, _: &Inputs) -> std::result::Result<RecordBatch, ArrowError> {
