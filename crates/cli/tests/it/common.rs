@@ -154,8 +154,8 @@ pub async fn wait_healthy(url: &str) {
         .and_then(|p| p.parse().ok())
         .and_then(|port| std::fs::read_to_string(serve_log(port)).ok())
         .unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(40).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(40)..];
     panic!(
         "server at {url} did not become healthy; its log ends with:\n{}",
         tail.join("\n")
