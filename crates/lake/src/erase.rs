@@ -9,6 +9,7 @@
 //!    ─▶ checkpoint at the latest version ─▶ delete _delta_log entries older than it
 //! ```
 
+use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::DeltaTable;
 
 use crate::Result;
@@ -24,26 +25,38 @@ pub struct TableErasure {
     pub log_entries_removed: usize,
 }
 
-/// Deletes the rows matching `predicate` (SQL over the table's columns).
+/// Deletes the rows matching `predicate` (SQL over the table's columns); files that keep
+/// rows are rewritten with `props` (the table's own settings, e.g.
+/// [`crate::RawTable::rewrite_properties`]; delta-rs's defaults when `None`).
 pub async fn delete_where(
     table: DeltaTable,
     predicate: &str,
+    props: Option<WriterProperties>,
     report: &mut TableErasure,
 ) -> Result<DeltaTable> {
-    let (table, m) = table.delete().with_predicate(predicate.to_string()).await?;
+    let mut b = table.delete().with_predicate(predicate.to_string());
+    if let Some(p) = props {
+        b = b.with_writer_properties(p);
+    }
+    let (table, m) = b.await?;
     report.rows_removed += m.num_deleted_rows.unwrap_or(0);
     report.files_rewritten += m.num_removed_files;
     Ok(table)
 }
 
-/// Sets `columns` (name, SQL expression) on the rows matching `predicate`.
+/// Sets `columns` (name, SQL expression) on the rows matching `predicate`, rewriting their
+/// files with `props` (as [`delete_where`]).
 pub async fn update_where(
     table: DeltaTable,
     predicate: &str,
     columns: &[(&str, String)],
+    props: Option<WriterProperties>,
     report: &mut TableErasure,
 ) -> Result<DeltaTable> {
     let mut b = table.update().with_predicate(predicate.to_string());
+    if let Some(p) = props {
+        b = b.with_writer_properties(p);
+    }
     for (c, e) in columns {
         b = b.with_update(c.to_string(), e.clone());
     }

@@ -97,7 +97,8 @@ impl RawTable {
     /// Sort keys inside a partition. Clustering by user and session puts the repeating ids
     /// (user, session, view) and the close-together times of one session next to each other,
     /// which is what makes the pages small (measured in `examples/layout.rs`, see
-    /// docs/storage.md), and keeps per-file min/max of `user_id` tight for erasure lookups.
+    /// docs/storage.md). Each date's file still spans nearly every `user_id`, so erasure
+    /// lookups rely on the `user_id` bloom filters (see [`RawTable::writer_properties`]).
     fn sort_columns(self) -> &'static [&'static str] {
         match self {
             RawTable::Events => &["user_id", "session_id", "event_time"],
@@ -110,7 +111,14 @@ impl RawTable {
     /// keep the default encoding: delta-packing them measured larger once sessions are
     /// clustered. DELTA_LENGTH_BYTE_ARRAY is a Parquet 2.0 encoding that Spark, Trino, DuckDB
     /// and pyarrow read.
-    fn writer_properties(self) -> Result<WriterProperties> {
+    ///
+    /// `events` files also carry a split-block bloom filter on `user_id`, allocated for at most
+    /// `user_ndv` distinct users per file and folded by the writer to the smallest size that
+    /// keeps a 1 % false-positive rate for the users it got: each date's file holds
+    /// most users, so its `user_id` min/max cannot rule a user out, while the filter lets an
+    /// erasure lookup (`WHERE user_id = …`) skip the dates the user has no events on without
+    /// reading their pages (docs/data-model.md, docs/performance.md).
+    pub fn writer_properties(self, user_ndv: u64) -> Result<WriterProperties> {
         let zstd = ZstdLevel::try_new(3).map_err(Error::from_parquet)?;
         let mut b = WriterProperties::builder()
             .set_compression(Compression::ZSTD(zstd))
@@ -121,9 +129,69 @@ impl RawTable {
                     .set_column_dictionary_enabled(ColumnPath::from(c), false)
                     .set_column_encoding(ColumnPath::from(c), Encoding::DELTA_LENGTH_BYTE_ARRAY);
             }
+            let user = ColumnPath::from("user_id");
+            b = b
+                .set_column_bloom_filter_enabled(user.clone(), true)
+                .set_column_bloom_filter_fpp(user.clone(), USER_BLOOM_FPP)
+                .set_column_bloom_filter_max_ndv(user, user_ndv.max(1));
         }
         Ok(b.build())
     }
+
+    /// The writer settings for rewriting files of this table in place (an erasure's delete or
+    /// update, retention): a rewritten file holds rows of one partition, so the most rows any
+    /// partition has bounds its distinct users.
+    pub fn rewrite_properties(self, table: &DeltaTable) -> Result<WriterProperties> {
+        let mut per_partition: HashMap<Vec<(String, Option<String>)>, u64> = HashMap::new();
+        for f in table.snapshot()?.log_data() {
+            let mut key: Vec<_> = f.partition_values_map().into_iter().collect();
+            key.sort();
+            *per_partition.entry(key).or_default() += f.num_records().unwrap_or(0) as u64;
+        }
+        let ndv = per_partition.values().copied().max().unwrap_or(1);
+        self.writer_properties(ndv)
+    }
+}
+
+/// False-positive rate of the `user_id` bloom filters of `events` (see
+/// [`RawTable::writer_properties`]): about 1.2 bytes per distinct user, in a power of two.
+pub const USER_BLOOM_FPP: f64 = 0.01;
+
+/// The most distinct `user_id`s of any one `event_date` in `batch`, sorted by
+/// (`event_date`, `user_id`) as [`sort_batch`] leaves it: the number of values each date's
+/// file will hold, which sizes its bloom filter.
+fn users_per_date(batch: &RecordBatch) -> u64 {
+    use deltalake::arrow::array::{Array, AsArray};
+    use deltalake::arrow::datatypes::{Date32Type, Int64Type};
+    let (Some(dates), Some(users)) = (
+        batch.column_by_name("event_date"),
+        batch.column_by_name("user_id"),
+    ) else {
+        return 1;
+    };
+    let (Some(dates), Some(users)) = (
+        dates.as_primitive_opt::<Date32Type>(),
+        users.as_primitive_opt::<Int64Type>(),
+    ) else {
+        return batch.num_rows() as u64;
+    };
+    let (mut best, mut here) = (0u64, 0u64);
+    for i in 0..batch.num_rows() {
+        let new_date = i == 0
+            || dates.is_null(i) != dates.is_null(i - 1)
+            || dates.value(i) != dates.value(i - 1);
+        if new_date {
+            best = best.max(here);
+            here = 0;
+        }
+        let new_user = new_date
+            || users.is_null(i) != users.is_null(i - 1)
+            || users.value(i) != users.value(i - 1);
+        if new_user && !users.is_null(i) {
+            here += 1;
+        }
+    }
+    best.max(here).max(1)
 }
 
 /// The data directory's Delta tables. Stateless apart from where things are: callers own the
@@ -202,7 +270,7 @@ impl Lake {
             Some(t) => t,
             None => handle_for_writing(&self.table_url(t)?)?,
         };
-        let props = t.writer_properties()?;
+        let props = t.writer_properties(users_per_date(&batch))?;
         let commit = CommitProperties::default()
             .with_application_transaction(Transaction::new(WAL_APP_ID, segment as i64));
         Ok(table
@@ -240,21 +308,7 @@ impl Lake {
             Some(t) => t,
             None => handle_for_writing(&self.tables.table(name)?)?,
         };
-        // zstd 1: encoding `fact_video_view` (828k rows, 91 date files) took 351-355 ms
-        // against 541-596 ms at level 3, for files 2 % larger (32.3 MB against 31.7 MB;
-        // `examples/write_cost.rs`, docs/performance.md). A rebuild is CPU-bound, and the
-        // derived tables are rewritten by every rebuild; `events` keeps level 3.
-        let zstd = ZstdLevel::try_new(1).map_err(Error::from_parquet)?;
-        // No dictionary pages: most derived columns are ids with few repeats per file (view,
-        // session, user ids), where a dictionary page saves little and costs a hash per value.
-        // Without it the full rebuild's `fact_video_view` write took 1.0–1.4 s instead of
-        // 2.7–3.7 s and its files were 32 MB instead of 37 MB (zstd does the work;
-        // docs/performance.md).
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(zstd))
-            .set_dictionary_enabled(false)
-            .build();
-        Ok((table, props))
+        Ok((table, derived_properties()?))
     }
 
     /// Appends rows to a table under the data directory (created by the first append), in one
@@ -323,6 +377,24 @@ impl Lake {
             .with_table_name(name)
             .await?)
     }
+}
+
+/// The Parquet settings of the derived tables (and of rewrites of their files).
+pub fn derived_properties() -> Result<WriterProperties> {
+    // zstd 1: encoding `fact_video_view` (828k rows, 91 date files) took 351-355 ms
+    // against 541-596 ms at level 3, for files 2 % larger (32.3 MB against 31.7 MB;
+    // `examples/write_cost.rs`, docs/performance.md). A rebuild is CPU-bound, and the
+    // derived tables are rewritten by every rebuild; `events` keeps level 3.
+    let zstd = ZstdLevel::try_new(1).map_err(Error::from_parquet)?;
+    // No dictionary pages: most derived columns are ids with few repeats per file (view,
+    // session, user ids), where a dictionary page saves little and costs a hash per value.
+    // Without it the full rebuild's `fact_video_view` write took 1.0–1.4 s instead of
+    // 2.7–3.7 s and its files were 32 MB instead of 37 MB (zstd does the work;
+    // docs/performance.md).
+    Ok(WriterProperties::builder()
+        .set_compression(Compression::ZSTD(zstd))
+        .set_dictionary_enabled(false)
+        .build())
 }
 
 /// Writers that encode a derived table's rows at once: the core count, as delta-rs caps it.
@@ -528,5 +600,168 @@ mod tests {
                 .unwrap();
             assert_eq!(rows(&t).await[0], (20_001, 20));
         }
+    }
+
+    /// The bloom filter of `user_id` in each live `events` file (`None` when it has none)
+    /// and the users the file holds.
+    fn user_filters(
+        table: &DeltaTable,
+    ) -> Vec<(
+        Option<deltalake::parquet::bloom_filter::Sbbf>,
+        std::collections::BTreeSet<i64>,
+    )> {
+        use deltalake::arrow::array::AsArray;
+        use deltalake::arrow::datatypes::Int64Type;
+        use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        use deltalake::parquet::arrow::ProjectionMask;
+        use deltalake::parquet::file::properties::ReaderProperties;
+        use deltalake::parquet::file::reader::{FileReader, SerializedFileReader};
+        use deltalake::parquet::file::serialized_reader::ReadOptionsBuilder;
+        let mut out = Vec::new();
+        for uri in table.get_file_uris().unwrap() {
+            let path = url::Url::parse(&uri)
+                .ok()
+                .and_then(|u| u.to_file_path().ok())
+                .unwrap_or_else(|| PathBuf::from(&uri));
+            let opts = ReadOptionsBuilder::new()
+                .with_reader_properties(
+                    ReaderProperties::builder()
+                        .set_read_bloom_filter(true)
+                        .build(),
+                )
+                .build();
+            let reader =
+                SerializedFileReader::new_with_options(std::fs::File::open(&path).unwrap(), opts)
+                    .unwrap();
+            let meta = reader.metadata();
+            assert_eq!(meta.num_row_groups(), 1, "one row group per file");
+            let col = meta
+                .file_metadata()
+                .schema_descr()
+                .columns()
+                .iter()
+                .position(|c| c.name() == "user_id")
+                .unwrap();
+            let filter = reader
+                .get_row_group(0)
+                .unwrap()
+                .get_column_bloom_filter(col)
+                .cloned();
+            let b = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
+                .unwrap();
+            let mask = ProjectionMask::leaves(b.parquet_schema(), [col]);
+            let mut users = std::collections::BTreeSet::new();
+            for batch in b.with_projection(mask).build().unwrap() {
+                let batch = batch.unwrap();
+                users.extend(batch.column(0).as_primitive::<Int64Type>().iter().flatten());
+            }
+            out.push((filter, users));
+        }
+        out
+    }
+
+    /// Every `events` file carries a `user_id` bloom filter that holds each of its users and
+    /// rules out most others, also after an erasure rewrote the files; DataFusion then skips
+    /// the files of a user who is not in them.
+    #[tokio::test]
+    async fn events_files_carry_a_user_bloom_filter() {
+        use reelhouse_event::{parse_event, stamp};
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path()).unwrap();
+        let mut cfg = reelhouse_workload::WorkloadConfig::new(20_000, 3, 1_764_000_000_000);
+        cfg.days = 4;
+        let w = reelhouse_workload::generate(&cfg);
+        let rows: Vec<_> = w
+            .lines
+            .iter()
+            .filter_map(|l| parse_event(l.as_bytes()).ok())
+            .map(|e| stamp(e, cfg.end_ms))
+            .collect();
+        let batch = events_batch(&rows).unwrap();
+        let table = lake
+            .append(RawTable::Events, None, &[batch], 1)
+            .await
+            .unwrap();
+        let check = |table: &DeltaTable, erased: Option<i64>| {
+            let files = user_filters(table);
+            assert!(files.len() >= 4, "one file per date: {}", files.len());
+            let all: std::collections::BTreeSet<i64> =
+                files.iter().flat_map(|f| f.1.iter().copied()).collect();
+            let (mut absent, mut passed) = (0usize, 0usize);
+            for (filter, users) in &files {
+                let filter = filter.as_ref().expect("a user_id bloom filter");
+                for u in users {
+                    assert!(filter.check(u), "a file's own user must pass its filter");
+                }
+                // Users of other files, and ids of no one.
+                for u in all.iter().copied().chain(9_000_000..9_002_000) {
+                    if !users.contains(&u) {
+                        absent += 1;
+                        passed += filter.check(&u) as usize;
+                    }
+                }
+            }
+            if let Some(u) = erased {
+                assert!(!all.contains(&u), "the erased user's rows are gone");
+            }
+            let rate = passed as f64 / absent as f64;
+            assert!(
+                absent > 1000 && rate < 0.03,
+                "false positives {passed} of {absent}"
+            );
+            all
+        };
+        let users = check(&table, None);
+        // A user on few dates: the filters rule out the files of the other dates.
+        let ctx = SessionContext::new();
+        ctx.register_table("events", table.table_provider().await.unwrap())
+            .unwrap();
+        let per_user = ctx
+            .sql("SELECT user_id, count(DISTINCT event_date) AS d FROM events GROUP BY user_id ORDER BY d, user_id LIMIT 1")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        use deltalake::arrow::array::AsArray;
+        use deltalake::arrow::datatypes::Int64Type;
+        let rare = per_user[0].column(0).as_primitive::<Int64Type>().value(0);
+        let plan = ctx
+            .sql(&format!(
+                "EXPLAIN ANALYZE SELECT count(*) FROM events WHERE user_id = {rare}"
+            ))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let text = deltalake::arrow::util::pretty::pretty_format_batches(&plan)
+            .unwrap()
+            .to_string();
+        let pruned = text
+            .split("row_groups_pruned_bloom_filter=")
+            .nth(1)
+            .and_then(|t| t.split(" matched").next())
+            .unwrap_or_else(|| panic!("no bloom filter metric in {text}"));
+        let (total, matched) = pruned.split_once(" total → ").unwrap();
+        let (total, matched): (usize, usize) = (
+            total.trim().parse().unwrap(),
+            matched.trim().parse().unwrap(),
+        );
+        assert!(matched < total, "bloom filters pruned nothing: {pruned}");
+        // An erasure rewrites the files that held the user, with the same filters.
+        let gone = *users.iter().nth(users.len() / 2).unwrap();
+        let props = RawTable::Events.rewrite_properties(&table).unwrap();
+        let mut report = erase::TableErasure::default();
+        let table = erase::delete_where(
+            table,
+            &format!("user_id = {gone}"),
+            Some(props),
+            &mut report,
+        )
+        .await
+        .unwrap();
+        assert!(report.rows_removed > 0 && report.files_rewritten > 0);
+        check(&table, Some(gone));
     }
 }

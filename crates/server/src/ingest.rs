@@ -1741,7 +1741,8 @@ impl Ingestor {
                 ..TableErasure::default()
             };
             let pred = format!("{col} < '{}'", date(before));
-            let table = delete_where(table, &pred, &mut rep).await?;
+            let props = Some(t.rewrite_properties(&table)?);
+            let table = delete_where(table, &pred, props, &mut rep).await?;
             let table = purge_history(table, &mut rep).await?;
             self.set_raw_table(t, table);
             tables.push(rep);

@@ -466,8 +466,9 @@ impl Ingestor {
                 ..TableErasure::default()
             };
             let pred = format!("user_id = {user}");
+            let props = Some(RawTable::Events.rewrite_properties(&t)?);
             let t = match surrogate {
-                None => delete_where(t, &pred, &mut r).await?,
+                None => delete_where(t, &pred, props, &mut r).await?,
                 Some(s) => {
                     let null = "CAST(NULL AS STRING)".to_string();
                     let cols = [
@@ -476,7 +477,7 @@ impl Ingestor {
                         ("device_app_version", null.clone()),
                         ("device_country", null),
                     ];
-                    update_where(t, &pred, &cols, &mut r).await?
+                    update_where(t, &pred, &cols, props, &mut r).await?
                 }
             };
             let t = purge_history(t, &mut r).await?;
@@ -502,9 +503,13 @@ impl Ingestor {
                 ..TableErasure::default()
             };
             let pred = format!("kind = 'users' AND id = {user}");
+            let props = Some(reelhouse_lake::derived_properties()?);
             let t = match surrogate {
-                None => delete_where(t, &pred, &mut r).await?,
-                Some(s) => update_where(t, &pred, &[("id", s.to_string())], &mut r).await?,
+                None => delete_where(t, &pred, props, &mut r).await?,
+                Some(s) => {
+                    let id = [("id", s.to_string())];
+                    update_where(t, &pred, &id, props, &mut r).await?
+                }
             };
             let t = purge_history(t, &mut r).await?;
             self.set_derived_table(name, t);
