@@ -11,6 +11,7 @@
 //!  SQL ─▶ Catalog: events = Delta scan ∪ in-memory buffered batches ─▶ DataFusion
 //! ```
 
+pub mod compact;
 pub mod erase;
 pub mod query;
 
@@ -763,5 +764,94 @@ mod tests {
         .unwrap();
         assert!(report.rows_removed > 0 && report.files_rewritten > 0);
         check(&table, Some(gone));
+    }
+
+    /// Many small appends to the same dates are binned into one file per date by
+    /// [`compact::compact`]: the rows, the WAL segment recorded in the table and the bloom
+    /// filters stay; dates with few files are left alone; a second run does nothing.
+    #[tokio::test]
+    async fn compaction_bins_small_files_and_keeps_every_row() {
+        use reelhouse_event::{parse_event, stamp};
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path()).unwrap();
+        let mut cfg = reelhouse_workload::WorkloadConfig::new(6_000, 5, 1_764_000_000_000);
+        cfg.days = 3;
+        let w = reelhouse_workload::generate(&cfg);
+        let rows: Vec<_> = w
+            .lines
+            .iter()
+            .filter_map(|l| parse_event(l.as_bytes()).ok())
+            .map(|e| stamp(e, cfg.end_ms))
+            .collect();
+        // 20 flushes, each with events of every date, except the first date, whose events
+        // come in 5 of them.
+        let first = rows.iter().map(|r| r.event_date).min().unwrap();
+        let mut flushes = vec![Vec::new(); 20];
+        for (i, r) in rows.into_iter().enumerate() {
+            let k = if r.event_date == first { i % 5 } else { i % 20 };
+            flushes[k].push(r);
+        }
+        let mut table = None;
+        for (i, f) in flushes.iter().enumerate() {
+            let batch = events_batch(f).unwrap();
+            table = Some(
+                lake.append(RawTable::Events, table, &[batch], i as u64 + 1)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let table = table.unwrap();
+        let files_per_date = |t: &DeltaTable| {
+            let mut m: std::collections::BTreeMap<String, usize> = Default::default();
+            for f in t.snapshot().unwrap().log_data() {
+                let d = f.partition_values_map()["event_date"].clone().unwrap();
+                *m.entry(d).or_default() += 1;
+            }
+            m
+        };
+        let before = files_per_date(&table);
+        let busy: Vec<String> = before
+            .iter()
+            .filter(|(_, n)| **n >= 16)
+            .map(|(d, _)| d.clone())
+            .collect();
+        assert!(busy.len() >= 2, "dates with 16+ files: {before:?}");
+        assert!(before.values().any(|n| *n < 16), "a quiet date: {before:?}");
+        let content = |t: DeltaTable| async move {
+            let ctx = SessionContext::new();
+            ctx.register_table("events", t.table_provider().await.unwrap())
+                .unwrap();
+            let b = ctx
+                .sql("SELECT * FROM events ORDER BY event_id")
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            deltalake::arrow::util::pretty::pretty_format_batches(&b)
+                .unwrap()
+                .to_string()
+        };
+        let rows_before = content(table.clone()).await;
+        let (table, c) = compact::compact(RawTable::Events, table, 16).await.unwrap();
+        assert_eq!(c.partitions, busy);
+        let after = files_per_date(&table);
+        for (d, n) in &before {
+            let expect = if busy.contains(d) { 1 } else { *n };
+            assert_eq!(after[d], expect, "files of {d}");
+        }
+        assert_eq!(
+            c.files_removed as usize,
+            busy.iter().map(|d| before[d]).sum::<usize>()
+        );
+        assert_eq!(c.files_added as usize, busy.len());
+        assert_eq!(content(table.clone()).await, rows_before);
+        assert_eq!(committed_segment(&table).await.unwrap(), Some(20));
+        for (filter, users) in user_filters(&table) {
+            let filter = filter.expect("a compacted file keeps its user_id bloom filter");
+            assert!(users.iter().all(|u| filter.check(u)));
+        }
+        let (_, again) = compact::compact(RawTable::Events, table, 16).await.unwrap();
+        assert!(again.partitions.is_empty() && again.files_removed == 0);
     }
 }

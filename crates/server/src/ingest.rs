@@ -217,6 +217,8 @@ pub struct IngestStats {
     pub rejected: u64,
     pub pending_rows: u64,
     pub flushes: u64,
+    /// Compactions of small `events` files (see `compact_events`).
+    pub compactions: u64,
     pub replayed_rows: u64,
     pub wal_segment: u64,
     pub wal_fsyncs: u64,
@@ -589,6 +591,7 @@ pub struct Ingestor {
     duplicates: AtomicU64,
     rejected: AtomicU64,
     flushes: AtomicU64,
+    compactions: AtomicU64,
     replayed: u64,
     /// Accepted-event count at the start of the last materialization (dirty check).
     materialized_at: AtomicU64,
@@ -969,6 +972,7 @@ impl Ingestor {
             duplicates: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            compactions: AtomicU64::new(0),
             replayed,
             materialized_at: AtomicU64::new(0),
             rebuilds: Mutex::new(MaterializerStats::default()),
@@ -1402,6 +1406,7 @@ impl Ingestor {
             v.committed.insert(t, seg);
             v.pending.remove_through(t, seg);
         }
+        self.compact_events().await;
         if let Some(bytes) = snapshot {
             let root = self.lake.root().to_path_buf();
             tokio::task::spawn_blocking(move || {
@@ -1435,6 +1440,42 @@ impl Ingestor {
             .expire(keep_from);
         self.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(committed_rows)
+    }
+
+    /// Bins the small files of the `events` dates that have collected
+    /// [`reelhouse_lake::compact::MIN_SMALL_FILES`] small ones (one per flush, late events)
+    /// into files of up to [`reelhouse_lake::compact::TARGET_FILE_BYTES`], in one commit. Called with
+    /// the flush lock held, so no append races it. The rows do not change, so nothing is
+    /// rebuilt; a failure is logged and the small files stay until the next flush tries again.
+    async fn compact_events(&self) {
+        use reelhouse_lake::compact::{compact, MIN_SMALL_FILES};
+        let t = RawTable::Events;
+        let Some(current) = ({
+            let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+            v.tables.get(&t).cloned()
+        }) else {
+            return;
+        };
+        let started = Instant::now();
+        match compact(t, current, MIN_SMALL_FILES).await {
+            Ok((_, c)) if c.partitions.is_empty() => {}
+            Ok((table, c)) => {
+                tracing::info!(
+                    dates = c.partitions.len(),
+                    files_removed = c.files_removed,
+                    files_added = c.files_added,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "compacted small events files"
+                );
+                self.view
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .tables
+                    .insert(t, table);
+                self.compactions.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "compaction of events failed; will retry"),
+        }
     }
 
     /// Runs until `stop` resolves: flushes whenever enough rows or time have accumulated.
@@ -1847,6 +1888,7 @@ impl Ingestor {
             rejected: self.rejected.load(Ordering::Relaxed),
             pending_rows: self.pending_rows() as u64,
             flushes: self.flushes.load(Ordering::Relaxed),
+            compactions: self.compactions.load(Ordering::Relaxed),
             replayed_rows: self.replayed,
             wal_segment: wal.current_segment,
             wal_fsyncs: wal.fsyncs,

@@ -117,6 +117,11 @@ pub async fn get_metrics(State(s): State<AppState>) -> Response {
             st.flushes,
         ),
         (
+            "reelhouse_delta_compactions_total",
+            "Compactions of small events files (one Delta commit each) since start.",
+            st.compactions,
+        ),
+        (
             "reelhouse_wal_fsyncs_total",
             "WAL fsyncs (group commits) since start.",
             st.wal_fsyncs,
