@@ -121,19 +121,8 @@ async fn small_flushes_are_compacted_and_nothing_is_lost() {
     let (status, _) = post(&u, "/v1/admin/materialize", "", "application/json").await;
     assert_eq!(status, 200);
     assert_eq!(sql(&u, per_type).await, a_types);
-    // Averages are float sums, whose last bits follow the order the rows are read in.
-    let b_daily = sql(&u, daily).await;
-    assert_eq!(b_daily.len(), a_daily.len());
-    for (a, b) in a_daily.iter().zip(&b_daily) {
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(b) {
-            match (x.as_f64(), y.as_f64()) {
-                (Some(x), Some(y)) => {
-                    assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{a:?} != {b:?}")
-                }
-                _ => assert_eq!(x, y, "{a:?} != {b:?}"),
-            }
-        }
-    }
+    // Exactly: the averages are summed in an order-independent way, so another file layout
+    // (one flush against 20 and a compaction) gives the same bits.
+    assert_eq!(sql(&u, daily).await, a_daily);
     server.shutdown().await.unwrap();
 }
