@@ -603,6 +603,19 @@ mod tests {
         }
     }
 
+    /// The valid events of a generated workload of `n` lines over `days` days, as stored.
+    fn stored_events(n: usize, seed: u64, days: u32) -> Vec<reelhouse_event::StoredEvent> {
+        use reelhouse_event::{parse_event, stamp};
+        let mut cfg = reelhouse_workload::WorkloadConfig::new(n, seed, 1_764_000_000_000);
+        cfg.days = days;
+        reelhouse_workload::generate(&cfg)
+            .lines
+            .iter()
+            .filter_map(|l| parse_event(l.as_bytes()).ok())
+            .map(|e| stamp(e, cfg.end_ms))
+            .collect()
+    }
+
     /// The bloom filter of `user_id` in each live `events` file (`None` when it has none)
     /// and the users the file holds.
     fn user_filters(
@@ -666,18 +679,9 @@ mod tests {
     /// the files of a user who is not in them.
     #[tokio::test]
     async fn events_files_carry_a_user_bloom_filter() {
-        use reelhouse_event::{parse_event, stamp};
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::open(dir.path()).unwrap();
-        let mut cfg = reelhouse_workload::WorkloadConfig::new(20_000, 3, 1_764_000_000_000);
-        cfg.days = 4;
-        let w = reelhouse_workload::generate(&cfg);
-        let rows: Vec<_> = w
-            .lines
-            .iter()
-            .filter_map(|l| parse_event(l.as_bytes()).ok())
-            .map(|e| stamp(e, cfg.end_ms))
-            .collect();
+        let rows = stored_events(20_000, 3, 4);
         let batch = events_batch(&rows).unwrap();
         let table = lake
             .append(RawTable::Events, None, &[batch], 1)
@@ -771,18 +775,9 @@ mod tests {
     /// filters stay; dates with few files are left alone; a second run does nothing.
     #[tokio::test]
     async fn compaction_bins_small_files_and_keeps_every_row() {
-        use reelhouse_event::{parse_event, stamp};
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::open(dir.path()).unwrap();
-        let mut cfg = reelhouse_workload::WorkloadConfig::new(6_000, 5, 1_764_000_000_000);
-        cfg.days = 3;
-        let w = reelhouse_workload::generate(&cfg);
-        let rows: Vec<_> = w
-            .lines
-            .iter()
-            .filter_map(|l| parse_event(l.as_bytes()).ok())
-            .map(|e| stamp(e, cfg.end_ms))
-            .collect();
+        let rows = stored_events(6_000, 5, 3);
         // 20 flushes, each with events of every date, except the first date, whose events
         // come in 5 of them.
         let first = rows.iter().map(|r| r.event_date).min().unwrap();

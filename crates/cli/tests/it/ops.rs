@@ -17,6 +17,16 @@ fn values(body: &str) -> HashMap<String, f64> {
         .collect()
 }
 
+/// The `/metrics` body.
+async fn metrics(u: &str) -> String {
+    reqwest::get(format!("{u}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened_and_probes_answer() {
     let dir = tempfile::tempdir().unwrap();
@@ -38,12 +48,7 @@ async fn metrics_count_what_happened_and_probes_answer() {
     let (status, _) = post(&u, "/v1/admin/materialize", "", "application/json").await;
     assert_eq!(status, 200);
 
-    let body = reqwest::get(format!("{u}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = metrics(&u).await;
     let m = values(&body);
     let m = |k: &str| *m.get(k).unwrap_or_else(|| panic!("{k} missing in\n{body}"));
     let man = &w.manifest;
@@ -83,12 +88,7 @@ async fn small_flushes_are_compacted_and_nothing_is_lost() {
         assert_eq!(status, 200);
         server.ingestor.flush().await.unwrap();
     }
-    let body = reqwest::get(format!("{u}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = metrics(&u).await;
     let compactions = values(&body)["reelhouse_delta_compactions_total"];
     assert!(compactions >= 1.0, "no compaction in\n{body}");
     let man = &w.manifest;
