@@ -9,7 +9,8 @@
 //! commit; the rows do not change, so nothing derived from them has to be rebuilt.
 //!
 //! ```text
-//!  date=D: f1 f2 … f16 (small) ──optimize (bins ≤ target)──▶ date=D: F (one commit: add F, remove f1…f16)
+//!  date=D: f1 f2 … f16 (small) ──optimize (bins ≤ target)──▶ date=D: F
+//!          (one commit: add F, remove f1 … f16)
 //! ```
 
 use deltalake::kernel::schema::partitions::{FilterOp, FilterValue};
@@ -70,10 +71,10 @@ pub fn partitions_to_compact(
 }
 
 /// Compacts the files under [`TARGET_FILE_BYTES`] of the partitions of `table` that hold at
-/// least `min_files` files under [`SMALL_FILE_BYTES`] (see [`partitions_to_compact`]), writing with `t`'s own Parquet settings (bloom
-/// filters included) in one Delta commit. Returns the table unchanged when no partition
-/// qualifies. The caller keeps other writers of `t` out meanwhile (the flush lock): the
-/// rewrite must not race an append's commit.
+/// least `min_files` files under [`SMALL_FILE_BYTES`] (see [`partitions_to_compact`]),
+/// writing with `t`'s own Parquet settings (bloom filters included) in one Delta commit.
+/// Returns the table unchanged when no partition qualifies. The caller keeps other writers of
+/// `t` out meanwhile (the flush lock): the rewrite must not race an append's commit.
 pub async fn compact(
     t: RawTable,
     table: DeltaTable,

@@ -722,7 +722,10 @@ mod tests {
         ctx.register_table("events", table.table_provider().await.unwrap())
             .unwrap();
         let per_user = ctx
-            .sql("SELECT user_id, count(DISTINCT event_date) AS d FROM events GROUP BY user_id ORDER BY d, user_id LIMIT 1")
+            .sql(
+                "SELECT user_id, count(DISTINCT event_date) AS d FROM events \
+                 GROUP BY user_id ORDER BY d, user_id LIMIT 1",
+            )
             .await
             .unwrap()
             .collect()

@@ -1444,9 +1444,10 @@ impl Ingestor {
 
     /// Bins the small files of the `events` dates that have collected
     /// [`reelhouse_lake::compact::MIN_SMALL_FILES`] small ones (one per flush, late events)
-    /// into files of up to [`reelhouse_lake::compact::TARGET_FILE_BYTES`], in one commit. Called with
-    /// the flush lock held, so no append races it. The rows do not change, so nothing is
-    /// rebuilt; a failure is logged and the small files stay until the next flush tries again.
+    /// into files of up to [`reelhouse_lake::compact::TARGET_FILE_BYTES`], in one commit.
+    /// Called with the flush lock held, so no append races it. The rows do not change, so
+    /// nothing is rebuilt; a failure is logged and the small files stay until the next flush
+    /// tries again.
     async fn compact_events(&self) {
         use reelhouse_lake::compact::{compact, MIN_SMALL_FILES};
         let t = RawTable::Events;
