@@ -530,17 +530,16 @@ mod tests {
         .unwrap()
     }
 
-    async fn rows(table: &DeltaTable) -> Vec<(i32, i64)> {
+    /// `sql` over `table`, registered as `name` in a fresh session.
+    async fn query(table: &DeltaTable, name: &str, sql: &str) -> Vec<RecordBatch> {
         let ctx = SessionContext::new();
-        ctx.register_table("t", table.table_provider().await.unwrap())
+        ctx.register_table(name, table.table_provider().await.unwrap())
             .unwrap();
-        let out = ctx
-            .sql("SELECT CAST(d AS INT), v FROM t ORDER BY 1, 2")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        ctx.sql(sql).await.unwrap().collect().await.unwrap()
+    }
+
+    async fn rows(table: &DeltaTable) -> Vec<(i32, i64)> {
+        let out = query(table, "t", "SELECT CAST(d AS INT), v FROM t ORDER BY 1, 2").await;
         use deltalake::arrow::array::AsArray;
         use deltalake::arrow::datatypes::{Int32Type, Int64Type};
         out.iter()
@@ -718,31 +717,22 @@ mod tests {
         };
         let users = check(&table, None);
         // A user on few dates: the filters rule out the files of the other dates.
-        let ctx = SessionContext::new();
-        ctx.register_table("events", table.table_provider().await.unwrap())
-            .unwrap();
-        let per_user = ctx
-            .sql(
-                "SELECT user_id, count(DISTINCT event_date) AS d FROM events \
-                 GROUP BY user_id ORDER BY d, user_id LIMIT 1",
-            )
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        let per_user = query(
+            &table,
+            "events",
+            "SELECT user_id, count(DISTINCT event_date) AS d FROM events \
+             GROUP BY user_id ORDER BY d, user_id LIMIT 1",
+        )
+        .await;
         use deltalake::arrow::array::AsArray;
         use deltalake::arrow::datatypes::Int64Type;
         let rare = per_user[0].column(0).as_primitive::<Int64Type>().value(0);
-        let plan = ctx
-            .sql(&format!(
-                "EXPLAIN ANALYZE SELECT count(*) FROM events WHERE user_id = {rare}"
-            ))
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
+        let plan = query(
+            &table,
+            "events",
+            &format!("EXPLAIN ANALYZE SELECT count(*) FROM events WHERE user_id = {rare}"),
+        )
+        .await;
         let text = deltalake::arrow::util::pretty::pretty_format_batches(&plan)
             .unwrap()
             .to_string();
@@ -816,16 +806,7 @@ mod tests {
         assert!(busy.len() >= 2, "dates with 16+ files: {before:?}");
         assert!(before.values().any(|n| *n < 16), "a quiet date: {before:?}");
         let content = |t: DeltaTable| async move {
-            let ctx = SessionContext::new();
-            ctx.register_table("events", t.table_provider().await.unwrap())
-                .unwrap();
-            let b = ctx
-                .sql("SELECT * FROM events ORDER BY event_id")
-                .await
-                .unwrap()
-                .collect()
-                .await
-                .unwrap();
+            let b = query(&t, "events", "SELECT * FROM events ORDER BY event_id").await;
             deltalake::arrow::util::pretty::pretty_format_batches(&b)
                 .unwrap()
                 .to_string()
