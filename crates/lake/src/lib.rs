@@ -14,6 +14,7 @@
 pub mod compact;
 pub mod erase;
 pub mod query;
+mod rewrite;
 
 pub mod schema;
 pub mod store;
@@ -330,7 +331,8 @@ impl Lake {
     }
 
     /// Replaces the whole content of a derived table in one Delta commit (readers see the old
-    /// or the new version, never a mix). Old files stay until vacuum.
+    /// or the new version, never a mix). Old files stay until vacuum. A table that exists with
+    /// the same columns is rewritten by [`rewrite::overwrite`] (one file open at a time).
     pub async fn overwrite_derived(
         &self,
         name: &str,
@@ -339,6 +341,23 @@ impl Lake {
         batches: Vec<RecordBatch>,
         partition_columns: &[&str],
     ) -> Result<DeltaTable> {
+        if let Some(table) = current.as_ref() {
+            if rewrite::fits(table, &schema, partition_columns) {
+                let (table, props) = (table.clone(), derived_properties()?);
+                let streams = write_streams();
+                return rewrite::overwrite(
+                    table,
+                    schema,
+                    batches,
+                    partition_columns,
+                    None,
+                    props,
+                    streams,
+                )
+                .await;
+            }
+        }
+        // A new table, or new columns: delta-rs creates the table or replaces its schema.
         let input = write_input(schema, batches)?;
         let (table, props) = self.derived_writer(name, current)?;
         Ok(table
@@ -357,7 +376,8 @@ impl Lake {
     /// Replaces the rows of the given dates (`date_column` IN `days`, days since 1970-01-01) of
     /// a derived table with `batches`, in one Delta commit (replace-where): readers see every
     /// date either before or after, never half-written. Every row of `batches` must belong to
-    /// one of the dates.
+    /// one of the dates. A table partitioned by `date_column` is rewritten by
+    /// [`rewrite::overwrite`] (only those dates' files are replaced).
     pub async fn replace_dates(
         &self,
         name: &str,
@@ -367,6 +387,21 @@ impl Lake {
         date_column: &str,
         days: &[i32],
     ) -> Result<DeltaTable> {
+        if rewrite::fits(&current, &schema, &[date_column]) {
+            let props = derived_properties()?;
+            let (streams, parts) = (write_streams(), [date_column]);
+            return rewrite::overwrite(
+                current,
+                schema,
+                batches,
+                &parts,
+                Some(days),
+                props,
+                streams,
+            )
+            .await;
+        }
+        // Not partitioned by the date: delta-rs rewrites the files holding those dates.
         let input = write_input(schema, batches)?;
         let (table, props) = self.derived_writer(name, Some(current))?;
         Ok(table
@@ -440,14 +475,17 @@ fn write_input(
     Ok(LogicalPlanBuilder::scan("input", provider_as_source(Arc::new(table)), None)?.build()?)
 }
 
+/// `YYYY-MM-DD` for days since 1970-01-01 (as in a date partition's directory name).
+fn date_string(day: i32) -> String {
+    let date = chrono::NaiveDate::default() + chrono::Duration::days(day as i64);
+    date.format("%Y-%m-%d").to_string()
+}
+
 /// `col IN ('YYYY-MM-DD', …)` for days since 1970-01-01.
 pub fn dates_predicate(col: &str, days: &[i32]) -> String {
     let list: Vec<String> = days
         .iter()
-        .map(|d| {
-            let date = chrono::NaiveDate::default() + chrono::Duration::days(*d as i64);
-            format!("'{}'", date.format("%Y-%m-%d"))
-        })
+        .map(|d| format!("'{}'", date_string(*d)))
         .collect();
     if list.is_empty() {
         return "false".into();
@@ -571,6 +609,12 @@ mod tests {
                 )
                 .await
                 .unwrap();
+            let files = |t: &DeltaTable| -> Vec<String> {
+                let mut f: Vec<String> = t.get_file_uris().unwrap().collect();
+                f.sort();
+                f
+            };
+            let before = files(&t);
             let t = lake
                 .replace_dates(
                     &name,
@@ -582,6 +626,19 @@ mod tests {
                 )
                 .await
                 .unwrap();
+            if !parts.is_empty() {
+                // The other dates' files stay; the named ones are replaced.
+                let after = files(&t);
+                let kept = |f: &String| f.contains("d=2024-10-04") || f.contains("d=2024-10-06");
+                assert_eq!(
+                    before.iter().filter(|f| kept(f)).collect::<Vec<_>>(),
+                    after.iter().filter(|f| kept(f)).collect::<Vec<_>>()
+                );
+                assert_eq!(after.len(), 4);
+                assert!(!after
+                    .iter()
+                    .any(|f| before.contains(f) && f.contains("d=2024-10-05")));
+            }
             assert_eq!(
                 rows(&t).await,
                 vec![
@@ -600,6 +657,109 @@ mod tests {
                 .unwrap();
             assert_eq!(rows(&t).await[0], (20_001, 20));
         }
+    }
+
+    #[tokio::test]
+    async fn overwrite_of_an_existing_table_replaces_every_file_in_one_commit() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path()).unwrap();
+        let schema: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("d", DataType::Date32, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let old = [(20_000, 1), (20_001, 2), (20_002, 3)];
+        // Dates out of order and split over batches; values that differ per date, so a
+        // file's min/max statistics decide which files a filter on `v` reads.
+        let new_a = [(20_005, 500), (20_001, 100), (20_005, 501)];
+        let new_b = [(20_001, 101), (20_003, 300), (20_001, 102)];
+        for parts in [&["d"][..], &[][..]] {
+            let name = format!("o{}", parts.len());
+            let created = lake
+                .overwrite_derived(
+                    &name,
+                    None,
+                    schema.clone(),
+                    vec![batch(&schema, &old)],
+                    parts,
+                )
+                .await
+                .unwrap();
+            assert!(rewrite::fits(&created, &schema, parts));
+            let t = lake
+                .overwrite_derived(
+                    &name,
+                    Some(created),
+                    schema.clone(),
+                    vec![batch(&schema, &new_a), batch(&schema, &new_b)],
+                    parts,
+                )
+                .await
+                .unwrap();
+            let mut want: Vec<(i32, i64)> = new_a.iter().chain(&new_b).copied().collect();
+            want.sort();
+            assert_eq!(rows(&t).await, want, "partitioned by {parts:?}");
+            assert_eq!(t.version(), Some(1), "one commit");
+            let files: Vec<_> = t.snapshot().unwrap().log_data().into_iter().collect();
+            let records: usize = files.iter().map(|f| f.num_records().unwrap()).sum();
+            assert_eq!(records, want.len(), "every file carries numRecords");
+            if parts.is_empty() {
+                assert!(files.len() <= write_streams());
+            } else {
+                // One file per date, under its partition directory.
+                assert_eq!(files.len(), 3);
+                for f in &files {
+                    assert!(f.path().starts_with("d="), "{}", f.path());
+                }
+            }
+            // A filter on `v` prunes by the statistics; it must still find every row.
+            let hits = query(&t, "t", "SELECT count(*) FROM t WHERE v >= 300 AND v < 501").await;
+            use deltalake::arrow::array::AsArray;
+            let n = hits[0]
+                .column(0)
+                .as_primitive::<deltalake::arrow::datatypes::Int64Type>()
+                .value(0);
+            assert_eq!(n, 2);
+            let info = t.history(Some(1)).next().await.unwrap().unwrap();
+            assert_eq!(info.operation.as_deref(), Some("WRITE"));
+            let mode = &info.operation_parameters.unwrap()["mode"];
+            assert_eq!(mode, "Overwrite");
+            // The old version is still readable until a vacuum.
+            let mut v0 = lake.load_derived(&name).await.unwrap().unwrap();
+            v0.load_version(0).await.unwrap();
+            assert_eq!(rows(&v0).await, old.to_vec());
+            // No rows: every file is removed.
+            let t = lake
+                .overwrite_derived(&name, Some(t), schema.clone(), vec![], parts)
+                .await
+                .unwrap();
+            assert_eq!(rows(&t).await, vec![]);
+            assert_eq!(t.snapshot().unwrap().log_data().num_files(), 0);
+        }
+        // New columns do not fit; delta-rs's write replaces the schema.
+        let wider: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("d", DataType::Date32, false),
+            Field::new("v", DataType::Int64, false),
+            Field::new("w", DataType::Int64, false),
+        ]));
+        let t = lake.load_derived("o1").await.unwrap().unwrap();
+        assert!(!rewrite::fits(&t, &wider, &["d"]));
+        let b = RecordBatch::try_new(
+            wider.clone(),
+            vec![
+                Arc::new(Date32Array::from(vec![20_000])),
+                Arc::new(Int64Array::from(vec![7])),
+                Arc::new(Int64Array::from(vec![8])),
+            ],
+        )
+        .unwrap();
+        let t = lake
+            .overwrite_derived("o1", Some(t), wider, vec![b], &["d"])
+            .await
+            .unwrap();
+        let out = query(&t, "t", "SELECT v, w FROM t").await;
+        assert_eq!(out[0].num_columns(), 2);
+        assert_eq!(out[0].num_rows(), 1);
     }
 
     /// The valid events of a generated workload of `n` lines over `days` days, as stored.
