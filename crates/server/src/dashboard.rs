@@ -33,6 +33,13 @@ const SUMMED: [&str; 18] = [
     "unique_viewers",
 ];
 
+/// The fixed point `percent_viewed` is summed in (2^64, as `agg_creator_daily` sums it), so
+/// the totals do not depend on the order the views are read in and a one-day range gives that
+/// day's `avg_percent_viewed` exactly. SQL sums each percent as two 32-bit halves, `floor(p ·
+/// 2^32)` and `floor(frac(p · 2^32) · 2^32)` (scaling by powers of two is exact), which
+/// together are `floor(p · 2^64)`.
+const PERCENT_ONE: f64 = 18_446_744_073_709_551_616.0;
+
 /// Longest range one request may ask for.
 const MAX_DAYS: i64 = 3660;
 
@@ -42,12 +49,23 @@ pub struct DashboardIndex {
     creators: HashMap<i64, CreatorIndex>,
 }
 
+/// A day's sums over the views with an end (see [`CreatorIndex::ended`]).
+#[derive(Default, Clone, Copy)]
+struct Ended {
+    watched: i64,
+    watch_ms: i64,
+    percented: i64,
+    percent: i128,
+}
+
 #[derive(Default)]
 struct CreatorIndex {
     /// `agg_creator_daily` rows by day (days since epoch), without `creator_id`.
     days: BTreeMap<i32, Map<String, Value>>,
-    /// Per day: (views with an end, their watch_ms sum, their percent_viewed sum).
-    ended: BTreeMap<i32, (i64, i64, f64)>,
+    /// Per day, over the views with an end (as SQL `avg` counts, non-null values only): the
+    /// number with a `watch_ms` and its sum, the number with a `percent_viewed` and its sum in
+    /// the fixed point of [`PERCENT_ONE`].
+    ended: BTreeMap<i32, Ended>,
     /// For each viewer, the sorted days they viewed (exact unique viewers over any range).
     viewer_days: Vec<Vec<i32>>,
     followers: i64,
@@ -86,8 +104,14 @@ impl DashboardIndex {
         let viewers = catalog
             .query_json(
                 "SELECT creator_id, user_id, CAST(event_date AS INT) AS day, \
-                 count(*) FILTER (WHERE has_end), coalesce(sum(watch_ms) FILTER (WHERE has_end), 0), \
-                 coalesce(sum(percent_viewed) FILTER (WHERE has_end), 0) \
+                 count(watch_ms) FILTER (WHERE has_end), \
+                 coalesce(sum(watch_ms) FILTER (WHERE has_end), 0), \
+                 count(percent_viewed) FILTER (WHERE has_end), \
+                 coalesce(sum(CAST(floor(percent_viewed * 4294967296.0) AS BIGINT)) \
+                   FILTER (WHERE has_end), 0), \
+                 coalesce(sum(CAST(floor((percent_viewed * 4294967296.0 \
+                   - floor(percent_viewed * 4294967296.0)) * 4294967296.0) AS BIGINT)) \
+                   FILTER (WHERE has_end), 0) \
                  FROM fact_video_view WHERE creator_id IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
                 usize::MAX,
             )
@@ -108,9 +132,11 @@ impl DashboardIndex {
                 v.push(day);
             }
             let e = c.ended.entry(day).or_default();
-            e.0 += r[3].as_i64().unwrap_or(0);
-            e.1 += r[4].as_i64().unwrap_or(0);
-            e.2 += r[5].as_f64().unwrap_or(0.0);
+            let int = |k: usize| r[k].as_i64().unwrap_or(0);
+            e.watched += int(3);
+            e.watch_ms += int(4);
+            e.percented += int(5);
+            e.percent += ((int(6) as i128) << 32) + int(7) as i128;
         }
         let f = catalog
             .query_json(
@@ -268,18 +294,30 @@ pub async fn dashboard(
         })
         .count();
     totals.insert("unique_viewers".into(), json!(uniques));
-    let (ended, watch, pct) = c.ended.range(a..=b).fold((0i64, 0i64, 0f64), |s, (_, e)| {
-        (s.0 + e.0, s.1 + e.1, s.2 + e.2)
-    });
-    let avg = |x: f64| {
-        if ended > 0 {
-            json!(x / ended as f64)
+    let e = c
+        .ended
+        .range(a..=b)
+        .fold(Ended::default(), |s, (_, e)| Ended {
+            watched: s.watched + e.watched,
+            watch_ms: s.watch_ms + e.watch_ms,
+            percented: s.percented + e.percented,
+            percent: s.percent + e.percent,
+        });
+    let avg = |sum: f64, n: i64| {
+        if n > 0 {
+            json!(sum / n as f64)
         } else {
             Value::Null
         }
     };
-    totals.insert("avg_view_duration_ms".into(), avg(watch as f64));
-    totals.insert("avg_percent_viewed".into(), avg(pct));
+    totals.insert(
+        "avg_view_duration_ms".into(),
+        avg(e.watch_ms as f64, e.watched),
+    );
+    totals.insert(
+        "avg_percent_viewed".into(),
+        avg(e.percent as f64 / PERCENT_ONE, e.percented),
+    );
     let n = |k: &str| totals.get(k).and_then(Value::as_i64).unwrap_or(0);
     let views = n("views");
     let rate = if views > 0 {
