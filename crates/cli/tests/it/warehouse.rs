@@ -275,6 +275,17 @@ async fn check(url: &str, evs: &[Event]) {
     assert_eq!(got, sessions, "sessions per user");
 }
 
+/// The creator dashboard for `from`..=`to` (asserting it answers 200).
+async fn dashboard(url: &str, creator: i64, from: &str, to: &str) -> Value {
+    let resp = reqwest::get(format!(
+        "{url}/v1/creators/{creator}/dashboard?from={from}&to={to}"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200, "{from}..{to}");
+    resp.json().await.unwrap()
+}
+
 async fn ingest(url: &str, lines: &[String]) {
     for chunk in lines.chunks(2_000) {
         let body = chunk.join("\n") + "\n";
@@ -330,13 +341,7 @@ async fn dashboard_equals_the_aggregates() {
         top[0][1].as_str().unwrap(),
         top[0][2].as_str().unwrap(),
     );
-    let resp = reqwest::get(format!(
-        "{url}/v1/creators/{creator}/dashboard?from={from}&to={to}"
-    ))
-    .await
-    .unwrap();
-    assert_eq!(resp.status(), 200);
-    let d: Value = resp.json().await.unwrap();
+    let d = dashboard(&url, creator, from, to).await;
     assert_eq!(d["creator_id"].as_i64(), Some(creator));
     let days = sql(&url, &format!("SELECT date, views, likes_added, engagement_rate FROM agg_creator_daily WHERE creator_id = {creator} ORDER BY date")).await;
     assert_eq!(d["days"].as_array().unwrap().len(), days.len());
@@ -365,14 +370,7 @@ async fn dashboard_equals_the_aggregates() {
     // (watch_ms, and percent_viewed in fixed point), whatever order the views were read in.
     for day in d["days"].as_array().unwrap().iter().take(5) {
         let date = day["date"].as_str().unwrap();
-        let one: Value = reqwest::get(format!(
-            "{url}/v1/creators/{creator}/dashboard?from={date}&to={date}"
-        ))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        let one = dashboard(&url, creator, date, date).await;
         for k in ["avg_percent_viewed", "avg_view_duration_ms", "views"] {
             assert_eq!(one["totals"][k], day[k], "{date} {k}");
         }
@@ -381,14 +379,7 @@ async fn dashboard_equals_the_aggregates() {
     let sub_from = (chrono::NaiveDate::parse_from_str(from, "%Y-%m-%d").unwrap()
         + chrono::Duration::days(1))
     .to_string();
-    let d: Value = reqwest::get(format!(
-        "{url}/v1/creators/{creator}/dashboard?from={sub_from}&to={to}"
-    ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let d = dashboard(&url, creator, &sub_from, to).await;
     let want = sql(&url, &format!(
         "SELECT count(DISTINCT user_id), avg(CAST(watch_ms AS DOUBLE)) FILTER (WHERE has_end), \
          avg(percent_viewed) FILTER (WHERE has_end), count(*) FROM fact_video_view \
