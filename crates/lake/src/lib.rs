@@ -762,6 +762,239 @@ mod tests {
         assert_eq!(out[0].num_rows(), 1);
     }
 
+    #[tokio::test]
+    async fn rewrites_keep_the_files_of_dates_whose_rows_did_not_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path()).unwrap();
+        let schema: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("d", DataType::Date32, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let paths = |t: &DeltaTable| -> std::collections::BTreeMap<String, String> {
+            t.snapshot()
+                .unwrap()
+                .log_data()
+                .into_iter()
+                .map(|f| {
+                    (
+                        f.path().split('/').next().unwrap().to_string(),
+                        f.path().to_string(),
+                    )
+                })
+                .collect()
+        };
+        let rows0 = [(20_000, 1), (20_000, 2), (20_001, 3), (20_002, 4)];
+        // The same rows in another order and split: nothing to write.
+        let shuffled = [[(20_002, 4), (20_000, 2)], [(20_001, 3), (20_000, 1)]];
+        for parts in [&["d"][..], &[][..]] {
+            let name = format!("k{}", parts.len());
+            let created = lake
+                .overwrite_derived(
+                    &name,
+                    None,
+                    schema.clone(),
+                    vec![batch(&schema, &rows0)],
+                    parts,
+                )
+                .await
+                .unwrap();
+            // Written by delta-rs without fingerprints: the first rewrite writes every date.
+            let t = lake
+                .overwrite_derived(
+                    &name,
+                    Some(created),
+                    schema.clone(),
+                    vec![batch(&schema, &rows0)],
+                    parts,
+                )
+                .await
+                .unwrap();
+            assert_eq!(t.version(), Some(1));
+            let tagged = paths(&t);
+            // A fresh handle after a checkpoint: the tags are read back from it.
+            deltalake::checkpoints::create_checkpoint(&t, None)
+                .await
+                .unwrap();
+            let t = lake.load_derived(&name).await.unwrap().unwrap();
+            let t = lake
+                .overwrite_derived(
+                    &name,
+                    Some(t),
+                    schema.clone(),
+                    shuffled.iter().map(|r| batch(&schema, r)).collect(),
+                    parts,
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                t.version(),
+                Some(1),
+                "no commit when no row changed ({parts:?})"
+            );
+            assert_eq!(paths(&t), tagged);
+            // One value changed (same row count), one date gone, one new.
+            let rows1 = [(20_000, 1), (20_000, 2), (20_001, 30), (20_003, 5)];
+            let t = lake
+                .overwrite_derived(
+                    &name,
+                    Some(t),
+                    schema.clone(),
+                    vec![batch(&schema, &rows1)],
+                    parts,
+                )
+                .await
+                .unwrap();
+            assert_eq!(t.version(), Some(2));
+            assert_eq!(rows(&t).await, rows1.to_vec(), "{parts:?}");
+            let now = paths(&t);
+            let t = if parts.is_empty() {
+                assert!(now.values().all(|p| !tagged.values().any(|q| q == p)));
+                t
+            } else {
+                assert_eq!(now["d=2024-10-04"], tagged["d=2024-10-04"], "kept");
+                assert_ne!(now["d=2024-10-05"], tagged["d=2024-10-05"], "rewritten");
+                assert!(!now.contains_key("d=2024-10-06"), "removed");
+                // Replacing dates: an unchanged one is kept, a changed one rewritten.
+                let t = lake
+                    .replace_dates(
+                        &name,
+                        t,
+                        schema.clone(),
+                        vec![batch(&schema, &rows1[..2])],
+                        "d",
+                        &[20_000],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(t.version(), Some(2), "no commit");
+                let t = lake
+                    .replace_dates(
+                        &name,
+                        t,
+                        schema.clone(),
+                        vec![batch(&schema, &[(20_000, 1), (20_000, 2), (20_001, 31)])],
+                        "d",
+                        &[20_000, 20_001],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(t.version(), Some(3));
+                let after = paths(&t);
+                assert_eq!(after["d=2024-10-04"], now["d=2024-10-04"]);
+                assert_ne!(after["d=2024-10-05"], now["d=2024-10-05"]);
+                assert_eq!(after["d=2024-10-07"], now["d=2024-10-07"]);
+                assert_eq!(
+                    rows(&t).await,
+                    vec![(20_000, 1), (20_000, 2), (20_001, 31), (20_003, 5)]
+                );
+                t
+            };
+            // A file rewritten by someone else (an erasure's delete) carries no fingerprint:
+            // the next rewrite of the same rows as before writes its date again.
+            let full = rows(&t).await;
+            let (t, _) = t.delete().with_predicate("v = 2").await.unwrap();
+            let v = t.version();
+            let t = lake
+                .overwrite_derived(
+                    &name,
+                    Some(t),
+                    schema.clone(),
+                    vec![batch(&schema, &full)],
+                    parts,
+                )
+                .await
+                .unwrap();
+            assert_eq!(t.version(), v.map(|v| v + 1));
+            assert_eq!(rows(&t).await, full, "{parts:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn string_views_are_rewritten_in_the_tables_string_type() {
+        use deltalake::arrow::array::{Array, ArrayRef, StringArray, StringViewArray};
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path()).unwrap();
+        let schema = |t: DataType| -> SchemaRef {
+            Arc::new(Schema::new(vec![
+                Field::new("d", DataType::Date32, false),
+                Field::new("s", t, true),
+            ]))
+        };
+        let (plain, view) = (schema(DataType::Utf8), schema(DataType::Utf8View));
+        let b = |rows: &[(i32, Option<&str>)], views: bool| {
+            let d = Arc::new(Date32Array::from(
+                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            ));
+            let s: ArrayRef = if views {
+                Arc::new(StringViewArray::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                ))
+            } else {
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                ))
+            };
+            RecordBatch::try_new(if views { view.clone() } else { plain.clone() }, vec![d, s])
+                .unwrap()
+        };
+        let rows = [
+            (20_000, Some("a")),
+            (20_001, None),
+            (20_001, Some("a longer string value")),
+        ];
+        let t = lake
+            .overwrite_derived("sv", None, plain.clone(), vec![b(&rows, false)], &["d"])
+            .await
+            .unwrap();
+        assert!(rewrite::fits(&t, &view, &["d"]));
+        let t = lake
+            .overwrite_derived("sv", Some(t), view.clone(), vec![b(&rows, true)], &["d"])
+            .await
+            .unwrap();
+        let tags = |t: &DeltaTable| -> Vec<bool> {
+            #[allow(deprecated)]
+            t.snapshot()
+                .unwrap()
+                .log_data()
+                .into_iter()
+                .map(|f| {
+                    f.add_action()
+                        .tags
+                        .is_some_and(|t| t.contains_key(rewrite::ROWS_TAG))
+                })
+                .collect()
+        };
+        assert_eq!(tags(&t), vec![true, true], "written by the rewrite path");
+        let out = query(
+            &t,
+            "t",
+            "SELECT CAST(d AS INT) AS d, s FROM t ORDER BY d, s",
+        )
+        .await;
+        let mut got: Vec<(i32, Option<String>)> = out
+            .iter()
+            .flat_map(|r| {
+                use deltalake::arrow::array::AsArray;
+                use deltalake::arrow::datatypes::Int32Type;
+                let d = r.column(0).as_primitive::<Int32Type>().clone();
+                let s = deltalake::arrow::compute::cast(r.column(1), &DataType::Utf8).unwrap();
+                let s = s.as_string::<i32>().clone();
+                (0..r.num_rows())
+                    .map(move |i| (d.value(i), s.is_valid(i).then(|| s.value(i).to_string())))
+            })
+            .collect();
+        let mut want: Vec<_> = rows.iter().map(|r| (r.0, r.1.map(String::from))).collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want);
+        // The same rows again, as views: nothing to write.
+        let t = lake
+            .overwrite_derived("sv", Some(t), view.clone(), vec![b(&rows, true)], &["d"])
+            .await
+            .unwrap();
+        assert_eq!(t.version(), Some(1));
+    }
+
     /// The valid events of a generated workload of `n` lines over `days` days, as stored.
     fn stored_events(n: usize, seed: u64, days: u32) -> Vec<reelhouse_event::StoredEvent> {
         use reelhouse_event::{parse_event, stamp};

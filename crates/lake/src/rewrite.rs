@@ -18,8 +18,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use deltalake::arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
-use deltalake::arrow::compute::{concat_batches, take_record_batch};
-use deltalake::arrow::datatypes::{DataType, Date32Type, SchemaRef};
+use deltalake::arrow::compute::{cast, concat_batches, take_record_batch};
+use deltalake::arrow::datatypes::{DataType, Date32Type, Field, Schema, SchemaRef};
+use deltalake::arrow::row::{RowConverter, SortField};
 use deltalake::kernel::scalars::ScalarExt;
 use deltalake::kernel::transaction::CommitBuilder;
 use deltalake::kernel::Action;
@@ -27,6 +28,8 @@ use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
 use deltalake::DeltaTable;
+
+use xxhash_rust::xxh3::xxh3_128;
 
 use crate::Result;
 
@@ -55,7 +58,53 @@ pub(crate) fn fits(table: &DeltaTable, schema: &SchemaRef, partition_columns: &[
             .fields()
             .iter()
             .zip(schema.fields())
-            .all(|(a, b)| a.name() == b.name() && a.data_type() == b.data_type())
+            .all(|(a, b)| a.name() == b.name() && same_type(a.data_type(), b.data_type()))
+}
+
+/// Whether a column of type `ours` is stored as `theirs` without a schema change: the same
+/// type, or strings in another Arrow layout (Delta has one string type; models that pass
+/// event columns through carry DataFusion's `Utf8View`), which [`to_table_types`] casts.
+fn same_type(theirs: &DataType, ours: &DataType) -> bool {
+    let string =
+        |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    theirs == ours || (string(theirs) && string(ours))
+}
+
+/// `batches` with every column cast to the type `table` stores it as (see [`same_type`]).
+fn to_table_types(
+    table: &DeltaTable,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    let theirs = table.snapshot()?.snapshot().arrow_schema();
+    if theirs
+        .fields()
+        .iter()
+        .zip(schema.fields())
+        .all(|(a, b)| a.data_type() == b.data_type())
+    {
+        return Ok((schema, batches));
+    }
+    let fields: Vec<Field> = theirs
+        .fields()
+        .iter()
+        .zip(schema.fields())
+        .map(|(a, b)| b.as_ref().clone().with_data_type(a.data_type().clone()))
+        .collect();
+    let cast_schema: SchemaRef = std::sync::Arc::new(Schema::new(fields));
+    let batches = batches
+        .into_iter()
+        .map(|b| {
+            let columns = b
+                .columns()
+                .iter()
+                .zip(cast_schema.fields())
+                .map(|(c, f)| cast(c, f.data_type()))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(RecordBatch::try_new(cast_schema.clone(), columns)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((cast_schema, batches))
 }
 
 /// The rows of `batches` as one batch per partition value (ascending dates), or, for an
@@ -94,10 +143,82 @@ fn parts(
         .collect()
 }
 
+/// The tag on every file written here that records its rows' [`fingerprint`].
+pub const ROWS_TAG: &str = "reelhouse.rows";
+
+/// What a file's (or, unpartitioned, the table's) rows are, independent of their order: the
+/// version of this scheme, the files written for them, the row count and the wrapping sum of
+/// each row's 128-bit xxh3 hash in arrow's row format (which encodes every type, null or not,
+/// the same way each time). Two equal fingerprints mean the same rows, barring a 128-bit
+/// collision. A change to the row format or to the writer's settings must bump the version
+/// (`v1`), so that files written before are rewritten once.
+fn fingerprint(batch: &RecordBatch, files: usize) -> Result<String> {
+    let fields = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| SortField::new(f.data_type().clone()))
+        .collect();
+    let converter = RowConverter::new(fields)?;
+    let mut sum: u128 = 0;
+    // Slices bound the row-format copy's memory.
+    for at in (0..batch.num_rows()).step_by(FINGERPRINT_SLICE) {
+        let slice = batch.slice(at, FINGERPRINT_SLICE.min(batch.num_rows() - at));
+        let rows = converter.convert_columns(slice.columns())?;
+        for row in rows.iter() {
+            sum = sum.wrapping_add(xxh3_128(row.as_ref()));
+        }
+    }
+    Ok(format!("v1:{files}:{}:{sum:032x}", batch.num_rows()))
+}
+
+/// Rows per row-format conversion in [`fingerprint`].
+const FINGERPRINT_SLICE: usize = 1 << 16;
+
+/// The row count a [`fingerprint`] records.
+fn fingerprint_rows(tag: &str) -> Option<usize> {
+    tag.split(':').nth(2)?.parse().ok()
+}
+
+/// The partition value (`YYYY-MM-DD`, or `None` for null) of a part's rows.
+fn partition_value(part: &RecordBatch, col: &str) -> Option<String> {
+    let dates = part
+        .column_by_name(col)
+        .expect("checked by fits")
+        .as_primitive::<Date32Type>();
+    dates
+        .is_valid(0)
+        .then(|| crate::date_string(dates.value(0)))
+}
+
+/// The current files of a rewrite's scope, by partition value (one key, `None`, for an
+/// unpartitioned table): how many there are, their rows, and the fingerprint they all carry
+/// (`None` when one has none, or a deletion vector).
+#[derive(Default)]
+struct Current {
+    files: usize,
+    rows: usize,
+    tag: Option<Option<String>>,
+}
+
+impl Current {
+    /// Whether these files hold exactly the rows of `fingerprint` as written by one rewrite.
+    fn holds(&self, fingerprint: &str) -> bool {
+        matches!(&self.tag, Some(Some(t)) if t == fingerprint)
+            && fingerprint.split(':').nth(1) == Some(&self.files.to_string())
+            && fingerprint_rows(fingerprint) == Some(self.rows)
+    }
+}
+
 /// Replaces the content of `table` (which [`fits`] the rows) with `batches` in one commit and
 /// returns the new version's handle: all of it, or with `dates` only the files of those
 /// partition values (days since 1970-01-01; every row of `batches` must be on one of them),
 /// recorded with the same `IN` predicate a delta-rs replace-where records.
+///
+/// Files whose rows do not change are kept: each file written here is tagged ([`ROWS_TAG`])
+/// with the [`fingerprint`] of its date's rows (of the whole table's, unpartitioned), and a
+/// date whose one current file carries the fingerprint of its new rows is neither written nor
+/// removed. When nothing changes, nothing is committed and `table` is returned as it is.
 pub(crate) async fn overwrite(
     table: DeltaTable,
     schema: SchemaRef,
@@ -108,22 +229,69 @@ pub(crate) async fn overwrite(
     streams: usize,
 ) -> Result<DeltaTable> {
     let partition = partition_columns.first().map(|c| c.to_string());
-    let replaced = match (&partition, dates) {
-        (Some(col), Some(days)) => Some((
+    let replaced = dates.map(|days| {
+        let col = partition
+            .as_ref()
+            .expect("replace_dates rewrites only tables partitioned by the date");
+        (
             crate::dates_predicate(col, days),
             days.iter()
                 .map(|d| crate::date_string(*d))
                 .collect::<HashSet<_>>(),
-        )),
-        (None, Some(_)) => {
-            return Err(crate::Error::Path(
-                "a date-scoped rewrite needs a date partition column".into(),
-            ))
-        }
-        _ => None,
+        )
+    });
+    let (schema, batches) = to_table_types(&table, schema, batches)?;
+    let state = table.snapshot()?;
+    let in_scope = |values: &HashMap<String, Option<String>>| match (&replaced, &partition) {
+        (Some((_, days)), Some(col)) => values
+            .get(col)
+            .and_then(|v| v.as_ref())
+            .is_some_and(|v| days.contains(v)),
+        _ => true,
     };
+    // The files in scope, by partition value.
+    let mut current: HashMap<Option<String>, Current> = HashMap::new();
+    let mut in_scope_files = Vec::new();
+    for f in state.log_data().into_iter() {
+        let values = f.partition_values_map();
+        if !in_scope(&values) {
+            continue;
+        }
+        let key = partition
+            .as_ref()
+            .and_then(|col| values.get(col).cloned().flatten());
+        #[allow(deprecated)] // the only public way to a file's tags in deltalake 1.1
+        let tag = (f.deletion_vector_descriptor().is_none())
+            .then(|| {
+                f.add_action()
+                    .tags
+                    .and_then(|t| t.get(ROWS_TAG).cloned().flatten())
+            })
+            .flatten();
+        let c = current.entry(key.clone()).or_default();
+        c.files += 1;
+        c.rows += f.num_records().unwrap_or(0);
+        c.tag = match c.tag.take() {
+            None => Some(tag),
+            Some(t) if t == tag => Some(t),
+            Some(_) => Some(None),
+        };
+        in_scope_files.push((key, f.remove_action(true)));
+    }
     let parts = parts(&schema, &batches, partition.as_deref(), streams)?;
     drop(batches);
+    // Unpartitioned: one fingerprint for the whole table, kept or written as a whole.
+    let whole = match &partition {
+        Some(_) => None,
+        None => {
+            let all = concat_batches(&schema, &parts)?;
+            let fp = fingerprint(&all, parts.len())?;
+            if current.get(&None).is_some_and(|c| c.holds(&fp)) {
+                return Ok(table);
+            }
+            Some(fp)
+        }
+    };
     // Largest parts first, each to the stream with the fewest rows so far.
     let mut order: Vec<usize> = (0..parts.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(parts[i].num_rows()));
@@ -135,16 +303,24 @@ pub(crate) async fn overwrite(
         share.0 += part.num_rows();
         share.1.push(part);
     }
+    let current = std::sync::Arc::new(current);
     let mut tasks = tokio::task::JoinSet::new();
     for (_, share) in shares.into_iter().filter(|s| !s.1.is_empty()) {
         let mut writer =
             RecordBatchWriter::for_table(&table)?.with_writer_properties(props.clone());
-        let partition = partition.clone();
+        let (partition, current, whole) = (partition.clone(), current.clone(), whole.clone());
         tasks.spawn(async move {
             let mut adds = Vec::new();
+            let mut kept = Vec::new();
             for batch in share {
-                match &partition {
+                let fp = match &partition {
                     Some(col) => {
+                        let key = partition_value(&batch, col);
+                        let fp = fingerprint(&batch, 1)?;
+                        if current.get(&key).is_some_and(|c| c.holds(&fp)) {
+                            kept.push(key);
+                            continue;
+                        }
                         let dates = batch.column_by_name(col).expect("checked by fits");
                         let value = ScalarExt::from_array(dates.as_ref(), 0)
                             .expect("a Date32 value or null");
@@ -152,35 +328,40 @@ pub(crate) async fn overwrite(
                         writer
                             .write_partition(batch, &values, WriteMode::Default)
                             .await?;
+                        fp
                     }
-                    None => writer.write(batch).await?,
-                }
+                    None => {
+                        writer.write(batch).await?;
+                        whole.clone().expect("computed for an unpartitioned table")
+                    }
+                };
                 // One file open at a time: close this date's file before the next.
-                adds.extend(writer.flush().await?);
+                for mut add in writer.flush().await? {
+                    add.tags
+                        .get_or_insert_with(HashMap::new)
+                        .insert(ROWS_TAG.to_string(), Some(fp.clone()));
+                    adds.push(add);
+                }
             }
-            Ok::<_, deltalake::DeltaTableError>(adds)
+            Ok::<_, crate::Error>((adds, kept))
         });
     }
     let mut actions: Vec<Action> = Vec::new();
+    let mut kept = HashSet::new();
     while let Some(done) = tasks.join_next().await {
-        let adds = done.map_err(|e| crate::Error::Io(std::io::Error::other(e)))??;
+        let (adds, k) = done.map_err(|e| crate::Error::Io(std::io::Error::other(e)))??;
         actions.extend(adds.into_iter().map(Action::Add));
+        kept.extend(k);
     }
-    let state = table.snapshot()?;
-    let in_scope = |values: &HashMap<String, Option<String>>| match (&replaced, &partition) {
-        (Some((_, days)), Some(col)) => values
-            .get(col)
-            .and_then(|v| v.as_ref())
-            .is_some_and(|v| days.contains(v)),
-        _ => true,
-    };
     actions.extend(
-        state
-            .log_data()
+        in_scope_files
             .into_iter()
-            .filter(|f| in_scope(&f.partition_values_map()))
-            .map(|f| Action::Remove(f.remove_action(true))),
+            .filter(|(key, _)| !kept.contains(key))
+            .map(|(_, remove)| Action::Remove(remove)),
     );
+    if actions.is_empty() {
+        return Ok(table);
+    }
     let operation = DeltaOperation::Write {
         mode: SaveMode::Overwrite,
         partition_by: partition.map(|c| vec![c]),
