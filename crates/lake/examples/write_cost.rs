@@ -17,9 +17,13 @@ use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
 use reelhouse_lake::{deltalake, Lake};
 
-fn props(level: i32, stats: EnabledStatistics) -> WriterProperties {
+fn zstd(level: i32) -> Compression {
+    Compression::ZSTD(ZstdLevel::try_new(level).expect("level"))
+}
+
+fn props(codec: Compression, stats: EnabledStatistics) -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(level).expect("level")))
+        .set_compression(codec)
         .set_dictionary_enabled(false)
         .set_statistics_enabled(stats)
         .build()
@@ -107,9 +111,20 @@ async fn main() {
         let split = by_date(&batch, "event_date");
         let split_ms = t.elapsed().as_millis();
         for (label, p) in [
-            ("zstd3 page stats", props(3, EnabledStatistics::Page)),
-            ("zstd3 chunk stats", props(3, EnabledStatistics::Chunk)),
-            ("zstd1 chunk stats", props(1, EnabledStatistics::Chunk)),
+            ("zstd3 page stats", props(zstd(3), EnabledStatistics::Page)),
+            ("zstd1 page stats", props(zstd(1), EnabledStatistics::Page)),
+            (
+                "lz4_raw page stats",
+                props(Compression::LZ4_RAW, EnabledStatistics::Page),
+            ),
+            (
+                "snappy page stats",
+                props(Compression::SNAPPY, EnabledStatistics::Page),
+            ),
+            (
+                "uncompressed page stats",
+                props(Compression::UNCOMPRESSED, EnabledStatistics::Page),
+            ),
         ] {
             let t = Instant::now();
             let bytes = encode_all(&split, &p, None);
@@ -122,7 +137,7 @@ async fn main() {
         }
         let t = Instant::now();
         let d = out.path().join(format!("raw{round}"));
-        encode_all(&split, &props(3, EnabledStatistics::Page), Some(&d));
+        encode_all(&split, &props(zstd(3), EnabledStatistics::Page), Some(&d));
         println!(
             "round {round}: ArrowWriter zstd3 to files: {} ms",
             t.elapsed().as_millis()
