@@ -146,30 +146,35 @@ fn parts(
 /// The tag on every file written here that records its rows' [`fingerprint`].
 pub const ROWS_TAG: &str = "reelhouse.rows";
 
-/// What a file's (or, unpartitioned, the table's) rows are, independent of their order: the
-/// version of this scheme, the files written for them, the row count and the wrapping sum of
-/// each row's 128-bit xxh3 hash in arrow's row format (which encodes every type, null or not,
-/// the same way each time). Two equal fingerprints mean the same rows, barring a 128-bit
+/// What a file's (or, unpartitioned, the table's: all of `batches`) rows are, independent of
+/// their order and of how they are split into batches: the version of this scheme, the files
+/// written for them, the row count and the wrapping sum of each row's 128-bit xxh3 hash in
+/// arrow's row format (which encodes every type, null or not, the same way each time). Two equal fingerprints mean the same rows, barring a 128-bit
 /// collision. A change to the row format or to the writer's settings must bump the version
 /// (`v1`), so that files written before are rewritten once.
-fn fingerprint(batch: &RecordBatch, files: usize) -> Result<String> {
-    let fields = batch
+fn fingerprint(batches: &[RecordBatch], files: usize) -> Result<String> {
+    let Some(first) = batches.first() else {
+        return Ok(format!("v1:{files}:0:{:032x}", 0));
+    };
+    let fields = first
         .schema()
         .fields()
         .iter()
         .map(|f| SortField::new(f.data_type().clone()))
         .collect();
     let converter = RowConverter::new(fields)?;
-    let mut sum: u128 = 0;
-    // Slices bound the row-format copy's memory.
-    for at in (0..batch.num_rows()).step_by(FINGERPRINT_SLICE) {
-        let slice = batch.slice(at, FINGERPRINT_SLICE.min(batch.num_rows() - at));
-        let rows = converter.convert_columns(slice.columns())?;
-        for row in rows.iter() {
-            sum = sum.wrapping_add(xxh3_128(row.as_ref()));
+    let (mut sum, mut rows): (u128, usize) = (0, 0);
+    for batch in batches {
+        rows += batch.num_rows();
+        // Slices bound the row-format copy's memory.
+        for at in (0..batch.num_rows()).step_by(FINGERPRINT_SLICE) {
+            let slice = batch.slice(at, FINGERPRINT_SLICE.min(batch.num_rows() - at));
+            for row in converter.convert_columns(slice.columns())?.iter() {
+                sum = sum.wrapping_add(xxh3_128(row.as_ref()));
+            }
         }
     }
-    Ok(format!("v1:{files}:{}:{sum:032x}", batch.num_rows()))
+    Ok(format!("v1:{files}:{rows}:{sum:032x}"))
 }
 
 /// Rows per row-format conversion in [`fingerprint`].
@@ -284,8 +289,7 @@ pub(crate) async fn overwrite(
     let whole = match &partition {
         Some(_) => None,
         None => {
-            let all = concat_batches(&schema, &parts)?;
-            let fp = fingerprint(&all, parts.len())?;
+            let fp = fingerprint(&parts, parts.len())?;
             if current.get(&None).is_some_and(|c| c.holds(&fp)) {
                 return Ok(table);
             }
@@ -316,7 +320,7 @@ pub(crate) async fn overwrite(
                 let fp = match &partition {
                     Some(col) => {
                         let key = partition_value(&batch, col);
-                        let fp = fingerprint(&batch, 1)?;
+                        let fp = fingerprint(std::slice::from_ref(&batch), 1)?;
                         if current.get(&key).is_some_and(|c| c.holds(&fp)) {
                             kept.push(key);
                             continue;
