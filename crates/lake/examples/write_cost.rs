@@ -105,6 +105,10 @@ async fn main() {
         batch.num_rows(),
         batch.num_columns()
     );
+    if args.next().as_deref() == Some("columns") {
+        columns(&batch);
+        return;
+    }
     let out = tempfile::tempdir().expect("tmp");
     for round in 0..2 {
         let t = Instant::now();
@@ -113,6 +117,14 @@ async fn main() {
         for (label, p) in [
             ("zstd3 page stats", props(zstd(3), EnabledStatistics::Page)),
             ("zstd1 page stats", props(zstd(1), EnabledStatistics::Page)),
+            (
+                "derived_properties (zstd1, plain)",
+                reelhouse_lake::derived_properties().expect("props"),
+            ),
+            (
+                "derived_properties_for (zstd1, delta encodings)",
+                reelhouse_lake::derived_properties_for(&split[0].schema()).expect("props"),
+            ),
             (
                 "lz4_raw page stats",
                 props(Compression::LZ4_RAW, EnabledStatistics::Page),
@@ -158,5 +170,79 @@ async fn main() {
             "round {round}: delta-rs overwrite_derived: {} ms",
             t.elapsed().as_millis()
         );
+    }
+}
+
+/// Each column of `batch` on its own, one file per date: zstd 1 against no compression, and
+/// for integer columns DELTA_BINARY_PACKED under zstd 1 (best of three rounds each).
+fn columns(batch: &RecordBatch) {
+    use deltalake::parquet::basic::Encoding;
+    let split = if batch.schema().index_of("event_date").is_ok() {
+        by_date(batch, "event_date")
+    } else {
+        vec![batch.clone()]
+    };
+    let schema = split[0].schema();
+    for (i, field) in schema.fields().iter().enumerate() {
+        let parts: Vec<RecordBatch> = split
+            .iter()
+            .map(|b| b.project(&[i]).expect("project"))
+            .collect();
+        let mut variants = vec![
+            ("zstd1", props(zstd(1), EnabledStatistics::Page)),
+            (
+                "none",
+                props(Compression::UNCOMPRESSED, EnabledStatistics::Page),
+            ),
+        ];
+        let with = |encoding: Option<Encoding>, dictionary: bool| {
+            let b = WriterProperties::builder()
+                .set_compression(zstd(1))
+                .set_dictionary_enabled(dictionary);
+            match encoding {
+                Some(e) => b.set_encoding(e),
+                None => b,
+            }
+            .build()
+        };
+        variants.push(("dict+zstd1", with(None, true)));
+        let dt = field.data_type();
+        if dt.is_integer() || dt.is_temporal() {
+            variants.push((
+                "delta+zstd1",
+                with(Some(Encoding::DELTA_BINARY_PACKED), false),
+            ));
+        } else if dt.is_floating() {
+            variants.push(("bss+zstd1", with(Some(Encoding::BYTE_STREAM_SPLIT), false)));
+        } else if matches!(
+            dt,
+            deltalake::arrow::datatypes::DataType::Utf8View
+                | deltalake::arrow::datatypes::DataType::Utf8
+        ) {
+            variants.push((
+                "dlba+zstd1",
+                with(Some(Encoding::DELTA_LENGTH_BYTE_ARRAY), false),
+            ));
+        }
+        let mut line = format!(
+            "{:<22} {:<28}",
+            field.name(),
+            format!("{}", field.data_type())
+        );
+        for (label, p) in variants {
+            let mut best = u128::MAX;
+            let mut bytes = 0;
+            for _ in 0..3 {
+                let t = Instant::now();
+                bytes = encode_all(&parts, &p, None);
+                best = best.min(t.elapsed().as_micros());
+            }
+            line += &format!(
+                " | {label} {:>6.1} ms {:>6.2} MB",
+                best as f64 / 1000.0,
+                bytes as f64 / 1e6
+            );
+        }
+        println!("{line}");
     }
 }
