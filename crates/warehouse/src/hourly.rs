@@ -66,7 +66,7 @@ fn hour(t: Option<i64>) -> Option<i64> {
 }
 
 /// What one input row adds to its (video, hour) row, besides a view (see [`agg_video_hourly`]).
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Other<'a> {
     /// A like transition: +1 added, -1 removed, 0 neither (the row exists all the same).
     Like(i8),
@@ -109,7 +109,39 @@ pub fn agg_video_hourly(
             )
         }));
     }
-    seen.sort_unstable_by_key(|v| (v.0, v.1));
+    // Hours in order (no hour first), as buckets for a counting sort when they span fewer
+    // buckets than there are rows (the sort then compares only within an hour).
+    let hours = |keys: &mut dyn Iterator<Item = Option<i64>>| {
+        let (lo, hi) = keys
+            .flatten()
+            .fold((i64::MAX, i64::MIN), |(lo, hi), h| (lo.min(h), hi.max(h)));
+        // In i128: the span of two arbitrary times may not fit an i64.
+        let span = (i128::from(hi) - i128::from(lo)) / i128::from(HOUR_US);
+        (lo <= hi).then(|| {
+            (
+                lo,
+                usize::try_from(span)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(2),
+            )
+        })
+    };
+    // Used only when the span is small, so `h - lo` (h between lo and hi) fits an i64.
+    let bucket_of = |lo: i64| {
+        move |k: &Key| {
+            k.0.map_or(0, |h| (h.wrapping_sub(lo) / HOUR_US) as usize + 1)
+        }
+    };
+    let seen = match hours(&mut seen.iter().map(|v| v.0 .0)) {
+        Some((lo, n)) if n <= seen.len() + 1024 => {
+            crate::batch::bucket_sort(seen, n, |v| bucket_of(lo)(&v.0))
+        }
+        _ => {
+            let mut seen = seen;
+            seen.sort_unstable();
+            seen
+        }
+    };
     let mut other: Vec<(Key, Other)> = Vec::new();
     for b in like_transitions {
         let (video, time) = (ints(b, "video_id")?, ints(b, "event_time")?);
@@ -138,7 +170,16 @@ pub fn agg_video_hourly(
             other.push(((hour(opt(time, i)), opt(video, i)), o));
         }
     }
-    other.sort_unstable();
+    let other = match hours(&mut other.iter().map(|v| v.0 .0)) {
+        Some((lo, n)) if n <= other.len() + 1024 => {
+            crate::batch::bucket_sort(other, n, |v| bucket_of(lo)(&v.0))
+        }
+        _ => {
+            let mut other = other;
+            other.sort_unstable();
+            other
+        }
+    };
 
     // Both lists are sorted by key: each output row takes the run of its key from each.
     let mut keys: Vec<Key> = Vec::new();

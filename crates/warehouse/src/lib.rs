@@ -263,7 +263,8 @@ fn duplicate_ids(batches: &[RecordBatch]) -> std::result::Result<bool, ArrowErro
                 .map(|id| xxhash_rust::xxh3::xxh3_64(id.as_bytes())),
         );
     }
-    hashes.sort_unstable();
+    // Sorted by their top 16 bits first (a counting sort), then each bucket on its own.
+    let hashes = batch::bucket_sort(hashes, 1 << 16, |h| (h >> 48) as usize);
     Ok(hashes.windows(2).any(|w| w[0] == w[1]))
 }
 

@@ -376,8 +376,10 @@ pub fn fact_video_view(ev: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
         has_end.append_value(v.has_end);
         date.append_option(t.map(|t| t.div_euclid(DAY_US) as i32));
     }
+    // Sessions are numbered 0.. in order, views without one are u32::MAX (last).
+    let sessions = numbers.len();
     drop(numbers);
-    order.sort_unstable();
+    let order = crate::batch::bucket_sort(order, sessions + 1, |r| (r.0 as usize).min(sessions));
     let mut position = vec![0i64; n];
     let mut run: Option<(u32, i64)> = None;
     for (session, _, _, k) in &order {
