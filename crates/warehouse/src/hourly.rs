@@ -75,6 +75,25 @@ enum Other<'a> {
     Share(Option<&'a str>),
 }
 
+/// `items` sorted (`key`, their first field, first), with a counting sort by hour first (no
+/// hour first) when their hours span no more hours than there are items, so that the
+/// comparisons stay within an hour (see [`crate::batch::bucket_sort`]).
+fn sort_by_hour<T: Copy + Ord>(mut items: Vec<T>, key: impl Fn(&T) -> &Key) -> Vec<T> {
+    let (lo, hi) = items
+        .iter()
+        .filter_map(|t| key(t).0)
+        .fold((i64::MAX, i64::MIN), |(lo, hi), h| (lo.min(h), hi.max(h)));
+    // In i128: the span of two arbitrary times may not fit an i64.
+    let span = (i128::from(hi) - i128::from(lo)) / i128::from(HOUR_US);
+    if lo > hi || span > items.len() as i128 + 1024 {
+        items.sort_unstable();
+        return items;
+    }
+    // The span is small, so `h - lo` fits an i64 for every hour h.
+    let bucket = |t: &T| key(t).0.map_or(0, |h| ((h - lo) / HOUR_US) as usize + 1);
+    crate::batch::bucket_sort(items, span as usize + 2, bucket)
+}
+
 /// `agg_video_hourly` from `fact_video_view`, the like transitions and the deduplicated
 /// events (`ev`), each as the batches of its model. Rows are sorted by hour, then video.
 ///
@@ -109,39 +128,7 @@ pub fn agg_video_hourly(
             )
         }));
     }
-    // Hours in order (no hour first), as buckets for a counting sort when they span fewer
-    // buckets than there are rows (the sort then compares only within an hour).
-    let hours = |keys: &mut dyn Iterator<Item = Option<i64>>| {
-        let (lo, hi) = keys
-            .flatten()
-            .fold((i64::MAX, i64::MIN), |(lo, hi), h| (lo.min(h), hi.max(h)));
-        // In i128: the span of two arbitrary times may not fit an i64.
-        let span = (i128::from(hi) - i128::from(lo)) / i128::from(HOUR_US);
-        (lo <= hi).then(|| {
-            (
-                lo,
-                usize::try_from(span)
-                    .unwrap_or(usize::MAX)
-                    .saturating_add(2),
-            )
-        })
-    };
-    // Used only when the span is small, so `h - lo` (h between lo and hi) fits an i64.
-    let bucket_of = |lo: i64| {
-        move |k: &Key| {
-            k.0.map_or(0, |h| (h.wrapping_sub(lo) / HOUR_US) as usize + 1)
-        }
-    };
-    let seen = match hours(&mut seen.iter().map(|v| v.0 .0)) {
-        Some((lo, n)) if n <= seen.len() + 1024 => {
-            crate::batch::bucket_sort(seen, n, |v| bucket_of(lo)(&v.0))
-        }
-        _ => {
-            let mut seen = seen;
-            seen.sort_unstable();
-            seen
-        }
-    };
+    let seen = sort_by_hour(seen, |v| &v.0);
     let mut other: Vec<(Key, Other)> = Vec::new();
     for b in like_transitions {
         let (video, time) = (ints(b, "video_id")?, ints(b, "event_time")?);
@@ -170,16 +157,7 @@ pub fn agg_video_hourly(
             other.push(((hour(opt(time, i)), opt(video, i)), o));
         }
     }
-    let other = match hours(&mut other.iter().map(|v| v.0 .0)) {
-        Some((lo, n)) if n <= other.len() + 1024 => {
-            crate::batch::bucket_sort(other, n, |v| bucket_of(lo)(&v.0))
-        }
-        _ => {
-            let mut other = other;
-            other.sort_unstable();
-            other
-        }
-    };
+    let other = sort_by_hour(other, |v| &v.0);
 
     // Both lists are sorted by key: each output row takes the run of its key from each.
     let mut keys: Vec<Key> = Vec::new();
@@ -380,6 +358,28 @@ mod tests {
             ("event_date", date),
         ];
         batch_of(cols)
+    }
+
+    proptest! {
+        /// Sorting by hour equals a comparison sort, whether the hours span few hours
+        /// (a counting sort by hour) or years (the comparison sort itself), with and
+        /// without items that have no hour.
+        #[test]
+        fn sort_by_hour_equals_sort_unstable(
+            items in proptest::collection::vec(
+                (proptest::option::of(0i64..50), proptest::option::of(0i64..4), any::<u8>()),
+                0..200,
+            ),
+            spread in prop_oneof![Just(1i64), Just(24 * 3_650)],
+        ) {
+            let items: Vec<(Key, u8)> = items
+                .into_iter()
+                .map(|(h, v, x)| ((h.map(|h| (h * spread - 100) * HOUR_US), v), x))
+                .collect();
+            let mut want = items.clone();
+            want.sort_unstable();
+            prop_assert_eq!(sort_by_hour(items, |t| &t.0), want);
+        }
     }
 
     proptest! {
