@@ -456,6 +456,13 @@ pub fn derived_properties_for(
     Ok(b.build())
 }
 
+/// [`derived_properties_for`] the columns of `table`: for rewrites of a derived table's files
+/// that do not go through [`Lake`] (an erasure's delete or update), so they are encoded as
+/// its rebuilds encode them.
+pub fn derived_rewrite_properties(table: &DeltaTable) -> Result<WriterProperties> {
+    derived_properties_for(&table.snapshot()?.snapshot().arrow_schema())
+}
+
 /// The Parquet settings of the derived tables (and of rewrites of their files) whose columns
 /// are not known; [`derived_properties_for`] adds each column's encoding.
 pub fn derived_properties() -> Result<WriterProperties> {

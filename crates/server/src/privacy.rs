@@ -503,7 +503,7 @@ impl Ingestor {
                 ..TableErasure::default()
             };
             let pred = format!("kind = 'users' AND id = {user}");
-            let props = Some(reelhouse_lake::derived_properties()?);
+            let props = Some(reelhouse_lake::derived_rewrite_properties(&t)?);
             let t = match surrogate {
                 None => delete_where(t, &pred, props, &mut r).await?,
                 Some(s) => {
