@@ -109,7 +109,8 @@ fn to_table_types(
 }
 
 /// The rows of `batches` as one batch per partition value (ascending dates), or, for an
-/// unpartitioned table, as up to `n` slices of about equal size.
+/// unpartitioned table, as up to `n` slices of about equal size. Rows already sorted by
+/// date are sliced, others copied out by date.
 fn parts(
     schema: &SchemaRef,
     batches: &[RecordBatch],
@@ -131,6 +132,19 @@ fn parts(
         .column_by_name(col)
         .expect("checked by fits")
         .as_primitive::<Date32Type>();
+    if dates.null_count() == 0 && dates.values().is_sorted() {
+        // Rows already in date order (the aggregates by hour and by day): one slice per
+        // date, no copy.
+        let v = dates.values();
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < v.len() {
+            let end = start + v[start..].partition_point(|d| *d == v[start]);
+            out.push(all.slice(start, end - start));
+            start = end;
+        }
+        return Ok(out);
+    }
     let mut rows: BTreeMap<Option<i32>, Vec<u32>> = BTreeMap::new();
     for i in 0..dates.len() {
         let key = dates.is_valid(i).then(|| dates.value(i));
@@ -639,5 +653,77 @@ mod tests {
             RecordBatch::try_new(Arc::new(Schema::new(fields)), all.columns().to_vec()).unwrap()
         };
         assert_ne!(fp(&[renamed]), want, "column names are part of it");
+    }
+
+    /// Each date's rows, in their order, whether the rows come sorted by date (sliced) or
+    /// not (copied out), from one batch or several; the expectation is grouped here by hand.
+    #[test]
+    fn parts_hold_each_dates_rows_in_order() {
+        let schema: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("n", DataType::Int64, false),
+            Field::new("d", DataType::Date32, true),
+        ]));
+        let batch = |rows: &[(i64, Option<i32>)]| {
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                    Arc::new(Date32Array::from_iter(rows.iter().map(|r| r.1))),
+                ],
+            )
+            .unwrap()
+        };
+        // (value, date): a pseudo-random mix of 7 dates and, in one case, nulls.
+        let gen = |n: i64, sorted: bool, nulls: bool| {
+            let mut rows: Vec<(i64, Option<i32>)> = (0..n)
+                .map(|i| {
+                    let d = ((i * 7919) % 13 % 7) as i32 + 19_000;
+                    (i, (!(nulls && i % 11 == 4)).then_some(d))
+                })
+                .collect();
+            if sorted {
+                rows.sort_by_key(|r| r.1);
+            }
+            rows
+        };
+        for (sorted, nulls, split) in [
+            (true, false, false),
+            (true, false, true),
+            (false, false, false),
+            (false, true, true),
+            (true, true, false),
+        ] {
+            let rows = gen(500, sorted, nulls);
+            let batches = if split {
+                vec![batch(&rows[..123]), batch(&rows[123..])]
+            } else {
+                vec![batch(&rows)]
+            };
+            let got = parts(&schema, &batches, Some("d"), 2).unwrap();
+            let mut want: BTreeMap<Option<i32>, Vec<i64>> = BTreeMap::new();
+            for (n, d) in &rows {
+                want.entry(*d).or_default().push(*n);
+            }
+            let got: Vec<(Option<i32>, Vec<i64>)> = got
+                .iter()
+                .map(|b| {
+                    let d = b.column(1).as_primitive::<Date32Type>();
+                    let first = d.is_valid(0).then(|| d.value(0));
+                    assert!(
+                        (0..b.num_rows()).all(|i| d.is_valid(i).then(|| d.value(i)) == first),
+                        "one date per part"
+                    );
+                    let n = b
+                        .column(0)
+                        .as_primitive::<deltalake::arrow::datatypes::Int64Type>();
+                    (first, n.values().to_vec())
+                })
+                .collect();
+            assert_eq!(
+                got,
+                want.into_iter().collect::<Vec<_>>(),
+                "sorted {sorted}, nulls {nulls}, split {split}"
+            );
+        }
     }
 }

@@ -6,9 +6,10 @@
 //! `fact_follow`; [`cascade`] and [`dims`] beside the others; each module's tests keep the SQL
 //! it replaced as the reference), so each table is a pure function of `events` and a rebuild
 //! gives the same results (averages up to the last bit: a sum of fractions follows the order
-//! the events are read in). Models run in dependency order; each result is registered in the
-//! session for the models after it and written as one Delta commit (readers see the old or
-//! the new version):
+//! the events are read in). Models run in dependency order (in a full rebuild each starts as
+//! soon as the models it reads are done, beside the others: see `Ahead`); each result is
+//! registered in the session for the models after it and written as one Delta commit
+//! (readers see the old or the new version):
 //!
 //! ```text
 //!  events ─dedup─▶ ev ─┬─▶ fact_video_view ─┬─▶ fact_session
@@ -81,7 +82,12 @@ enum Compute {
     /// incremental rebuild the date-keyed models see the rows of the dates being rewritten;
     /// the models after them every event and (of `fact_video_view`) the columns
     /// [`retention`] reads, from its new version.
-    Rust(fn(&Prior, &Inputs) -> std::result::Result<RecordBatch, ArrowError>),
+    Rust(
+        fn(&Prior, &Inputs) -> std::result::Result<RecordBatch, ArrowError>,
+        /// The models it reads (a test checks that it needs no other): in a full rebuild it
+        /// starts as soon as these are computed, beside the models before it.
+        &'static [&'static str],
+    ),
 }
 
 /// The batches each model computed so far in a rebuild, by name.
@@ -402,67 +408,78 @@ const MODELS: &[Model] = &[
         name: "fact_video_view",
         partition_by: &["event_date"],
         internal: false,
-        compute: Compute::Rust(fact_video_view),
+        compute: Compute::Rust(fact_video_view, &["ev"]),
     },
     Model {
         name: "fact_session",
         partition_by: &["event_date"],
         internal: false,
-        compute: Compute::Rust(fact_session),
+        compute: Compute::Rust(fact_session, &["ev", "fact_video_view"]),
     },
     Model {
         name: "fact_engagement",
         partition_by: &["event_date"],
         internal: false,
-        compute: Compute::Rust(fact_engagement),
+        compute: Compute::Rust(fact_engagement, &["ev"]),
     },
     Model {
         name: "fact_follow",
         partition_by: &["event_date"],
         internal: false,
-        compute: Compute::Rust(fact_follow),
+        compute: Compute::Rust(fact_follow, &["ev"]),
     },
     Model {
         name: "like_transitions",
         partition_by: &[],
         internal: true,
-        compute: Compute::Rust(like_transitions),
+        compute: Compute::Rust(like_transitions, &["ev"]),
     },
     Model {
         name: "follow_transitions",
         partition_by: &[],
         internal: true,
-        compute: Compute::Rust(follow_transitions),
+        compute: Compute::Rust(follow_transitions, &["ev"]),
     },
     Model {
         name: "agg_creator_daily",
         partition_by: &[],
         internal: false,
-        compute: Compute::Rust(agg_creator_daily),
+        compute: Compute::Rust(
+            agg_creator_daily,
+            &[
+                "ev",
+                "fact_video_view",
+                "like_transitions",
+                "follow_transitions",
+            ],
+        ),
     },
     Model {
         name: "agg_video_hourly",
         partition_by: &["event_date"],
         internal: false,
-        compute: Compute::Rust(agg_video_hourly),
+        compute: Compute::Rust(
+            agg_video_hourly,
+            &["fact_video_view", "like_transitions", "ev"],
+        ),
     },
     Model {
         name: "like_state",
         partition_by: &[],
         internal: false,
-        compute: Compute::Rust(like_state),
+        compute: Compute::Rust(like_state, &["ev"]),
     },
     Model {
         name: "follow_state",
         partition_by: &[],
         internal: false,
-        compute: Compute::Rust(follow_state),
+        compute: Compute::Rust(follow_state, &["ev"]),
     },
     Model {
         name: "video_retention",
         partition_by: &[],
         internal: false,
-        compute: Compute::Rust(video_retention),
+        compute: Compute::Rust(video_retention, &["fact_video_view"]),
     },
 ];
 
@@ -660,9 +677,9 @@ impl Inputs {
     }
 }
 
-/// Computes one model over the models before it (registered in `ctx`) and registers its
-/// result in `ctx`, in memory, for the models after it. `ev_batches` holds the `ev` rows for
-/// the models computed in Rust.
+/// Computes one model over the models before it (registered in `ctx`; the Rust models read
+/// `prior`), or takes its result from `ahead` when it was started there, and registers the
+/// result in `ctx`, in memory, and in `prior` for the models after it.
 async fn run_model(
     ctx: &reelhouse_lake::deltalake::datafusion::prelude::SessionContext,
     m: &Model,
@@ -670,6 +687,7 @@ async fn run_model(
     inputs: &Inputs,
     closed_at: &str,
     prior: &mut Prior,
+    ahead: &mut Ahead,
 ) -> Result<(
     reelhouse_lake::deltalake::arrow::datatypes::SchemaRef,
     Vec<RecordBatch>,
@@ -678,7 +696,13 @@ async fn run_model(
         model: m.name,
         source,
     };
+    let started = ahead.0.remove(m.name);
     let (schema, batches) = match m.compute {
+        _ if started.is_some() => {
+            let task = started.expect("checked by the guard");
+            let (batch, _) = joined(task, m.name).await?;
+            (batch.schema(), vec![batch])
+        }
         Compute::Sql(sql) => {
             let sql = sql
                 .replace("$ev", ev)
@@ -689,7 +713,7 @@ async fn run_model(
             let batches = df.collect().await.map_err(model_err)?;
             (Arc::clone(&schema), with_schema(schema, batches))
         }
-        Compute::Rust(f) => {
+        Compute::Rust(f, _) => {
             let batch = f(prior, inputs).map_err(|e| model_err(e.into()))?;
             (batch.schema(), vec![batch])
         }
@@ -725,14 +749,24 @@ pub async fn creator_daily_in_memory(
             .has_duplicates,
     );
     let mut prior = Prior::default();
+    let mut ahead = Ahead::default();
     let mut out = Vec::new();
     for name in CREATOR_DAILY_CHAIN {
         let Some(m) = MODELS.iter().find(|m| m.name == name) else {
             continue;
         };
-        out = run_model(catalog.context(), m, &ev, inputs, &closed_at, &mut prior)
-            .await?
-            .1;
+        ahead.start_ready_of(&CREATOR_DAILY_CHAIN, &prior, inputs);
+        out = run_model(
+            catalog.context(),
+            m,
+            &ev,
+            inputs,
+            &closed_at,
+            &mut prior,
+            &mut ahead,
+        )
+        .await?
+        .1;
     }
     Ok(out)
 }
@@ -801,6 +835,59 @@ impl Writes {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Rust models of a full rebuild started as tasks before their turn, by name: each as soon
+/// as the models it reads are computed, so that independent models (the transitions and
+/// the event filters beside `fact_video_view`; `agg_creator_daily`, `agg_video_hourly` and
+/// the retention curves beside each other) run on all cores instead of one after another.
+/// Results are still taken, registered and written in the models' order.
+#[derive(Default)]
+struct Ahead(HashMap<&'static str, Computed<RecordBatch>>);
+
+/// A rebuild that fails leaves no model computing behind it.
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        for task in self.0.values() {
+            task.abort();
+        }
+    }
+}
+
+impl Ahead {
+    /// Starts every Rust model not started or computed yet whose inputs are all in `prior`.
+    fn start_ready(&mut self, prior: &Prior, inputs: &Inputs) {
+        self.start_ready_of(&[], prior, inputs)
+    }
+
+    /// [`Ahead::start_ready`] among the models named in `only` (all when empty).
+    fn start_ready_of(&mut self, only: &[&str], prior: &Prior, inputs: &Inputs) {
+        for m in MODELS
+            .iter()
+            .filter(|m| only.is_empty() || only.contains(&m.name))
+        {
+            let Compute::Rust(f, reads) = m.compute else {
+                continue;
+            };
+            if self.0.contains_key(m.name)
+                || prior.0.contains_key(m.name)
+                || !reads.iter().all(|r| prior.0.contains_key(r))
+            {
+                continue;
+            }
+            let inputs_of = Prior(
+                reads
+                    .iter()
+                    .filter_map(|r| prior.0.get_key_value(r))
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect(),
+            );
+            let inputs = inputs.clone();
+            let task =
+                spawn_timed(async move { f(&inputs_of, &inputs).map_err(DataFusionError::from) });
+            self.0.insert(m.name, task);
+        }
     }
 }
 
@@ -905,8 +992,14 @@ pub async fn materialize(
     let mut cascade_task = None;
     let mut switched = false;
     let mut prior = Prior::default();
+    let mut ahead = Ahead::default();
     for m in MODELS {
         let model_start = Instant::now();
+        if scope.is_none() {
+            // A full rebuild: every model reads every event, so a model may start as soon
+            // as its inputs are done. (An incremental one switches inputs part way.)
+            ahead.start_ready(&prior, inputs);
+        }
         let dated = frozen_column(m.name).map(|(col, _)| col);
         if let (Some(_), None, false) = (&scope, dated, m.internal) {
             if !switched {
@@ -963,7 +1056,8 @@ pub async fn materialize(
             model: m.name,
             source,
         };
-        let (schema, batches) = run_model(ctx, m, &ev, inputs, &closed_at, &mut prior).await?;
+        let (schema, batches) =
+            run_model(ctx, m, &ev, inputs, &closed_at, &mut prior, &mut ahead).await?;
         if scope.is_none() && m.name == "fact_video_view" {
             cascade_task = Some(spawn_cascades(ctx, &prior));
         }
@@ -1069,6 +1163,54 @@ mod tests {
     FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator')";
 
     use crate::batch::testing::EVENT_TYPES as KINDS;
+
+    /// Each Rust model computes from the models it declares it reads and no others: a full
+    /// rebuild starts it ahead of its turn with only those ([`Ahead`]). Without a declared
+    /// input it must fail, which shows the check can fail. (The rebuild tests in
+    /// `crates/cli/tests` run every model this way over generated events.)
+    #[test]
+    fn rust_models_read_only_what_they_declare() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let ctx = SessionContext::new();
+            let events = reelhouse_lake::schema::events_schema();
+            let t = MemTable::try_new(events, vec![vec![]]).unwrap();
+            ctx.register_table("events", Arc::new(t)).unwrap();
+            let df = ctx
+                .sql(&format!("SELECT {EV_COLUMNS} FROM events"))
+                .await
+                .unwrap();
+            let schema = Arc::new(df.schema().as_arrow().clone());
+            let ev = with_schema(schema, df.collect().await.unwrap());
+            let mut all = Prior::default();
+            all.0.insert("ev", ev);
+            let inputs = Inputs::default();
+            for m in MODELS {
+                let Compute::Rust(f, reads) = m.compute else {
+                    continue;
+                };
+                let only = |skip: Option<&str>| {
+                    Prior(
+                        reads
+                            .iter()
+                            .filter(|r| Some(**r) != skip)
+                            .map(|r| (*r, all.0[r].clone()))
+                            .collect(),
+                    )
+                };
+                let out = f(&only(None), &inputs)
+                    .unwrap_or_else(|e| panic!("{} with its declared inputs: {e}", m.name));
+                for r in reads.iter() {
+                    assert!(
+                        f(&only(Some(r)), &inputs).is_err(),
+                        "{} does not read {r}",
+                        m.name
+                    );
+                }
+                all.0.insert(m.name, vec![out]);
+            }
+        });
+    }
 
     /// Events of every kind (and none), with string columns as views, as `ev` has them.
     fn events(gen: &[(Option<u8>, u8, Option<u8>)]) -> RecordBatch {
