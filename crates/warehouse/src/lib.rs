@@ -846,7 +846,8 @@ impl Writes {
 #[derive(Default)]
 struct Ahead(HashMap<&'static str, Computed<RecordBatch>>);
 
-/// A rebuild that fails leaves no model computing behind it.
+/// A rebuild that fails starts no more models: those waiting for a thread are cancelled (one
+/// already computing runs to its end, a model has no await point, and its result is dropped).
 impl Drop for Ahead {
     fn drop(&mut self) {
         for task in self.0.values() {
