@@ -696,14 +696,12 @@ async fn run_model(
         model: m.name,
         source,
     };
-    let started = ahead.0.remove(m.name);
-    let (schema, batches) = match m.compute {
-        _ if started.is_some() => {
-            let task = started.expect("checked by the guard");
+    let (schema, batches) = match (&m.compute, ahead.0.remove(m.name)) {
+        (_, Some(task)) => {
             let (batch, _) = joined(task, m.name).await?;
             (batch.schema(), vec![batch])
         }
-        Compute::Sql(sql) => {
+        (Compute::Sql(sql), None) => {
             let sql = sql
                 .replace("$ev", ev)
                 .replace("$now_ms", &inputs.now_ms.to_string())
@@ -713,7 +711,7 @@ async fn run_model(
             let batches = df.collect().await.map_err(model_err)?;
             (Arc::clone(&schema), with_schema(schema, batches))
         }
-        Compute::Rust(f, _) => {
+        (Compute::Rust(f, _), None) => {
             let batch = f(prior, inputs).map_err(|e| model_err(e.into()))?;
             (batch.schema(), vec![batch])
         }
@@ -755,7 +753,13 @@ pub async fn creator_daily_in_memory(
         let Some(m) = MODELS.iter().find(|m| m.name == name) else {
             continue;
         };
-        ahead.start_ready_of(&CREATOR_DAILY_CHAIN, &prior, inputs);
+        ahead.start_ready(
+            MODELS
+                .iter()
+                .filter(|m| CREATOR_DAILY_CHAIN.contains(&m.name)),
+            &prior,
+            inputs,
+        );
         out = run_model(
             catalog.context(),
             m,
@@ -857,17 +861,15 @@ impl Drop for Ahead {
 }
 
 impl Ahead {
-    /// Starts every Rust model not started or computed yet whose inputs are all in `prior`.
-    fn start_ready(&mut self, prior: &Prior, inputs: &Inputs) {
-        self.start_ready_of(&[], prior, inputs)
-    }
-
-    /// [`Ahead::start_ready`] among the models named in `only` (all when empty).
-    fn start_ready_of(&mut self, only: &[&str], prior: &Prior, inputs: &Inputs) {
-        for m in MODELS
-            .iter()
-            .filter(|m| only.is_empty() || only.contains(&m.name))
-        {
+    /// Starts each Rust model of `models` not started or computed yet whose inputs are all
+    /// in `prior`.
+    fn start_ready(
+        &mut self,
+        models: impl IntoIterator<Item = &'static Model>,
+        prior: &Prior,
+        inputs: &Inputs,
+    ) {
+        for m in models {
             let Compute::Rust(f, reads) = m.compute else {
                 continue;
             };
@@ -999,7 +1001,7 @@ pub async fn materialize(
         if scope.is_none() {
             // A full rebuild: every model reads every event, so a model may start as soon
             // as its inputs are done. (An incremental one switches inputs part way.)
-            ahead.start_ready(&prior, inputs);
+            ahead.start_ready(MODELS, &prior, inputs);
         }
         let dated = frozen_column(m.name).map(|(col, _)| col);
         if let (Some(_), None, false) = (&scope, dated, m.internal) {
