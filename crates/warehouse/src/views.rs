@@ -207,6 +207,19 @@ impl Slot {
     fn pack(batch: usize, row: usize) -> u64 {
         ((batch as u64) << 32) | row as u64
     }
+    /// The time that dates and orders the view ([`View::time`]) of a slot that is not
+    /// [`Slot::MULTI`], read from its rows alone.
+    fn time(&self, cols: &[Cols]) -> Option<i64> {
+        let at = |row: u64| {
+            (row < Slot::MULTI)
+                .then(|| {
+                    let (b, i) = ((row >> 32) as usize, (row & 0xffff_ffff) as usize);
+                    int(&cols[b].event_time, i)
+                })
+                .flatten()
+        };
+        at(self.start).or_else(|| at(self.end))
+    }
     /// The view's values from its (at most one) start and (at most one) end.
     fn view<'a>(&self, cols: &'a [Cols]) -> View<'a> {
         let mut v = View::default();
@@ -323,6 +336,10 @@ pub fn fact_video_view(ev: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
     // (session number, (time missing, time), (view_id missing, view_id), view).
     type Rank<'a> = (u32, (bool, Option<i64>), (bool, Option<&'a str>), usize);
     let n = slots.len();
+    let written = date_order(n, |k| match slots[k].end {
+        Slot::MULTI => multi.get(&k).and_then(View::time),
+        _ => slots[k].time(&cols),
+    });
     let mut order: Vec<Rank> = Vec::with_capacity(n);
     let mut numbers: HashMap<&str, u32> = HashMap::new();
     let mut prev: Option<(&str, u32)> = None;
@@ -336,8 +353,8 @@ pub fn fact_video_view(ev: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
     let [mut completed, mut engaged, mut has_start, mut has_end] =
         std::array::from_fn(|_| BooleanBuilder::with_capacity(n));
     let mut date = Date32Builder::with_capacity(n);
-    for k in 0..n {
-        let v = &view(k);
+    for (row, &k) in written.iter().enumerate() {
+        let v = &view(k as usize);
         let group = match v.session() {
             None => u32::MAX,
             Some(s) => match prev {
@@ -351,7 +368,12 @@ pub fn fact_video_view(ev: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
             },
         };
         let t = v.time();
-        order.push((group, (t.is_none(), t), (v.view_id.is_none(), v.view_id), k));
+        order.push((
+            group,
+            (t.is_none(), t),
+            (v.view_id.is_none(), v.view_id),
+            row,
+        ));
         view_id.append_option(v.view_id);
         user.append_option(v.user());
         video.append_option(v.video.or(v.any_video));
@@ -391,6 +413,7 @@ pub fn fact_video_view(ev: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
         position[*k] = p;
     }
     drop(order);
+    drop(written);
     let ts = |mut b: Int64Builder| -> Result<ArrayRef, ArrowError> {
         cast(
             &b.finish(),
@@ -420,11 +443,46 @@ pub fn fact_video_view(ev: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
     RecordBatch::try_new(schema(), columns)
 }
 
+/// The order in which to write `n` views: by the date of `time(k)` (views without a time
+/// last), and in the order found (`k`) within a date. The output then holds each date's rows
+/// side by side, and the writer slices it by date instead of copying each date's rows out
+/// (`rewrite::parts` in the lake crate). Events are read date by date, so the views usually
+/// come in date order already and nothing moves.
+fn date_order(n: usize, time: impl Fn(usize) -> Option<i64>) -> Vec<u32> {
+    let days: Vec<Option<i32>> = (0..n)
+        .map(|k| time(k).map(|t| t.div_euclid(DAY_US) as i32))
+        .collect();
+    let key = |d: Option<i32>| (d.is_none(), d);
+    if days.windows(2).all(|w| key(w[0]) <= key(w[1])) {
+        return (0..n as u32).collect();
+    }
+    let first = days.iter().flatten().min().copied().unwrap_or(0);
+    let last = days.iter().flatten().max().copied().unwrap_or(0);
+    // Days since the first, views without a time after the last day.
+    let span = (last as i64 - first as i64 + 1) as usize;
+    let bucket = |d: Option<i32>| d.map_or(span, |d| (d as i64 - first as i64) as usize);
+    let items: Vec<(usize, u32)> = days
+        .iter()
+        .enumerate()
+        .map(|(k, d)| (bucket(*d), k as u32))
+        .collect();
+    let items = if span <= 1 << 20 {
+        crate::batch::bucket_sort(items, span + 1, |i| i.0)
+    } else {
+        // Times millennia apart (possible only in hand-made input): a comparison sort.
+        let mut items = items;
+        items.sort_unstable();
+        items
+    };
+    items.into_iter().map(|(_, k)| k).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
     use reelhouse_lake::deltalake::arrow::array::StringArray;
+    use reelhouse_lake::deltalake::arrow::datatypes::Date32Type;
     use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 
     use crate::batch::testing::{printed, register, two_batches};
@@ -489,7 +547,8 @@ mod tests {
             user.push(Some(e.3 as i64));
             video.push(Some(e.4 as i64));
             creator.push(Some(e.5 as i64));
-            time.push(Some(e.6 as i64 * 3_600_000_000));
+            // Seven hours apart: six times over two days, so views land on either date.
+            time.push(Some(e.6 as i64 * 7 * 3_600_000_000));
             // Steps of 100 ms, so the boundaries are hit: engaged at 3,000 ms, completed at
             // 98 % (4,900 of 5,000), more watched than the duration.
             watch.push((!e.0).then_some((e.7 % 64) as i64 * 100));
@@ -525,6 +584,28 @@ mod tests {
         RecordBatch::try_new(schema, cols.into_iter().map(|(_, c)| c).collect()).unwrap()
     }
 
+    /// `date_order` sorts by day, views without a time last, keeping the found order within
+    /// a day, with dates close together (counting sort) and millennia apart (comparison sort).
+    #[test]
+    fn date_order_keeps_the_found_order_within_a_day() {
+        for spread in [1i64, 400_000] {
+            // (view, time): a pseudo-random mix of 9 days, some views without a time.
+            let times: Vec<Option<i64>> = (0..400i64)
+                .map(|k| (k % 17 != 5).then(|| (k * 7919 % 9) * spread * DAY_US + k % 3))
+                .collect();
+            let got = date_order(times.len(), |k| times[k]);
+            let mut want: Vec<u32> = (0..times.len() as u32).collect();
+            want.sort_by_key(|&k| {
+                let d = times[k as usize].map(|t| t.div_euclid(DAY_US));
+                (d.is_none(), d)
+            });
+            assert_eq!(got, want, "spread {spread}");
+        }
+        // In order already: nothing moves.
+        let times: Vec<Option<i64>> = (0..50).map(|k| Some(k / 10 * DAY_US)).collect();
+        assert_eq!(date_order(50, |k| times[k]), (0..50).collect::<Vec<u32>>());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
@@ -546,6 +627,10 @@ mod tests {
                 let want = ctx.sql(FACT_VIDEO_VIEW_SQL).await.unwrap().collect().await.unwrap();
                 let want = printed(&ctx, "want", want, "*", order).await;
                 let got = fact_video_view(&parts).unwrap();
+                // Rows in date order, views without a date last.
+                let dates = got.column_by_name("event_date").unwrap().as_primitive::<Date32Type>();
+                let dates: Vec<_> = dates.iter().map(|d| (d.is_none(), d)).collect();
+                prop_assert!(dates.is_sorted(), "rows not in date order: {:?}", dates);
                 let got = printed(&ctx, "got", vec![got], "*", order).await;
                 prop_assert_eq!(got, want);
                 Ok(())
