@@ -205,6 +205,9 @@ pub struct Lake {
     /// where the tables are unless they live on an object store.
     root: PathBuf,
     tables: store::Location,
+    /// Whether rewrites write every date's file even when its rows did not change (see
+    /// [`Lake::rewriting_unchanged`]).
+    rewrite_unchanged: bool,
 }
 
 impl Lake {
@@ -222,7 +225,29 @@ impl Lake {
             Some(url) => store::Location::remote(url)?,
             None => store::Location::local(&root)?,
         };
-        Ok(Lake { root, tables })
+        Ok(Lake {
+            root,
+            tables,
+            rewrite_unchanged: false,
+        })
+    }
+
+    /// This lake, with rewrites of derived tables writing every date's file even when its
+    /// rows did not change (by default such a file is kept; see [`rewrite::overwrite`]).
+    /// For benchmarks of the whole write: `reelhouse bench materialize` rewrites every
+    /// date of every table several times this way.
+    pub fn rewriting_unchanged(mut self, on: bool) -> Lake {
+        self.rewrite_unchanged = on;
+        self
+    }
+
+    /// How [`rewrite::overwrite`] writes a derived table of `schema`.
+    fn rewrite_settings(&self, schema: &SchemaRef) -> Result<rewrite::Settings> {
+        Ok(rewrite::Settings {
+            props: derived_properties_for(schema)?,
+            streams: write_streams(),
+            keep_unchanged: !self.rewrite_unchanged,
+        })
     }
 
     /// The local data (or state) directory.
@@ -344,16 +369,14 @@ impl Lake {
     ) -> Result<DeltaTable> {
         if let Some(table) = current.as_ref() {
             if rewrite::fits(table, &schema, partition_columns) {
-                let (table, props) = (table.clone(), derived_properties_for(&schema)?);
-                let streams = write_streams();
+                let settings = self.rewrite_settings(&schema)?;
                 return rewrite::overwrite(
-                    table,
+                    table.clone(),
                     schema,
                     batches,
                     partition_columns,
                     None,
-                    props,
-                    streams,
+                    settings,
                 )
                 .await;
             }
@@ -389,16 +412,14 @@ impl Lake {
         days: &[i32],
     ) -> Result<DeltaTable> {
         if rewrite::fits(&current, &schema, &[date_column]) {
-            let props = derived_properties_for(&schema)?;
-            let (streams, parts) = (write_streams(), [date_column]);
+            let settings = self.rewrite_settings(&schema)?;
             return rewrite::overwrite(
                 current,
                 schema,
                 batches,
-                &parts,
+                &[date_column],
                 Some(days),
-                props,
-                streams,
+                settings,
             )
             .await;
         }
@@ -964,6 +985,26 @@ mod tests {
                 .unwrap();
             assert_eq!(t.version(), v.map(|v| v + 1));
             assert_eq!(rows(&t).await, full, "{parts:?}");
+            // Rewriting unchanged files (benchmarks): the same rows, every file new.
+            let before = paths(&t);
+            let v = t.version();
+            let t = lake
+                .clone()
+                .rewriting_unchanged(true)
+                .overwrite_derived(
+                    &name,
+                    Some(t),
+                    schema.clone(),
+                    vec![batch(&schema, &full)],
+                    parts,
+                )
+                .await
+                .unwrap();
+            assert_eq!(t.version(), v.map(|v| v + 1), "{parts:?}");
+            assert_eq!(rows(&t).await, full, "{parts:?}");
+            let after = paths(&t);
+            assert_eq!(after.len(), before.len());
+            assert!(after.values().all(|p| !before.values().any(|q| q == p)));
         }
     }
 

@@ -369,6 +369,17 @@ impl Current {
     }
 }
 
+/// How [`overwrite`] writes.
+pub(crate) struct Settings {
+    /// The Parquet settings of the files.
+    pub props: WriterProperties,
+    /// How many files are encoded at once.
+    pub streams: usize,
+    /// Whether a date (or an unpartitioned table) whose current file holds its new rows is
+    /// kept instead of rewritten: always, but for benchmarks of the whole write.
+    pub keep_unchanged: bool,
+}
+
 /// Replaces the content of `table` (which [`fits`] the rows) with `batches` in one commit and
 /// returns the new version's handle: all of it, or with `dates` only the files of those
 /// partition values (days since 1970-01-01; every row of `batches` must be on one of them),
@@ -377,16 +388,21 @@ impl Current {
 /// Files whose rows do not change are kept: each file written here is tagged ([`ROWS_TAG`])
 /// with the [`fingerprint`] of its date's rows (of the whole table's, unpartitioned), and a
 /// date whose one current file carries the fingerprint of its new rows is neither written nor
-/// removed. When nothing changes, nothing is committed and `table` is returned as it is.
+/// removed (unless `settings` say otherwise). When nothing changes, nothing is committed and
+/// `table` is returned as it is.
 pub(crate) async fn overwrite(
     table: DeltaTable,
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
     partition_columns: &[&str],
     dates: Option<&[i32]>,
-    props: WriterProperties,
-    streams: usize,
+    settings: Settings,
 ) -> Result<DeltaTable> {
+    let Settings {
+        props,
+        streams,
+        keep_unchanged,
+    } = settings;
     let partition = partition_columns.first().map(|c| c.to_string());
     let replaced = dates.map(|days| {
         let col = partition
@@ -444,7 +460,7 @@ pub(crate) async fn overwrite(
         Some(_) => None,
         None => {
             let fp = fingerprint(&parts, parts.len())?;
-            if current.get(&None).is_some_and(|c| c.holds(&fp)) {
+            if keep_unchanged && current.get(&None).is_some_and(|c| c.holds(&fp)) {
                 return Ok(table);
             }
             Some(fp)
@@ -475,7 +491,7 @@ pub(crate) async fn overwrite(
                     Some(col) => {
                         let key = partition_value(&batch, col);
                         let fp = fingerprint(std::slice::from_ref(&batch), 1)?;
-                        if current.get(&key).is_some_and(|c| c.holds(&fp)) {
+                        if keep_unchanged && current.get(&key).is_some_and(|c| c.holds(&fp)) {
                             kept.push(key);
                             continue;
                         }

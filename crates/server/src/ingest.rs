@@ -1641,9 +1641,31 @@ impl Ingestor {
         self.materialize_locked().await
     }
 
+    /// [`Ingestor::materialize_full`] that also writes every date's file whose rows did not
+    /// change (normally kept as they are; see `Lake::rewriting_unchanged`), so that each run
+    /// does the whole write: for `reelhouse bench materialize`.
+    pub async fn materialize_full_rewriting(
+        &self,
+    ) -> Result<reelhouse_warehouse::Report, IngestError> {
+        self.require_writer()?;
+        let _guard = self.materialize_lock.lock().await;
+        self.force_full_rebuild()?;
+        let lake = self.lake.clone().rewriting_unchanged(true);
+        self.materialize_locked_on(&lake).await
+    }
+
     /// [`Ingestor::materialize`] for a caller that holds `materialize_lock`.
     pub(crate) async fn materialize_locked(
         &self,
+    ) -> Result<reelhouse_warehouse::Report, IngestError> {
+        self.materialize_locked_on(&self.lake).await
+    }
+
+    /// [`Ingestor::materialize_locked`] writing through `lake` (this ingestor's, or a copy
+    /// with other write settings).
+    async fn materialize_locked_on(
+        &self,
+        lake: &reelhouse_lake::Lake,
     ) -> Result<reelhouse_warehouse::Report, IngestError> {
         let seen = self.change_count();
         let now = self.config.clock.now_ms();
@@ -1654,7 +1676,7 @@ impl Ingestor {
                 return Err(e);
             }
         };
-        let result = self.materialize_with(catalog, dirty, now).await;
+        let result = self.materialize_with(catalog, dirty, now, lake).await;
         {
             let mut r = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
             match &result {
@@ -1681,6 +1703,7 @@ impl Ingestor {
         catalog: Catalog,
         dirty: Option<Vec<i32>>,
         now: i64,
+        lake: &reelhouse_lake::Lake,
     ) -> Result<reelhouse_warehouse::Report, IngestError> {
         // After a start the dirty dates are not known in memory: the events received since
         // the last rebuild's snapshot (with a margin) name them.
@@ -1719,7 +1742,7 @@ impl Ingestor {
             }
         };
         let (report, handles) =
-            reelhouse_warehouse::materialize(&catalog, &self.lake, &current, &inputs).await?;
+            reelhouse_warehouse::materialize(&catalog, lake, &current, &inputs).await?;
         {
             let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
             for (name, table) in handles {
