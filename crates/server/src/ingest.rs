@@ -1635,10 +1635,7 @@ impl Ingestor {
 
     /// [`Ingestor::materialize`] recomputing every date.
     pub async fn materialize_full(&self) -> Result<reelhouse_warehouse::Report, IngestError> {
-        self.require_writer()?;
-        let _guard = self.materialize_lock.lock().await;
-        self.force_full_rebuild()?;
-        self.materialize_locked().await
+        self.materialize_full_on(&self.lake).await
     }
 
     /// [`Ingestor::materialize_full`] that also writes every date's file whose rows did not
@@ -1647,11 +1644,19 @@ impl Ingestor {
     pub async fn materialize_full_rewriting(
         &self,
     ) -> Result<reelhouse_warehouse::Report, IngestError> {
+        let lake = self.lake.clone().rewriting_unchanged(true);
+        self.materialize_full_on(&lake).await
+    }
+
+    /// [`Ingestor::materialize_full`] writing through `lake`.
+    async fn materialize_full_on(
+        &self,
+        lake: &reelhouse_lake::Lake,
+    ) -> Result<reelhouse_warehouse::Report, IngestError> {
         self.require_writer()?;
         let _guard = self.materialize_lock.lock().await;
         self.force_full_rebuild()?;
-        let lake = self.lake.clone().rewriting_unchanged(true);
-        self.materialize_locked_on(&lake).await
+        self.materialize_locked_on(lake).await
     }
 
     /// [`Ingestor::materialize`] for a caller that holds `materialize_lock`.

@@ -207,13 +207,17 @@ impl Slot {
     fn pack(batch: usize, row: usize) -> u64 {
         ((batch as u64) << 32) | row as u64
     }
+    /// The (batch, row) that [`Slot::pack`] packed.
+    fn unpack(row: u64) -> (usize, usize) {
+        ((row >> 32) as usize, (row & 0xffff_ffff) as usize)
+    }
     /// The time that dates and orders the view ([`View::time`]) of a slot that is not
     /// [`Slot::MULTI`], read from its rows alone.
     fn time(&self, cols: &[Cols]) -> Option<i64> {
         let at = |row: u64| {
             (row < Slot::MULTI)
                 .then(|| {
-                    let (b, i) = ((row >> 32) as usize, (row & 0xffff_ffff) as usize);
+                    let (b, i) = Slot::unpack(row);
                     int(&cols[b].event_time, i)
                 })
                 .flatten()
@@ -225,7 +229,7 @@ impl Slot {
         let mut v = View::default();
         for (row, start) in [(self.start, true), (self.end, false)] {
             if row < Slot::MULTI {
-                let (b, i) = ((row >> 32) as usize, (row & 0xffff_ffff) as usize);
+                let (b, i) = Slot::unpack(row);
                 v.apply(&cols[b], i, start);
             }
         }
@@ -333,7 +337,7 @@ pub fn fact_video_view(ev: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
     // view's: views arrive grouped by session), so the sort compares integers and compares
     // `view_id`s only on equal times; comparing the session strings was a third of this
     // model's time. Views without a session form one group, as in the SQL window.
-    // (session number, (time missing, time), (view_id missing, view_id), view).
+    // (session number, (time missing, time), (view_id missing, view_id), output row).
     type Rank<'a> = (u32, (bool, Option<i64>), (bool, Option<&'a str>), usize);
     let n = slots.len();
     let written = date_order(n, |k| match slots[k].end {
