@@ -296,6 +296,18 @@ print(json.dumps({"version": duckdb.__version__, "load_s": load, "rows": n,
     run_python(script, &[ndjson, &out])
 }
 
+/// Says on stderr that the DuckDB comparison is skipped, with the line of a failed Python
+/// step's `stderr` that names the error (e.g. a missing `duckdb` module).
+fn python_failed(stderr: &str) {
+    eprintln!(
+        "DuckDB comparison skipped: {} (install with `pip install duckdb`)",
+        stderr
+            .lines()
+            .find(|l| l.contains("Error") || l.contains("No module"))
+            .unwrap_or("python3 failed")
+    );
+}
+
 /// Runs a Python script that prints one JSON object on its last stdout line; `None` (with a
 /// note on stderr) when Python or its packages are missing or the script fails.
 fn run_python(script: &str, args: &[&std::path::Path]) -> Option<serde_json::Value> {
@@ -317,13 +329,7 @@ fn run_python(script: &str, args: &[&std::path::Path]) -> Option<serde_json::Val
             parsed
         }
         Ok(o) => {
-            eprintln!(
-                "DuckDB comparison skipped: {} (install with `pip install duckdb`)",
-                String::from_utf8_lossy(&o.stderr)
-                    .lines()
-                    .find(|l| l.contains("Error") || l.contains("No module"))
-                    .unwrap_or("python3 failed")
-            );
+            python_failed(&String::from_utf8_lossy(&o.stderr));
             None
         }
         Err(e) => {
@@ -725,12 +731,7 @@ impl DuckDaily {
                 let err = out
                     .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
                     .unwrap_or_default();
-                eprintln!(
-                    "DuckDB comparison skipped: {} (install with `pip install duckdb`)",
-                    err.lines()
-                        .find(|l| l.contains("Error") || l.contains("No module"))
-                        .unwrap_or("python3 failed")
-                );
+                python_failed(&err);
                 None
             }
         }
