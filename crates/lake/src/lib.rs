@@ -867,27 +867,16 @@ mod tests {
         let shuffled = [[(20_002, 4), (20_000, 2)], [(20_001, 3), (20_000, 1)]];
         for parts in [&["d"][..], &[][..]] {
             let name = format!("k{}", parts.len());
-            let created = lake
-                .overwrite_derived(
-                    &name,
-                    None,
-                    schema.clone(),
-                    vec![batch(&schema, &rows0)],
-                    parts,
-                )
-                .await
-                .unwrap();
+            // Writes one batch of `rows` over version `t` of the table, with `lake`'s settings.
+            let write = async |lake: &Lake, t: Option<DeltaTable>, rows: &[(i32, i64)]| {
+                let batches = vec![batch(&schema, rows)];
+                lake.overwrite_derived(&name, t, schema.clone(), batches, parts)
+                    .await
+                    .unwrap()
+            };
+            let created = write(&lake, None, &rows0).await;
             // Written by delta-rs without fingerprints: the first rewrite writes every date.
-            let t = lake
-                .overwrite_derived(
-                    &name,
-                    Some(created),
-                    schema.clone(),
-                    vec![batch(&schema, &rows0)],
-                    parts,
-                )
-                .await
-                .unwrap();
+            let t = write(&lake, Some(created), &rows0).await;
             assert_eq!(t.version(), Some(1));
             let tagged = paths(&t);
             // A fresh handle after a checkpoint: the tags are read back from it.
@@ -913,16 +902,7 @@ mod tests {
             assert_eq!(paths(&t), tagged);
             // One value changed (same row count), one date gone, one new.
             let rows1 = [(20_000, 1), (20_000, 2), (20_001, 30), (20_003, 5)];
-            let t = lake
-                .overwrite_derived(
-                    &name,
-                    Some(t),
-                    schema.clone(),
-                    vec![batch(&schema, &rows1)],
-                    parts,
-                )
-                .await
-                .unwrap();
+            let t = write(&lake, Some(t), &rows1).await;
             assert_eq!(t.version(), Some(2));
             assert_eq!(rows(&t).await, rows1.to_vec(), "{parts:?}");
             let now = paths(&t);
@@ -973,33 +953,13 @@ mod tests {
             let full = rows(&t).await;
             let (t, _) = t.delete().with_predicate("v = 2").await.unwrap();
             let v = t.version();
-            let t = lake
-                .overwrite_derived(
-                    &name,
-                    Some(t),
-                    schema.clone(),
-                    vec![batch(&schema, &full)],
-                    parts,
-                )
-                .await
-                .unwrap();
+            let t = write(&lake, Some(t), &full).await;
             assert_eq!(t.version(), v.map(|v| v + 1));
             assert_eq!(rows(&t).await, full, "{parts:?}");
             // Rewriting unchanged files (benchmarks): the same rows, every file new.
             let before = paths(&t);
             let v = t.version();
-            let t = lake
-                .clone()
-                .rewriting_unchanged(true)
-                .overwrite_derived(
-                    &name,
-                    Some(t),
-                    schema.clone(),
-                    vec![batch(&schema, &full)],
-                    parts,
-                )
-                .await
-                .unwrap();
+            let t = write(&lake.clone().rewriting_unchanged(true), Some(t), &full).await;
             assert_eq!(t.version(), v.map(|v| v + 1), "{parts:?}");
             assert_eq!(rows(&t).await, full, "{parts:?}");
             let after = paths(&t);
