@@ -60,7 +60,8 @@ struct Ended {
 
 #[derive(Default)]
 struct CreatorIndex {
-    /// `agg_creator_daily` rows by day (days since epoch), without `creator_id`.
+    /// `agg_creator_daily` rows by day (days since epoch), every column of the row (SPEC §6:
+    /// each day of the dashboard is `{"date", <agg_creator_daily fields>}`).
     days: BTreeMap<i32, Map<String, Value>>,
     /// Per day, over the views with an end (as SQL `avg` counts, non-null values only): the
     /// number with a `watch_ms` and its sum, the number with a `percent_viewed` and its sum in
@@ -92,9 +93,11 @@ impl DashboardIndex {
             let (mut creator, mut day) = (0, 0);
             for (c, v) in days.columns.iter().zip(row) {
                 match c.as_str() {
-                    "creator_id" => creator = v.as_i64().unwrap_or(0),
                     "__day" => day = v.as_i64().unwrap_or(0) as i32,
                     _ => {
+                        if c == "creator_id" {
+                            creator = v.as_i64().unwrap_or(0);
+                        }
                         m.insert(c.clone(), v);
                     }
                 }

@@ -12,7 +12,7 @@ use reelhouse_event::{parse_event, Event, EventType};
 use reelhouse_workload::{generate, WorkloadConfig};
 use serde_json::Value;
 
-use crate::common::{post, scalar, sql, start, url};
+use crate::common::{post, post_sql, scalar, sql, start, url};
 
 const DAY: i64 = 86_400_000;
 
@@ -343,13 +343,23 @@ async fn dashboard_equals_the_aggregates() {
     );
     let d = dashboard(&url, creator, from, to).await;
     assert_eq!(d["creator_id"].as_i64(), Some(creator));
-    let days = sql(&url, &format!("SELECT date, views, likes_added, engagement_rate FROM agg_creator_daily WHERE creator_id = {creator} ORDER BY date")).await;
+    // Each day is its `agg_creator_daily` row, every column of it (SPEC §6), and nothing else.
+    let (status, all) = post_sql(
+        &url,
+        &format!("SELECT * FROM agg_creator_daily WHERE creator_id = {creator} ORDER BY date"),
+    )
+    .await;
+    assert_eq!(status, 200, "{all}");
+    let columns: Vec<String> = serde_json::from_value(all["columns"].clone()).unwrap();
+    let days: Vec<Vec<Value>> = serde_json::from_value(all["rows"].clone()).unwrap();
+    assert!(columns.len() >= 23, "{columns:?}");
     assert_eq!(d["days"].as_array().unwrap().len(), days.len());
     for (got, want) in d["days"].as_array().unwrap().iter().zip(&days) {
-        assert_eq!(got["date"], want[0]);
-        assert_eq!(got["views"], want[1]);
-        assert_eq!(got["likes_added"], want[2]);
-        assert_eq!(got["engagement_rate"], want[3]);
+        let got = got.as_object().unwrap();
+        assert_eq!(got.len(), columns.len(), "{got:?}");
+        for (c, v) in columns.iter().zip(want) {
+            assert_eq!(got.get(c), Some(v), "{c}");
+        }
     }
     assert_eq!(d["totals"]["views"], top[0][3]);
     let uniq = sql(
