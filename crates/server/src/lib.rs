@@ -388,9 +388,24 @@ pub fn parse_range(from: &str, to: &str) -> Result<(i32, i32), ApiError> {
 }
 
 async fn post_restate(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    // The range as a JSON body, or as `?from=…&to=…` (as the dashboard takes it) when the
+    // body is empty.
+    let query = req
+        .uri()
+        .query()
+        .is_some()
+        .then(|| axum::extract::Query::<RestateRequest>::try_from_uri(req.uri()).map(|q| q.0));
     let body = read_body(req.into_body(), 1 << 16).await?;
-    let r: RestateRequest = serde_json::from_slice(&body).map_err(|_| {
-        ApiError::BadRequest("body must be {\"from\":\"YYYY-MM-DD\",\"to\":\"YYYY-MM-DD\"}".into())
+    let r: RestateRequest = match query {
+        Some(q) if body.iter().all(u8::is_ascii_whitespace) => q.ok(),
+        _ => serde_json::from_slice(&body).ok(),
+    }
+    .ok_or_else(|| {
+        ApiError::BadRequest(
+            "give the range as a body {\"from\":\"YYYY-MM-DD\",\"to\":\"YYYY-MM-DD\"} \
+             or as ?from=YYYY-MM-DD&to=YYYY-MM-DD"
+                .into(),
+        )
     })?;
     let (from, to) = parse_range(&r.from, &r.to)?;
     Ok(Json(s.ingestor.restate(from, to).await?).into_response())

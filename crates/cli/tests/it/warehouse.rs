@@ -469,6 +469,32 @@ async fn events_beyond_allowed_lateness_count_only_after_restate() {
     let last = chrono::DateTime::from_timestamp_millis(old.manifest.last_event_ms)
         .unwrap()
         .date_naive();
+    // The range as query parameters (the first date alone), then as a JSON body (all).
+    let (status, v) = post(
+        &url,
+        &format!("/v1/admin/restate?from={first}&to={first}"),
+        String::new(),
+        "application/json",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let rebuilt: Vec<String> = serde_json::from_value(v["dates"].clone()).unwrap();
+    assert!(rebuilt.contains(&first.to_string()), "{v}");
+    let mut bad_ranges = vec!["?from=2026-13-01&to=x".to_string(), String::new()];
+    if first != last {
+        bad_ranges.push(format!("?from={last}&to={first}"));
+    }
+    for bad in bad_ranges {
+        let (status, v) = post(
+            &url,
+            &format!("/v1/admin/restate{bad}"),
+            String::new(),
+            "application/json",
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert_eq!(v["error"]["code"], "bad_request", "{v}");
+    }
     let body = serde_json::json!({"from": first.to_string(), "to": last.to_string()}).to_string();
     let (status, v) = post(&url, "/v1/admin/restate", body, "application/json").await;
     assert_eq!(status, 200, "{v}");
