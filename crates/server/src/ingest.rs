@@ -584,7 +584,13 @@ pub struct Ingestor {
     /// segments above it are never deleted, so snapshot + WAL always restore the store.
     snapshot_segment: AtomicU64,
     last_snapshot: Mutex<Instant>,
+    /// The ids of the stored events received within the dedup window, once
+    /// [`Ingestor::load_dedup`] has read them (empty before).
     dedup: Mutex<Dedup>,
+    /// Set when `dedup` holds the stored ids: loaded at the first ingest, by `start`, or
+    /// before following a shared log, so that one-shot commands that never ingest
+    /// (materialize, restate, forget, retention, check) do not scan the events for them.
+    dedup_loaded: tokio::sync::OnceCell<()>,
     pub(crate) view: Arc<Mutex<View>>,
     pub(crate) flush_lock: tokio::sync::Mutex<()>,
     accepted: AtomicU64,
@@ -806,8 +812,9 @@ async fn replay(
 }
 
 impl Ingestor {
-    /// Opens the data directory: loads the tables, replays the WAL, rebuilds the dedup set
-    /// from the last `dedup_window` of received events, and opens a new WAL segment.
+    /// Opens the data directory: loads the tables, replays the WAL and opens a new WAL
+    /// segment. The dedup set of the last `dedup_window` of received events is read at the
+    /// first ingest ([`Ingestor::load_dedup`]).
     pub async fn open(config: IngestConfig) -> Result<Arc<Ingestor>, IngestError> {
         Self::open_with(config, None).await
     }
@@ -925,9 +932,6 @@ impl Ingestor {
             // The first copy to Redis holds everything; later ones what changed.
             features.track_changes();
         }
-        let now = config.clock.now_ms();
-        let since = now - config.dedup_window.as_millis() as i64;
-        let dedup = restore_dedup(&view, since, reelhouse_event::time::day_of(now)).await?;
         let source = match log {
             None => Source::Wal(Wal::open(&dir, config.wal_queue)?),
             Some((log, writer)) => Source::Log(LogSource {
@@ -965,7 +969,8 @@ impl Ingestor {
             applier,
             snapshot_segment: AtomicU64::new(snapshot_segment.unwrap_or(0)),
             last_snapshot: Mutex::new(Instant::now()),
-            dedup: Mutex::new(dedup),
+            dedup: Mutex::new(Dedup::default()),
+            dedup_loaded: tokio::sync::OnceCell::new(),
             view,
             flush_lock: tokio::sync::Mutex::new(()),
             accepted: AtomicU64::new(0),
@@ -1174,8 +1179,34 @@ impl Ingestor {
         v.derived.insert(name.to_string(), table);
     }
 
+    /// Reads the ids of the stored events received within the dedup window into the dedup
+    /// set, once (later calls return at once; concurrent ones wait for the first). Every
+    /// ingest calls it first, and so does [`Ingestor::follow`]; `start` calls it before
+    /// serving. Holds the flush lock meanwhile,
+    /// so no flush, compaction, retention or erasure removes a file the scan reads.
+    pub async fn load_dedup(&self) -> Result<(), IngestError> {
+        self.dedup_loaded
+            .get_or_try_init(|| async {
+                let _flush = self.flush_lock.lock().await;
+                let parts = {
+                    let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
+                    raw_parts(&v.tables, &v.pending)
+                };
+                let now = self.config.clock.now_ms();
+                let since = now - self.config.dedup_window.as_millis() as i64;
+                let restored =
+                    restore_dedup(parts, since, reelhouse_event::time::day_of(now)).await?;
+                // Nothing was claimed before: ingest waits for this.
+                *self.dedup.lock().unwrap_or_else(|p| p.into_inner()) = restored;
+                Ok::<(), IngestError>(())
+            })
+            .await
+            .map(|_| ())
+    }
+
     /// Validates, dedups and durably logs one body of events (NDJSON or a JSON array).
     pub async fn ingest(&self, body: &[u8], path: IngestPath) -> Result<BatchOutcome, IngestError> {
+        self.load_dedup().await?;
         let received_at = self.config.clock.now_ms();
         let (mut outcome, mut events, rejects) = parse_batch(body, received_at, path)?;
         if self.privacy.has_tombstones() {
@@ -2132,9 +2163,12 @@ async fn rebuild_features(features: &FeatureStore, view: &View) -> Result<(), In
 }
 
 /// Rebuilds the dedup set from events received since `since_ms` (committed or pending).
-async fn restore_dedup(view: &View, since_ms: i64, today: i32) -> Result<Dedup, IngestError> {
+async fn restore_dedup(
+    parts: Vec<(RawTable, Option<DeltaTable>, Vec<RecordBatch>)>,
+    since_ms: i64,
+    today: i32,
+) -> Result<Dedup, IngestError> {
     let mut dedup = Dedup::default();
-    let parts = raw_parts(&view.tables, &view.pending);
     let catalog = Catalog::new(parts).await?;
     let sql =
         format!("SELECT event_id FROM events WHERE received_at >= to_timestamp_millis({since_ms})");

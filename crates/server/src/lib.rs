@@ -577,7 +577,13 @@ async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr),
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     require_tokens_off_loopback(&config)?;
     let ingestor = match &config.follow {
-        None => Ingestor::open(config.ingest.clone()).await?,
+        None => {
+            let ingestor = Ingestor::open(config.ingest.clone()).await?;
+            // Ready for the first request, as before the set was loaded lazily: before any
+            // flusher or retention task starts.
+            ingestor.load_dedup().await?;
+            ingestor
+        }
         Some(f) => {
             Ingestor::open_following(config.ingest.clone(), Arc::clone(&f.log), f.writer).await?
         }

@@ -90,4 +90,47 @@ async fn generated_counts_match_manifest_and_dedup_survives_restart() {
         m.valid_unique as i64
     );
     server.shutdown().await.unwrap();
+
+    // A one-shot open (as `reelhouse ingest` and the maintenance commands do) reads the
+    // stored ids only at its first ingest: the re-sent events are still duplicates, and an
+    // event with a new id is accepted. Both stay durable through the flush.
+    let config = reelhouse_server::IngestConfig::new(
+        dir.path(),
+        std::sync::Arc::new(reelhouse_event::SystemClock),
+    );
+    let ing = reelhouse_server::ingest::Ingestor::open(config)
+        .await
+        .unwrap();
+    let (mut accepted, mut duplicates) = (0, 0);
+    for b in bodies.iter().take(5) {
+        let out = ing
+            .ingest(b, reelhouse_server::IngestPath::Bulk)
+            .await
+            .unwrap();
+        accepted += out.accepted;
+        duplicates += out.duplicates;
+    }
+    assert_eq!(accepted, 0);
+    assert!(duplicates > 0);
+    let fresh = serde_json::json!({
+        "event_id": "a-new-id-after-restart", "event_type": "like",
+        "event_time": chrono::Utc::now().timestamp_millis(), "user_id": 1,
+        "session_id": "s", "video_id": 1, "creator_id": 1,
+    })
+    .to_string();
+    let out = ing
+        .ingest(fresh.as_bytes(), reelhouse_server::IngestPath::Bulk)
+        .await
+        .unwrap();
+    assert_eq!((out.accepted, out.duplicates), (1, 0));
+    ing.flush().await.unwrap();
+    ing.close().await;
+    drop(ing);
+    let server = start(dir.path(), 7_000).await;
+    let url = crate::common::url(&server);
+    assert_eq!(
+        scalar(&url, "SELECT count(*) FROM events").await,
+        m.valid_unique as i64 + 1
+    );
+    server.shutdown().await.unwrap();
 }

@@ -53,6 +53,14 @@ impl Ingestor {
         let Source::Log(ls) = &self.source else {
             return;
         };
+        // Records are deduplicated against the stored ids (see the module doc): read them
+        // before the first record.
+        while let Err(e) = self.load_dedup().await {
+            tracing::error!(error = %e, "cannot read the stored event ids for dedup; retrying");
+            if stop_within(Duration::from_secs(1), &mut stop).await {
+                return;
+            }
+        }
         let after = {
             let v = self.view.lock().unwrap_or_else(|p| p.into_inner());
             RawTable::ALL
