@@ -1182,8 +1182,8 @@ impl Ingestor {
     /// Reads the ids of the stored events received within the dedup window into the dedup
     /// set, once (later calls return at once; concurrent ones wait for the first). Every
     /// ingest calls it first, and so does [`Ingestor::follow`]; `start` calls it before
-    /// serving. Holds the flush lock meanwhile,
-    /// so no flush, compaction, retention or erasure removes a file the scan reads.
+    /// serving. Holds the flush lock meanwhile, so no flush, compaction, retention or
+    /// erasure removes a file the scan reads.
     pub async fn load_dedup(&self) -> Result<(), IngestError> {
         self.dedup_loaded
             .get_or_try_init(|| async {
