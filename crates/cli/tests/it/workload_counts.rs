@@ -92,8 +92,8 @@ async fn generated_counts_match_manifest_and_dedup_survives_restart() {
     server.shutdown().await.unwrap();
 
     // A one-shot open (as `reelhouse ingest` and the maintenance commands do) reads the
-    // stored ids only at its first ingest: the re-sent events are still duplicates, and an
-    // event with a new id is accepted. Both stay durable through the flush.
+    // stored ids only at its first ingest: the re-sent events are still duplicates, an event
+    // with a new id is accepted, and its flush stores exactly that one event more.
     let config = reelhouse_server::IngestConfig::new(
         dir.path(),
         std::sync::Arc::new(reelhouse_event::SystemClock),
