@@ -7,11 +7,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::{day_number, parse_dates, ApiError, Ingestor};
 
-/// Count columns of `agg_creator_daily` that add up over days.
+/// Count columns of `agg_creator_daily` that add up over days, then `unique_viewers`, which
+/// does not (its total is counted over the range). It must stay last: [`Day::sums`] holds the
+/// others in this order.
 const SUMMED: [&str; 18] = [
     "views",
     "engaged_views",
@@ -58,11 +62,19 @@ struct Ended {
     percent: i128,
 }
 
+/// One `agg_creator_daily` row, serialized once when the index is built, with its summed
+/// columns (those of [`SUMMED`] but `unique_viewers`, in that order) beside it, so a request
+/// copies neither its keys nor its values.
+struct Day {
+    row: Box<RawValue>,
+    sums: [i64; SUMMED.len() - 1],
+}
+
 #[derive(Default)]
 struct CreatorIndex {
     /// `agg_creator_daily` rows by day (days since epoch), every column of the row (SPEC §6:
     /// each day of the dashboard is `{"date", <agg_creator_daily fields>}`).
-    days: BTreeMap<i32, Map<String, Value>>,
+    days: BTreeMap<i32, Day>,
     /// Per day, over the views with an end (as SQL `avg` counts, non-null values only): the
     /// number with a `watch_ms` and its sum, the number with a `percent_viewed` and its sum in
     /// the fixed point of [`PERCENT_ONE`].
@@ -102,7 +114,17 @@ impl DashboardIndex {
                     }
                 }
             }
-            idx.creators.entry(creator).or_default().days.insert(day, m);
+            let mut sums = [0; SUMMED.len() - 1];
+            for (s, name) in sums.iter_mut().zip(SUMMED) {
+                *s = m.get(name).and_then(Value::as_i64).unwrap_or(0);
+            }
+            let row = serde_json::value::to_raw_value(&m).map_err(internal)?;
+            let day_row = Day { row, sums };
+            idx.creators
+                .entry(creator)
+                .or_default()
+                .days
+                .insert(day, day_row);
         }
         let viewers = catalog
             .query_json(
@@ -264,29 +286,42 @@ pub async fn top_videos(
     }))
 }
 
-/// Builds the dashboard of `creator_id` for `[from, to]` (inclusive).
+/// The answer of [`dashboard`], its fields in the order `json!` gave them before (sorted).
+#[derive(Serialize)]
+struct Answer<'a> {
+    creator_id: i64,
+    days: Vec<&'a RawValue>,
+    followers: i64,
+    from: String,
+    to: String,
+    totals: Map<String, Value>,
+}
+
+/// Builds the dashboard of `creator_id` for `[from, to]` (inclusive), serialized as JSON.
+///
+/// The days are the index's rows as they were serialized when it was built, and the summed
+/// columns add up in fixed arrays: a 90-day answer copies no per-day map.
 pub async fn dashboard(
     ingestor: &Ingestor,
     creator: &str,
     params: &HashMap<String, String>,
-) -> Result<Value, ApiError> {
+) -> Result<Vec<u8>, ApiError> {
     let (creator_id, from, to) = creator_range(creator, params)?;
     let idx = ingestor.dashboard_index().await?;
     let empty = CreatorIndex::default();
     let c = idx.creators.get(&creator_id).unwrap_or(&empty);
     let (a, b) = (day_number(from), day_number(to));
-    let mut totals = Map::new();
-    for name in SUMMED {
-        totals.insert(name.to_string(), json!(0));
-    }
+    let mut sums = [0i64; SUMMED.len() - 1];
     let mut out_days = Vec::new();
     for day in c.days.range(a..=b).map(|(_, d)| d) {
-        for name in SUMMED.iter().filter(|n| **n != "unique_viewers") {
-            let t = totals.get(*name).and_then(Value::as_i64).unwrap_or(0);
-            let v = day.get(*name).and_then(Value::as_i64).unwrap_or(0);
-            totals.insert(name.to_string(), json!(t + v));
+        for (t, v) in sums.iter_mut().zip(day.sums) {
+            *t += v;
         }
-        out_days.push(Value::Object(day.clone()));
+        out_days.push(&*day.row);
+    }
+    let mut totals = Map::new();
+    for (name, t) in SUMMED.iter().zip(sums) {
+        totals.insert((*name).to_string(), json!(t));
     }
     let uniques = c
         .viewer_days
@@ -332,12 +367,19 @@ pub async fn dashboard(
         Value::Null
     };
     totals.insert("engagement_rate".into(), rate);
-    Ok(json!({
-        "creator_id": creator_id,
-        "from": from.to_string(),
-        "to": to.to_string(),
-        "days": out_days,
-        "totals": totals,
-        "followers": c.followers,
-    }))
+    serde_json::to_vec(&Answer {
+        creator_id,
+        days: out_days,
+        followers: c.followers,
+        from: from.to_string(),
+        to: to.to_string(),
+        totals,
+    })
+    .map_err(internal)
+}
+
+/// A failed serialization of the dashboard: logged (the error names no value), answered 500.
+fn internal(e: serde_json::Error) -> ApiError {
+    tracing::error!(error = %e, "dashboard serialization failed");
+    ApiError::Internal
 }

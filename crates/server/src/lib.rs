@@ -467,7 +467,12 @@ async fn get_dashboard(
     axum::extract::Path(id): axum::extract::Path<String>,
     axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(dashboard::dashboard(&s.ingestor, &id, &params).await?).into_response())
+    let body = dashboard::dashboard(&s.ingestor, &id, &params).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 async fn get_creator_videos(
