@@ -13,10 +13,9 @@ use serde_json::{json, Map, Value};
 
 use crate::{day_number, parse_dates, ApiError, Ingestor};
 
-/// Count columns of `agg_creator_daily` that add up over days, then `unique_viewers`, which
-/// does not (its total is counted over the range). It must stay last: [`Day::sums`] holds the
-/// others in this order.
-const SUMMED: [&str; 18] = [
+/// Count columns of `agg_creator_daily` that add up over days (`unique_viewers` does not: its
+/// total is counted over the range's views).
+const SUMMED: [&str; 17] = [
     "views",
     "engaged_views",
     "watch_time_ms",
@@ -34,7 +33,6 @@ const SUMMED: [&str; 18] = [
     "views_hashtag",
     "views_audio",
     "views_other",
-    "unique_viewers",
 ];
 
 /// The fixed point `percent_viewed` is summed in (2^64, as `agg_creator_daily` sums it), so
@@ -63,11 +61,11 @@ struct Ended {
 }
 
 /// One `agg_creator_daily` row, serialized once when the index is built, with its summed
-/// columns (those of [`SUMMED`] but `unique_viewers`, in that order) beside it, so a request
+/// columns (those of [`SUMMED`], in that order) beside it, so a request
 /// copies neither its keys nor its values.
 struct Day {
     row: Box<RawValue>,
-    sums: [i64; SUMMED.len() - 1],
+    sums: [i64; SUMMED.len()],
 }
 
 #[derive(Default)]
@@ -114,7 +112,7 @@ impl DashboardIndex {
                     }
                 }
             }
-            let mut sums = [0; SUMMED.len() - 1];
+            let mut sums = [0; SUMMED.len()];
             for (s, name) in sums.iter_mut().zip(SUMMED) {
                 *s = m.get(name).and_then(Value::as_i64).unwrap_or(0);
             }
@@ -311,7 +309,7 @@ pub async fn dashboard(
     let empty = CreatorIndex::default();
     let c = idx.creators.get(&creator_id).unwrap_or(&empty);
     let (a, b) = (day_number(from), day_number(to));
-    let mut sums = [0i64; SUMMED.len() - 1];
+    let mut sums = [0i64; SUMMED.len()];
     let mut out_days = Vec::new();
     for day in c.days.range(a..=b).map(|(_, d)| d) {
         for (t, v) in sums.iter_mut().zip(day.sums) {
