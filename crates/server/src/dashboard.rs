@@ -4,6 +4,10 @@
 //! Totals of counts are sums of the days; `unique_viewers` and the two averages are computed
 //! exactly over the range's views (a sum of daily uniques would count a returning viewer twice);
 //! `engagement_rate` is the range's (likes_added − likes_removed + comments + shares) / views.
+//!
+//! `from` and `to` may be left out (see [`CreatorRange::resolve`]): without either the
+//! answer covers every day the creator has a row on; the answer's `from` and `to` say which
+//! range was used. The same holds for `GET /v1/creators/{id}/videos`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -11,7 +15,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use crate::{day_number, parse_dates, ApiError, Ingestor};
+use crate::{day_number, ApiError, Ingestor};
 
 /// Count columns of `agg_creator_daily` that add up over days (`unique_viewers` does not: its
 /// total is counted over the range's views).
@@ -80,6 +84,16 @@ struct CreatorIndex {
     /// For each viewer, the sorted days they viewed (exact unique viewers over any range).
     viewer_days: Vec<Vec<i32>>,
     followers: i64,
+}
+
+impl CreatorIndex {
+    /// The first and last day the creator has an `agg_creator_daily` row on.
+    fn span(&self) -> Option<(i32, i32)> {
+        Some((
+            *self.days.first_key_value()?.0,
+            *self.days.last_key_value()?.0,
+        ))
+    }
 }
 
 impl DashboardIndex {
@@ -177,26 +191,71 @@ impl DashboardIndex {
     }
 }
 
-/// The creator id and `[from, to]` range of a creator endpoint.
+/// A creator endpoint's request: the creator id and the `from` and `to` it gave, if any.
+struct CreatorRange {
+    creator_id: i64,
+    from: Option<chrono::NaiveDate>,
+    to: Option<chrono::NaiveDate>,
+}
+
+/// Parses the creator id and the optional `from` and `to` (`YYYY-MM-DD`) of a creator
+/// endpoint. Given both, `from` must not be after `to` and the range may cover at most
+/// [`MAX_DAYS`] days.
 fn creator_range(
     creator: &str,
     params: &HashMap<String, String>,
-) -> Result<(i64, chrono::NaiveDate, chrono::NaiveDate), ApiError> {
+) -> Result<CreatorRange, ApiError> {
     let creator_id: i64 = creator
         .parse()
         .ok()
         .filter(|c: &i64| *c >= 0)
         .ok_or_else(|| ApiError::BadRequest("creator id must be a non-negative integer".into()))?;
-    let (from, to) = parse_dates(
-        params.get("from").map(String::as_str),
-        params.get("to").map(String::as_str),
-    )?;
-    if (to - from).num_days() >= MAX_DAYS {
-        return Err(ApiError::BadRequest(format!(
-            "a range may cover at most {MAX_DAYS} days"
-        )));
+    let date = |name: &str| -> Result<Option<chrono::NaiveDate>, ApiError> {
+        params
+            .get(name)
+            .map(|v| {
+                chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| {
+                    ApiError::BadRequest(format!("{name} must be a date as YYYY-MM-DD"))
+                })
+            })
+            .transpose()
+    };
+    let (from, to) = (date("from")?, date("to")?);
+    if let (Some(from), Some(to)) = (from, to) {
+        if to < from {
+            return Err(ApiError::BadRequest("from must not be after to".into()));
+        }
+        if (to - from).num_days() >= MAX_DAYS {
+            return Err(ApiError::BadRequest(format!(
+                "a range may cover at most {MAX_DAYS} days"
+            )));
+        }
     }
-    Ok((creator_id, from, to))
+    Ok(CreatorRange {
+        creator_id,
+        from,
+        to,
+    })
+}
+
+impl CreatorRange {
+    /// The inclusive range to answer for, given the first and last day (days since epoch)
+    /// the creator has an `agg_creator_daily` row on (`None`: no rows). An omitted `to` is the
+    /// creator's last day, an omitted `from` its first day, so a request without either
+    /// covers all of the creator's days; with no rows, an omitted `to` is today (UTC) and
+    /// an omitted `from` is `to`. A bound filled in never crosses the one given: `from`
+    /// after the creator's last day gives an empty range starting there.
+    fn resolve(&self, span: Option<(i32, i32)>) -> (chrono::NaiveDate, chrono::NaiveDate) {
+        let date = |d: i32| chrono::NaiveDate::default() + chrono::Duration::days(d.into());
+        let to = self.to.unwrap_or_else(|| {
+            let last = span.map_or_else(|| chrono::Utc::now().date_naive(), |s| date(s.1));
+            self.from.map_or(last, |from| last.max(from))
+        });
+        let from = self
+            .from
+            .unwrap_or_else(|| span.map_or(to, |s| date(s.0)).min(to));
+        (from, to)
+    }
 }
 
 /// The `limit` query parameter: 1..=`max`, `default` when absent.
@@ -224,8 +283,16 @@ pub async fn top_videos(
     creator: &str,
     params: &HashMap<String, String>,
 ) -> Result<Value, ApiError> {
-    let (creator_id, from, to) = creator_range(creator, params)?;
+    let range = creator_range(creator, params)?;
     let limit = limit_param(params, 10, 100)?;
+    let (creator_id, (from, to)) = {
+        let idx = ingestor.dashboard_index().await?;
+        let span = idx
+            .creators
+            .get(&range.creator_id)
+            .and_then(CreatorIndex::span);
+        (range.creator_id, range.resolve(span))
+    };
     let catalog = ingestor.catalog().await?;
     let has = |t: &str| catalog.context().table_exist(t).unwrap_or(false);
     let mut videos = Vec::new();
@@ -304,10 +371,12 @@ pub async fn dashboard(
     creator: &str,
     params: &HashMap<String, String>,
 ) -> Result<Vec<u8>, ApiError> {
-    let (creator_id, from, to) = creator_range(creator, params)?;
+    let range = creator_range(creator, params)?;
+    let creator_id = range.creator_id;
     let idx = ingestor.dashboard_index().await?;
     let empty = CreatorIndex::default();
     let c = idx.creators.get(&creator_id).unwrap_or(&empty);
+    let (from, to) = range.resolve(c.span());
     let (a, b) = (day_number(from), day_number(to));
     let mut sums = [0i64; SUMMED.len()];
     let mut out_days = Vec::new();
@@ -380,4 +449,76 @@ pub async fn dashboard(
 fn internal(e: serde_json::Error) -> ApiError {
     tracing::error!(error = %e, "dashboard serialization failed");
     ApiError::Internal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(from: Option<&str>, to: Option<&str>) -> Result<CreatorRange, ApiError> {
+        let mut params = HashMap::new();
+        for (k, v) in [("from", from), ("to", to)] {
+            if let Some(v) = v {
+                params.insert(k.to_string(), v.to_string());
+            }
+        }
+        creator_range("7", &params)
+    }
+
+    fn d(s: &str) -> chrono::NaiveDate {
+        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()
+    }
+
+    /// Omitted bounds come from the creator's days and never cross a bound given; bad or
+    /// reversed bounds are refused.
+    #[test]
+    fn omitted_bounds_cover_the_creators_days() {
+        let span = Some((day_number(d("2026-11-01")), day_number(d("2026-11-30"))));
+        let resolve = |from, to, span| range(from, to).unwrap().resolve(span);
+        assert_eq!(
+            resolve(None, None, span),
+            (d("2026-11-01"), d("2026-11-30"))
+        );
+        assert_eq!(
+            resolve(Some("2026-11-10"), None, span),
+            (d("2026-11-10"), d("2026-11-30"))
+        );
+        assert_eq!(
+            resolve(None, Some("2026-11-10"), span),
+            (d("2026-11-01"), d("2026-11-10"))
+        );
+        // Past either end of the data: an empty range at the bound given.
+        assert_eq!(
+            resolve(Some("2026-12-05"), None, span),
+            (d("2026-12-05"), d("2026-12-05"))
+        );
+        assert_eq!(
+            resolve(None, Some("2026-10-01"), span),
+            (d("2026-10-01"), d("2026-10-01"))
+        );
+        assert_eq!(
+            resolve(Some("2026-10-01"), Some("2026-10-03"), span),
+            (d("2026-10-01"), d("2026-10-03"))
+        );
+        // No rows: today, or the bound given.
+        let today = chrono::Utc::now().date_naive();
+        let (from, to) = resolve(None, None, None);
+        assert_eq!(from, to);
+        assert!((to - today).num_days().abs() <= 1, "{to}");
+        assert_eq!(
+            resolve(None, Some("2026-10-01"), None),
+            (d("2026-10-01"), d("2026-10-01"))
+        );
+        for (from, to) in [
+            (Some("2026-11-02"), Some("2026-11-01")),
+            (Some("x"), None),
+            (None, Some("2026-13-01")),
+            (Some("2000-01-01"), Some("2026-01-01")),
+        ] {
+            assert!(
+                matches!(range(from, to), Err(ApiError::BadRequest(_))),
+                "{from:?} {to:?}"
+            );
+        }
+    }
 }

@@ -407,11 +407,31 @@ async fn dashboard_equals_the_aggregates() {
     );
     assert_eq!(d["totals"]["views"], want[0][3]);
     assert_eq!(d["days"].as_array().unwrap().len(), days.len() - 1);
+    // Without `from` or `to` the answer covers all of the creator's days and says which;
+    // with `from` alone, from there to the creator's last day.
+    let base = format!("{url}/v1/creators/{creator}/dashboard");
+    let base = base.as_str();
+    let get = |q: String| async move {
+        let r = reqwest::get(format!("{base}{q}")).await.unwrap();
+        assert_eq!(r.status(), 200, "{q}");
+        r.json::<Value>().await.unwrap()
+    };
+    let whole = get(String::new()).await;
+    assert_eq!(
+        (whole["from"].as_str(), whole["to"].as_str()),
+        (Some(from), Some(to))
+    );
+    assert_eq!(whole["totals"]["views"], top[0][3]);
+    assert_eq!(whole["totals"]["unique_viewers"], uniq[0][0]);
+    assert_eq!(whole["days"].as_array().unwrap().len(), days.len());
+    let tail = get(format!("?from={sub_from}")).await;
+    assert_eq!(tail["to"].as_str(), Some(to));
+    assert_eq!(tail["totals"], d["totals"]);
     // Bad ranges are refused with a clear 400.
     for q in [
         "from=2026-01-02&to=2026-01-01",
         "from=x&to=2026-01-01",
-        "to=2026-01-01",
+        "to=2026-13-01",
     ] {
         let r = reqwest::get(format!("{url}/v1/creators/{creator}/dashboard?{q}"))
             .await
