@@ -968,6 +968,70 @@ mod tests {
         }
     }
 
+    /// A date above [`rewrite::SPLIT_ROWS`] rows is written as several files (a multiple of
+    /// the write streams), all tagged with the fingerprint of the whole date: the same rows
+    /// again keep them, one changed row rewrites all of them, and no row is lost or doubled.
+    #[tokio::test]
+    async fn a_big_date_is_cut_into_files_that_are_kept_or_rewritten_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path()).unwrap();
+        let schema: SchemaRef = Arc::new(Schema::new(vec![
+            Field::new("d", DataType::Date32, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let n = rewrite::SPLIT_ROWS as i64 + 1_000;
+        let mut rows0: Vec<(i32, i64)> = (0..n).map(|v| (20_000, v)).collect();
+        rows0.extend((0..10).map(|v| (20_001, v)));
+        let files = |t: &DeltaTable, date: &str| -> Vec<String> {
+            let mut f: Vec<String> = t
+                .snapshot()
+                .unwrap()
+                .log_data()
+                .into_iter()
+                .map(|f| f.path().to_string())
+                .filter(|p| p.starts_with(&format!("d={date}/")))
+                .collect();
+            f.sort();
+            f
+        };
+        let write = async |lake: &Lake, t: Option<DeltaTable>, rows: &[(i32, i64)]| {
+            // Two batches, the big date's rows split across them and out of order.
+            let (a, b) = rows.split_at(rows.len() / 3);
+            let batches = vec![batch(&schema, b), batch(&schema, a)];
+            lake.overwrite_derived("big", t, schema.clone(), batches, &["d"])
+                .await
+                .unwrap()
+        };
+        let created = write(&lake, None, &rows0).await;
+        let t = write(&lake, Some(created), &rows0).await;
+        let want = rewrite::files_for(n as usize, write_streams());
+        if write_streams() > 1 {
+            assert!(want > 1, "{want}");
+        }
+        let big = files(&t, "2024-10-04");
+        assert_eq!(big.len(), want, "{big:?}");
+        assert_eq!(files(&t, "2024-10-05").len(), 1);
+        assert_eq!(rows(&t).await, rows0);
+        // The same rows: every file kept, no commit.
+        let v = t.version();
+        let t = write(&lake, Some(t), &rows0).await;
+        assert_eq!(t.version(), v);
+        assert_eq!(files(&t, "2024-10-04"), big);
+        // One row of the big date changed: all of its files are replaced, the small date's
+        // file is kept.
+        let small = files(&t, "2024-10-05");
+        let mut rows1 = rows0.clone();
+        rows1[7].1 = -7;
+        let t = write(&lake, Some(t), &rows1).await;
+        assert_eq!(t.version(), v.map(|v| v + 1));
+        let big1 = files(&t, "2024-10-04");
+        assert_eq!(big1.len(), want);
+        assert!(big1.iter().all(|p| !big.contains(p)), "{big1:?}");
+        assert_eq!(files(&t, "2024-10-05"), small);
+        rows1.sort();
+        assert_eq!(rows(&t).await, rows1);
+    }
+
     /// Derived files encode integers, dates and timestamps as `DELTA_BINARY_PACKED` and
     /// strings as `DELTA_LENGTH_BYTE_ARRAY` ([`derived_properties_for`]), whether delta-rs
     /// (a new table) or the rewrite path wrote them, and their rows read back unchanged.

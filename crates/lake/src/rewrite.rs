@@ -8,7 +8,8 @@
 //! the table's invariants. For a table that already exists with the same columns, this module
 //! does the same job with less: the rows are grouped by date once (one `take` per date), each
 //! date is encoded by a delta-rs [`RecordBatchWriter`] on one of [`streams`] tasks and closed
-//! before the next (its `Add` action carries the same statistics delta-rs writes), and one
+//! before the next (its `Add` action carries the same statistics delta-rs writes; a date of
+//! many rows is cut into a few files, [`files_for`], so that every task has a share), and one
 //! commit adds the new files and removes every current one (or those of the replaced dates),
 //! with the same operation (`WRITE`, mode `Overwrite`, the replace-where predicate) the
 //! delta-rs write records. Readers see the old version or the new one. Tables that are new,
@@ -156,6 +157,27 @@ fn parts(
     rows.into_values()
         .map(|r| Ok(take_record_batch(&all, &UInt32Array::from(r))?))
         .collect()
+}
+
+/// Rows above which a date is written as more than one file.
+pub(crate) const SPLIT_ROWS: usize = 131_072;
+
+/// The most rows [`files_for`] puts in one file of a cut date.
+const FILE_ROWS: usize = 1 << 20;
+
+/// How many files a date of `rows` rows is written as, with `streams` files encoded at once:
+/// one up to [`SPLIT_ROWS`] rows (small files cost readers more than they save the writer);
+/// above, a multiple of `streams` of at most [`FILE_ROWS`] rows each, so that a day that
+/// dominates a rewrite (a day of 2M events has 600k views) is encoded on every core rather
+/// than on one while the others wait. Dates of the same rows always get the same count on
+/// the same machine, which keeps their fingerprints (and unchanged files) stable.
+pub(crate) fn files_for(rows: usize, streams: usize) -> usize {
+    let streams = streams.max(1);
+    if rows <= SPLIT_ROWS {
+        1
+    } else {
+        streams * rows.div_ceil(streams * FILE_ROWS)
+    }
 }
 
 /// The tag on every file written here that records its rows' [`fingerprint`].
@@ -387,8 +409,8 @@ pub(crate) struct Settings {
 ///
 /// Files whose rows do not change are kept: each file written here is tagged ([`ROWS_TAG`])
 /// with the [`fingerprint`] of its date's rows (of the whole table's, unpartitioned), and a
-/// date whose one current file carries the fingerprint of its new rows is neither written nor
-/// removed (unless `settings` say otherwise). When nothing changes, nothing is committed and
+/// date whose current files all carry the fingerprint of its new rows (which records how many
+/// files they are) is neither written nor removed (unless `settings` say otherwise). When nothing changes, nothing is committed and
 /// `table` is returned as it is.
 pub(crate) async fn overwrite(
     table: DeltaTable,
@@ -466,18 +488,41 @@ pub(crate) async fn overwrite(
             Some(fp)
         }
     };
-    // Largest parts first, each to the stream with the fewest rows so far.
-    let mut order: Vec<usize> = (0..parts.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(parts[i].num_rows()));
-    let mut shares: Vec<(usize, Vec<RecordBatch>)> = vec![(0, Vec::new()); streams.max(1)];
-    let mut parts: Vec<Option<RecordBatch>> = parts.into_iter().map(Some).collect();
-    for i in order {
-        let share = shares.iter_mut().min_by_key(|s| s.0).expect("one stream");
-        let part = parts[i].take().expect("each part once");
-        share.0 += part.num_rows();
-        share.1.push(part);
-    }
+    // A date with many rows is cut into several files (see [`files_for`]), so that one big
+    // day is encoded on every core; its fingerprint, over all of its files, is taken here and
+    // tagged on each. The other dates are fingerprinted in the tasks.
     let current = std::sync::Arc::new(current);
+    let mut kept = HashSet::new();
+    let mut pieces: Vec<(RecordBatch, Option<String>)> = Vec::with_capacity(parts.len());
+    for part in parts {
+        let (Some(col), n) = (&partition, part.num_rows()) else {
+            pieces.push((part, None));
+            continue;
+        };
+        let per = n.div_ceil(files_for(n, streams));
+        if per >= n {
+            pieces.push((part, None));
+            continue;
+        }
+        let fp = fingerprint(std::slice::from_ref(&part), n.div_ceil(per))?;
+        let key = partition_value(&part, col);
+        if keep_unchanged && current.get(&key).is_some_and(|c| c.holds(&fp)) {
+            kept.insert(key);
+            continue;
+        }
+        for at in (0..n).step_by(per) {
+            pieces.push((part.slice(at, per.min(n - at)), Some(fp.clone())));
+        }
+    }
+    // Largest pieces first, each to the stream with the fewest rows so far.
+    pieces.sort_by_key(|p| std::cmp::Reverse(p.0.num_rows()));
+    let mut shares: Vec<(usize, Vec<(RecordBatch, Option<String>)>)> =
+        vec![(0, Vec::new()); streams.max(1)];
+    for piece in pieces {
+        let share = shares.iter_mut().min_by_key(|s| s.0).expect("one stream");
+        share.0 += piece.0.num_rows();
+        share.1.push(piece);
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for (_, share) in shares.into_iter().filter(|s| !s.1.is_empty()) {
         let mut writer =
@@ -486,15 +531,22 @@ pub(crate) async fn overwrite(
         tasks.spawn(async move {
             let mut adds = Vec::new();
             let mut kept = Vec::new();
-            for batch in share {
+            for (batch, cut) in share {
                 let fp = match &partition {
                     Some(col) => {
                         let key = partition_value(&batch, col);
-                        let fp = fingerprint(std::slice::from_ref(&batch), 1)?;
-                        if keep_unchanged && current.get(&key).is_some_and(|c| c.holds(&fp)) {
-                            kept.push(key);
-                            continue;
-                        }
+                        let fp = match cut {
+                            Some(fp) => fp,
+                            None => {
+                                let fp = fingerprint(std::slice::from_ref(&batch), 1)?;
+                                if keep_unchanged && current.get(&key).is_some_and(|c| c.holds(&fp))
+                                {
+                                    kept.push(key);
+                                    continue;
+                                }
+                                fp
+                            }
+                        };
                         let dates = batch.column_by_name(col).expect("checked by fits");
                         let value = ScalarExt::from_array(dates.as_ref(), 0)
                             .expect("a Date32 value or null");
@@ -509,7 +561,7 @@ pub(crate) async fn overwrite(
                         whole.clone().expect("computed for an unpartitioned table")
                     }
                 };
-                // One file open at a time: close this date's file before the next.
+                // One file open at a time: close this piece's file before the next.
                 for mut add in writer.flush().await? {
                     add.tags
                         .get_or_insert_with(HashMap::new)
@@ -521,7 +573,6 @@ pub(crate) async fn overwrite(
         });
     }
     let mut actions: Vec<Action> = Vec::new();
-    let mut kept = HashSet::new();
     while let Some(done) = tasks.join_next().await {
         let (adds, k) = done.map_err(|e| crate::Error::Io(std::io::Error::other(e)))??;
         actions.extend(adds.into_iter().map(Action::Add));

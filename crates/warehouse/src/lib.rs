@@ -339,16 +339,22 @@ pub(crate) async fn incremental_dates(
     let mut write = index.expand(&seeds, true).dates;
     write.extend(seeds);
     let read = index.expand(&write, false);
-    // The rows read, batch by batch (the index numbers the rows of `events` in order).
-    let mut keep = read.read.into_iter();
-    let read: Vec<RecordBatch> = events
-        .iter()
-        .map(|b| {
-            let mask: BooleanArray = keep.by_ref().take(b.num_rows()).map(Some).collect();
-            filter_record_batch(b, &mask)
-        })
-        .collect::<std::result::Result<_, _>>()
-        .map_err(err)?;
+    // The rows read, batch by batch (the index numbers the rows of `events` in order); all
+    // of them as they are when every row is read (one day that holds most events), instead
+    // of a copy.
+    let read: Vec<RecordBatch> = if read.read.iter().all(|r| *r) {
+        events.to_vec()
+    } else {
+        let mut keep = read.read.into_iter();
+        events
+            .iter()
+            .map(|b| {
+                let mask: BooleanArray = keep.by_ref().take(b.num_rows()).map(Some).collect();
+                filter_record_batch(b, &mask)
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(err)?
+    };
     let ctx = catalog.context();
     let _ = ctx.deregister_table(REBUILD_EVENTS);
     let t = MemTable::try_new(Arc::clone(schema), vec![read]).map_err(model_err)?;
