@@ -159,6 +159,11 @@ fn parts(
         .collect()
 }
 
+/// Rows to write as one file, with the fingerprint of their date when the date was cut into
+/// several files (see [`files_for`]; `None`: the file holds its whole date, fingerprinted by
+/// the task that writes it).
+type Piece = (RecordBatch, Option<String>);
+
 /// Rows above which a date is written as more than one file.
 pub(crate) const SPLIT_ROWS: usize = 131_072;
 
@@ -493,7 +498,7 @@ pub(crate) async fn overwrite(
     // tagged on each. The other dates are fingerprinted in the tasks.
     let current = std::sync::Arc::new(current);
     let mut kept = HashSet::new();
-    let mut pieces: Vec<(RecordBatch, Option<String>)> = Vec::with_capacity(parts.len());
+    let mut pieces: Vec<Piece> = Vec::with_capacity(parts.len());
     for part in parts {
         let (Some(col), n) = (&partition, part.num_rows()) else {
             pieces.push((part, None));
@@ -516,8 +521,7 @@ pub(crate) async fn overwrite(
     }
     // Largest pieces first, each to the stream with the fewest rows so far.
     pieces.sort_by_key(|p| std::cmp::Reverse(p.0.num_rows()));
-    let mut shares: Vec<(usize, Vec<(RecordBatch, Option<String>)>)> =
-        vec![(0, Vec::new()); streams.max(1)];
+    let mut shares: Vec<(usize, Vec<Piece>)> = vec![(0, Vec::new()); streams.max(1)];
     for piece in pieces {
         let share = shares.iter_mut().min_by_key(|s| s.0).expect("one stream");
         share.0 += piece.0.num_rows();
