@@ -415,8 +415,8 @@ pub(crate) struct Settings {
 /// Files whose rows do not change are kept: each file written here is tagged ([`ROWS_TAG`])
 /// with the [`fingerprint`] of its date's rows (of the whole table's, unpartitioned), and a
 /// date whose current files all carry the fingerprint of its new rows (which records how many
-/// files they are) is neither written nor removed (unless `settings` say otherwise). When nothing changes, nothing is committed and
-/// `table` is returned as it is.
+/// files they are) is neither written nor removed (unless `settings` say otherwise). When
+/// nothing changes, nothing is committed and `table` is returned as it is.
 pub(crate) async fn overwrite(
     table: DeltaTable,
     schema: SchemaRef,
