@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use crate::{day_number, ApiError, Ingestor};
+use crate::{day_number, parse_date, parse_dates, ApiError, Ingestor};
 
 /// Count columns of `agg_creator_daily` that add up over days (`unique_viewers` does not: its
 /// total is counted over the range's views).
@@ -210,27 +210,22 @@ fn creator_range(
         .ok()
         .filter(|c: &i64| *c >= 0)
         .ok_or_else(|| ApiError::BadRequest("creator id must be a non-negative integer".into()))?;
-    let date = |name: &str| -> Result<Option<chrono::NaiveDate>, ApiError> {
-        params
-            .get(name)
-            .map(|v| {
-                chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| {
-                    ApiError::BadRequest(format!("{name} must be a date as YYYY-MM-DD"))
-                })
-            })
-            .transpose()
+    let get = |name: &str| params.get(name).map(String::as_str);
+    let (from, to) = match (get("from"), get("to")) {
+        (Some(from), Some(to)) => {
+            let (from, to) = parse_dates(Some(from), Some(to))?;
+            if (to - from).num_days() >= MAX_DAYS {
+                return Err(ApiError::BadRequest(format!(
+                    "a range may cover at most {MAX_DAYS} days"
+                )));
+            }
+            (Some(from), Some(to))
+        }
+        (from, to) => (
+            from.map(|v| parse_date("from", v)).transpose()?,
+            to.map(|v| parse_date("to", v)).transpose()?,
+        ),
     };
-    let (from, to) = (date("from")?, date("to")?);
-    if let (Some(from), Some(to)) = (from, to) {
-        if to < from {
-            return Err(ApiError::BadRequest("from must not be after to".into()));
-        }
-        if (to - from).num_days() >= MAX_DAYS {
-            return Err(ApiError::BadRequest(format!(
-                "a range may cover at most {MAX_DAYS} days"
-            )));
-        }
-    }
     Ok(CreatorRange {
         creator_id,
         from,

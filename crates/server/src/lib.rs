@@ -357,6 +357,12 @@ struct RestateRequest {
     to: String,
 }
 
+/// Parses the `YYYY-MM-DD` date given as parameter `name`.
+pub fn parse_date(name: &str, v: &str) -> Result<chrono::NaiveDate, ApiError> {
+    chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
+        .map_err(|_| ApiError::BadRequest(format!("{name} must be a date as YYYY-MM-DD")))
+}
+
 /// Parses an inclusive range of `YYYY-MM-DD` dates (query parameters or a request body).
 pub fn parse_dates(
     from: Option<&str>,
@@ -366,8 +372,7 @@ pub fn parse_dates(
         let v = v.ok_or_else(|| {
             ApiError::BadRequest(format!("missing query parameter {name}=YYYY-MM-DD"))
         })?;
-        chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
-            .map_err(|_| ApiError::BadRequest(format!("{name} must be a date as YYYY-MM-DD")))
+        parse_date(name, v)
     };
     let (a, b) = (date("from", from)?, date("to", to)?);
     if b < a {
