@@ -280,13 +280,14 @@ pub async fn top_videos(
 ) -> Result<Value, ApiError> {
     let range = creator_range(creator, params)?;
     let limit = limit_param(params, 10, 100)?;
-    let (creator_id, (from, to)) = {
-        let idx = ingestor.dashboard_index().await?;
-        let span = idx
-            .creators
-            .get(&range.creator_id)
-            .and_then(CreatorIndex::span);
-        (range.creator_id, range.resolve(span))
+    let creator_id = range.creator_id;
+    // The creator's days (from the dashboard's index) are needed only for a bound left out.
+    let (from, to) = match (range.from, range.to) {
+        (Some(from), Some(to)) => (from, to),
+        _ => {
+            let idx = ingestor.dashboard_index().await?;
+            range.resolve(idx.creators.get(&creator_id).and_then(CreatorIndex::span))
+        }
     };
     let catalog = ingestor.catalog().await?;
     let has = |t: &str| catalog.context().table_exist(t).unwrap_or(false);

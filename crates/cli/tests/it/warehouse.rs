@@ -427,6 +427,27 @@ async fn dashboard_equals_the_aggregates() {
     let tail = get(format!("?from={sub_from}")).await;
     assert_eq!(tail["to"].as_str(), Some(to));
     assert_eq!(tail["totals"], d["totals"]);
+    // The creator's videos take the same defaults: all of its days.
+    let videos: Value = reqwest::get(format!("{url}/v1/creators/{creator}/videos?limit=1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (videos["from"].as_str(), videos["to"].as_str()),
+        (Some(from), Some(to))
+    );
+    let top_video = &videos["videos"][0];
+    let want = sql(
+        &url,
+        &format!(
+            "SELECT count(*) FROM fact_video_view WHERE video_id = {} AND creator_id = {creator}",
+            top_video["video_id"]
+        ),
+    )
+    .await;
+    assert_eq!(top_video["views"], want[0][0], "{videos}");
     // Bad ranges are refused with a clear 400.
     for q in [
         "from=2026-01-02&to=2026-01-01",
