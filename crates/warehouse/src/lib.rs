@@ -309,13 +309,18 @@ pub fn ints_of(batches: &[RecordBatch]) -> std::collections::BTreeSet<i32> {
 ///    did not change.
 ///
 /// Dates with sessions still `open` are seeds too (they may have timed out since). Both
-/// expansions run in memory over the key columns of `events` (see [`plan`]).
+/// expansions run in memory over the key columns of `events` (see [`plan`]); when the seeds
+/// hold every date of `events`, there is nothing to expand: every date is rewritten from
+/// every event, without the index.
+///
+/// Also returns whether every event is read (then the models can run as in a full rebuild,
+/// see [`materialize`]).
 pub(crate) async fn incremental_dates(
     catalog: &Catalog,
     seeds: &[i32],
     schema: &reelhouse_lake::deltalake::arrow::datatypes::SchemaRef,
     events: &[RecordBatch],
-) -> Result<Vec<i32>> {
+) -> Result<(Vec<i32>, bool)> {
     use reelhouse_lake::deltalake::arrow::array::BooleanArray;
     use reelhouse_lake::deltalake::arrow::compute::filter_record_batch;
     use std::collections::BTreeSet;
@@ -335,17 +340,22 @@ pub(crate) async fn incremental_dates(
         source,
     };
     let err = |e: ArrowError| model_err(e.into());
-    let index = plan::Events::of(schema, events).map_err(err)?;
-    let mut write = index.expand(&seeds, true).dates;
-    write.extend(seeds);
-    let read = index.expand(&write, false);
+    let stored = plan::dates_of(schema, events).map_err(err)?;
+    let (write, read) = if stored.is_subset(&seeds) {
+        (seeds, None)
+    } else {
+        let index = plan::Events::of(schema, events).map_err(err)?;
+        let mut write = index.expand(&seeds, true).dates;
+        write.extend(seeds);
+        let read = index.expand(&write, false).read;
+        (write, Some(read).filter(|read| !read.iter().all(|r| *r)))
+    };
+    let every_event = read.is_none();
     // The rows read, batch by batch (the index numbers the rows of `events` in order); all
     // of them as they are when every row is read (one day that holds most events), instead
     // of a copy.
-    let read: Vec<RecordBatch> = if read.read.iter().all(|r| *r) {
-        events.to_vec()
-    } else {
-        let mut keep = read.read.into_iter();
+    let read: Vec<RecordBatch> = if let Some(read) = read {
+        let mut keep = read.into_iter();
         events
             .iter()
             .map(|b| {
@@ -354,13 +364,15 @@ pub(crate) async fn incremental_dates(
             })
             .collect::<std::result::Result<_, _>>()
             .map_err(err)?
+    } else {
+        events.to_vec()
     };
     let ctx = catalog.context();
     let _ = ctx.deregister_table(REBUILD_EVENTS);
     let t = MemTable::try_new(Arc::clone(schema), vec![read]).map_err(model_err)?;
     ctx.register_table(REBUILD_EVENTS, Arc::new(t))
         .map_err(model_err)?;
-    Ok(write.into_iter().collect())
+    Ok((write.into_iter().collect(), every_event))
 }
 
 /// `fact_engagement`: the like, unlike, share and comment events, with these columns.
@@ -514,7 +526,8 @@ pub struct Report {
     /// The dates whose rows were recomputed in an incremental rebuild (`YYYY-MM-DD`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dates: Option<Vec<String>>,
-    /// Time spent finding those dates and the events to read (incremental only).
+    /// Time spent finding those dates and the events to read, after reading the events
+    /// (incremental only; the read is counted in the `ev` table's time).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plan_ms: Option<u64>,
     pub tables: Vec<TableReport>,
@@ -967,13 +980,20 @@ pub async fn materialize(
         }
         _ => None,
     };
-    let scope = match (&inputs.dirty, &all_ev) {
+    // Whether the models read every event: in a full rebuild, and in an incremental one
+    // whose dates reach every event (one day that holds most of them, or every date). Then
+    // they run as in a full rebuild, each as soon as its inputs are done; an incremental
+    // one still writes only its dates.
+    let (scope, reads_all) = match (&inputs.dirty, &all_ev) {
         (Some(seeds), Some((schema, events))) => {
-            Some(incremental_dates(catalog, seeds, schema, events).await?)
+            let (dates, all) = incremental_dates(catalog, seeds, schema, events).await?;
+            (Some(dates), all)
         }
-        _ => None,
+        _ => (None, true),
     };
-    report.plan_ms = scope.is_some().then(|| start.elapsed().as_millis() as u64);
+    report.plan_ms = scope
+        .is_some()
+        .then(|| (start.elapsed() - read_took).as_millis() as u64);
     report.mode = if scope.is_some() {
         "incremental"
     } else {
@@ -1004,15 +1024,16 @@ pub async fn materialize(
     let mut ahead = Ahead::default();
     let mut dims_task = Some(dims_task);
     let mut cascades_written = false;
-    let order = match scope {
-        None => full_rebuild_order(),
-        Some(_) => MODELS.iter().collect(),
+    let order = if reads_all {
+        full_rebuild_order()
+    } else {
+        MODELS.iter().collect()
     };
     for m in order {
         let model_start = Instant::now();
-        if scope.is_none() {
-            // A full rebuild: every model reads every event, so a model may start as soon
-            // as its inputs are done. (An incremental one switches inputs part way.)
+        if reads_all {
+            // Every model reads every event, so a model may start as soon as its inputs
+            // are done. (An incremental one that reads only some switches inputs part way.)
             ahead.start_ready(MODELS, &prior, inputs);
             // The tables computed beside the models are written as soon as they are done,
             // on the core the models before `fact_video_view` leave idle while it runs.
@@ -1027,7 +1048,7 @@ pub async fn materialize(
             }
         }
         let dated = frozen_column(m.name).map(|(col, _)| col);
-        if let (Some(_), None, false) = (&scope, dated, m.internal) {
+        if let (Some(_), None, false, false) = (&scope, dated, m.internal, reads_all) {
             if !switched {
                 // The models after the date-keyed ones (state, retention curves, cascades)
                 // read every event and every view: the dates just rebuilt plus the rest.
@@ -1084,7 +1105,7 @@ pub async fn materialize(
         };
         let (schema, batches) =
             run_model(ctx, m, &ev, inputs, &closed_at, &mut prior, &mut ahead).await?;
-        if scope.is_none() && m.name == "fact_video_view" {
+        if reads_all && m.name == "fact_video_view" {
             cascade_task = Some(spawn_cascades(ctx, &prior));
         }
         let rows = batches.iter().map(|b| b.num_rows()).sum();
@@ -1092,9 +1113,9 @@ pub async fn materialize(
             table: m.name.to_string(),
             rows,
             version: None,
-            // In a full rebuild `ev` is the read (planning reads in an incremental one).
+            // `ev`'s time includes reading the events (before planning, if any).
             elapsed_ms: (model_start.elapsed()
-                + if m.name == "ev" && scope.is_none() {
+                + if m.name == "ev" {
                     read_took
                 } else {
                     std::time::Duration::ZERO

@@ -28,6 +28,29 @@ use crate::views::{int64s, string_views};
 pub(crate) const KEY_COLUMNS: &str = "event_id, event_type, event_time, user_id, session_id, \
   view_id, video_id, creator_id, event_date";
 
+/// The dates (days since 1970-01-01) of the rows of `batches` (nulls left out): a pass over
+/// one column, to tell without [`Events::of`] whether a set of dates holds every event.
+pub(crate) fn dates_of(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<BTreeSet<i32>, ArrowError> {
+    let at = schema.index_of("event_date")?;
+    let mut out = BTreeSet::new();
+    for b in batches {
+        let dates = cast(b.column(at), &DataType::Int32)?;
+        let dates = dates.as_primitive::<Int32Type>();
+        let mut last = None;
+        for d in dates.iter().flatten() {
+            // Rows come grouped by date (files per date): one set insert per run.
+            if last != Some(d) {
+                out.insert(d);
+                last = Some(d);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// No group (a null key).
 const NONE: u32 = u32::MAX;
 
