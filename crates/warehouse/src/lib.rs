@@ -347,8 +347,13 @@ pub(crate) async fn incremental_dates(
         let index = plan::Events::of(schema, events).map_err(err)?;
         let mut write = index.expand(&seeds, true).dates;
         write.extend(seeds);
-        let read = index.expand(&write, false).read;
-        (write, Some(read).filter(|read| !read.iter().all(|r| *r)))
+        if stored.is_subset(&write) {
+            // Every date is rewritten: every event is read.
+            (write, None)
+        } else {
+            let read = index.expand(&write, false).read;
+            (write, Some(read).filter(|read| !read.iter().all(|r| *r)))
+        }
     };
     let every_event = read.is_none();
     // The rows read, batch by batch (the index numbers the rows of `events` in order); all

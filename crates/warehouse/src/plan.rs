@@ -65,13 +65,24 @@ impl Groups {
     /// Groups the rows by a string key (nulls in no group).
     fn by(key: &StringViewArray) -> Groups {
         let mut ids: HashMap<&str, u32> = HashMap::with_capacity(key.len() / 2);
+        // The events come sorted by user and session: a row with the key of the row before
+        // takes its group without a lookup.
+        let mut last: Option<(&str, u32)> = None;
         let group: Vec<u32> = (0..key.len())
             .map(|i| {
                 if key.is_null(i) {
                     return NONE;
                 }
+                let k = key.value(i);
+                if let Some((l, g)) = last {
+                    if l == k {
+                        return g;
+                    }
+                }
                 let next = ids.len() as u32;
-                *ids.entry(key.value(i)).or_insert(next)
+                let g = *ids.entry(k).or_insert(next);
+                last = Some((k, g));
+                g
             })
             .collect();
         let mut offsets = vec![0u32; ids.len() + 1];
@@ -197,7 +208,22 @@ impl Events {
     /// only on the dates of the events read, which are rows the rebuild drops.
     pub(crate) fn expand(&self, base: &BTreeSet<i32>, successors: bool) -> Expansion {
         let n = self.dates.len();
-        let on_base = |r: usize| base.contains(&self.dates[r]);
+        // Whether each row is on a base date: one set lookup per run of equal dates (the
+        // events come grouped by date, a file per date), not one per row.
+        let mut last: Option<(i32, bool)> = None;
+        let base_row: Vec<bool> = self
+            .dates
+            .iter()
+            .map(|d| match last {
+                Some((l, on)) if l == *d => on,
+                _ => {
+                    let on = base.contains(d);
+                    last = Some((*d, on));
+                    on
+                }
+            })
+            .collect();
+        let on_base = |r: usize| base_row[r];
         let mut reached = vec![false; n];
         let mut seen_session = vec![false; self.sessions.count()];
         let mut seen_view = vec![false; self.views.count()];
@@ -249,7 +275,13 @@ impl Events {
             }
         }
         let mut dates = base.clone();
-        dates.extend((0..n).filter(|r| reached[*r]).map(|r| self.dates[r]));
+        let mut last = None;
+        for r in (0..n).filter(|r| reached[*r]) {
+            if last != Some(self.dates[r]) {
+                last = Some(self.dates[r]);
+                dates.insert(self.dates[r]);
+            }
+        }
         dates.remove(&i32::MIN);
         for r in base_rows {
             reached[r as usize] = true;
