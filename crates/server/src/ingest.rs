@@ -1743,14 +1743,25 @@ impl Ingestor {
     ) -> Result<reelhouse_warehouse::Report, IngestError> {
         // After a start the dirty dates are not known in memory: the events received since
         // the last rebuild's snapshot (with a margin) name them.
-        let since = self
-            .late
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .materialized_at_ms;
+        // The dates of restatements made since then count too.
+        let (since, restated) = {
+            let late = self.late.lock().unwrap_or_else(|p| p.into_inner());
+            let since = late.materialized_at_ms;
+            let restated: Vec<i32> = late
+                .restatements
+                .iter()
+                .filter(|(_, _, at)| since.is_some_and(|t| *at >= t))
+                .flat_map(|(from, to, _)| *from..=*to)
+                .collect();
+            (since, restated)
+        };
         let dirty = match (dirty, since) {
             (Some(d), _) => Some(d),
-            (None, Some(t)) => Some(days_received_since(&catalog, t).await?),
+            (None, Some(t)) => {
+                let mut d = days_received_since(&catalog, t).await?;
+                d.extend(restated);
+                Some(d)
+            }
             (None, None) => None,
         };
         let current = {
@@ -1897,14 +1908,18 @@ impl Ingestor {
             late.save(self.lake.root())?;
         }
         let _guard = self.materialize_lock.lock().await;
-        // The restated dates count more events now: rebuild them (and what they affect); with
-        // no dirty set in memory (just started), rebuild everything.
-        let known = {
-            let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
-            v.dirty.as_mut().map(|d| d.extend(from..=to)).is_some()
-        };
-        if !known {
-            self.force_full_rebuild()?;
+        // The restated dates count more events now: rebuild them (and what they affect). With
+        // no dirty set in memory (just started, or a one-shot `reelhouse restate`), the
+        // rebuild finds them among the restatements made since the last rebuild (saved above,
+        // so a crash before the rebuild still leads to it).
+        if let Some(d) = self
+            .view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dirty
+            .as_mut()
+        {
+            d.extend(from..=to);
         }
         self.materialize_locked().await
     }
