@@ -384,22 +384,41 @@ pub mod testing {
         }
     }
 
+    /// moto's server answering one request at a time (`python3 -m moto.server` serves each
+    /// on its own thread).
+    const SERIAL: &str = "import sys
+from werkzeug.serving import run_simple
+from moto.server import DomainDispatcherApplication, create_backend_app
+run_simple(sys.argv[1], int(sys.argv[2]), DomainDispatcherApplication(create_backend_app),
+           threaded=False, use_reloader=False)";
+
     impl Moto {
         /// Starts the server and creates `bucket` (panics when it cannot: a test helper).
         pub fn start(bucket: &str) -> Moto {
+            Self::start_with(bucket, &["-m", "moto.server", "-H"])
+        }
+
+        /// Like [`Moto::start`], with requests answered one at a time. moto 5.2 checks a
+        /// conditional put (`If-None-Match: *`) and then writes, without a lock, so on its
+        /// threaded server two racing puts of one key can both succeed, which S3 never lets
+        /// happen: a test of racing commits needs this one.
+        pub fn start_serial(bucket: &str) -> Moto {
+            Self::start_with(bucket, &["-c", SERIAL])
+        }
+
+        /// Runs `python3 ARGS 127.0.0.1 PORT` (`-p` before the port for moto's own server).
+        fn start_with(bucket: &str, args: &[&str]) -> Moto {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .map(|a| a.port())
                 .expect("a free loopback port");
-            let child = Command::new("python3")
-                .args([
-                    "-m",
-                    "moto.server",
-                    "-H",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                ])
+            let mut cmd = Command::new("python3");
+            cmd.args(args).arg("127.0.0.1");
+            if args.contains(&"moto.server") {
+                cmd.arg("-p");
+            }
+            let child = cmd
+                .arg(port.to_string())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -483,7 +502,7 @@ mod tests {
     /// retries at N+1), and the store refuses to overwrite a commit file.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_commits_on_s3_never_overwrite_each_other() {
-        let s3 = Moto::start("rh-lake-test");
+        let s3 = Moto::start_serial("rh-lake-test");
         register();
         let opts = options(&s3);
         let url = Url::parse("s3://rh-lake-test/t/").unwrap();
