@@ -1588,6 +1588,13 @@ impl Ingestor {
             late.materialized_at_ms = None;
             late.save(self.lake.root())?;
         }
+        self.extend_dirty(extra);
+        Ok(())
+    }
+
+    /// Adds `days` to the dates the next rebuild recomputes, where those are kept in memory
+    /// (not right after a start: see [`Ingestor::materialize_with`]).
+    fn extend_dirty(&self, days: impl IntoIterator<Item = i32>) {
         if let Some(d) = self
             .view
             .lock()
@@ -1595,9 +1602,8 @@ impl Ingestor {
             .dirty
             .as_mut()
         {
-            d.extend(extra);
+            d.extend(days);
         }
-        Ok(())
     }
 
     /// The next rebuild recomputes every date (after deletions: retention, erasure). Durable,
@@ -1912,15 +1918,7 @@ impl Ingestor {
         // no dirty set in memory (just started, or a one-shot `reelhouse restate`), the
         // rebuild finds them among the restatements made since the last rebuild (saved above,
         // so a crash before the rebuild still leads to it).
-        if let Some(d) = self
-            .view
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .dirty
-            .as_mut()
-        {
-            d.extend(from..=to);
-        }
+        self.extend_dirty(from..=to);
         self.materialize_locked().await
     }
 
