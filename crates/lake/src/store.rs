@@ -395,7 +395,7 @@ run_simple(sys.argv[1], int(sys.argv[2]), DomainDispatcherApplication(create_bac
     impl Moto {
         /// Starts the server and creates `bucket` (panics when it cannot: a test helper).
         pub fn start(bucket: &str) -> Moto {
-            Self::start_with(bucket, &["-m", "moto.server", "-H"])
+            Self::start_with(bucket, &["-m", "moto.server", "-H", "127.0.0.1", "-p"])
         }
 
         /// Like [`Moto::start`], with requests answered one at a time. moto 5.2 checks a
@@ -403,21 +403,17 @@ run_simple(sys.argv[1], int(sys.argv[2]), DomainDispatcherApplication(create_bac
         /// threaded server two racing puts of one key can both succeed, which S3 never lets
         /// happen: a test of racing commits needs this one.
         pub fn start_serial(bucket: &str) -> Moto {
-            Self::start_with(bucket, &["-c", SERIAL])
+            Self::start_with(bucket, &["-c", SERIAL, "127.0.0.1"])
         }
 
-        /// Runs `python3 ARGS 127.0.0.1 PORT` (`-p` before the port for moto's own server).
+        /// Runs `python3 ARGS PORT` on a free loopback port.
         fn start_with(bucket: &str, args: &[&str]) -> Moto {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .map(|a| a.port())
                 .expect("a free loopback port");
-            let mut cmd = Command::new("python3");
-            cmd.args(args).arg("127.0.0.1");
-            if args.contains(&"moto.server") {
-                cmd.arg("-p");
-            }
-            let child = cmd
+            let child = Command::new("python3")
+                .args(args)
                 .arg(port.to_string())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
