@@ -84,7 +84,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     );
 
     let data = DataArgs::defaults(data_dir.clone());
-    let server = reelhouse_server::start(ServerConfig::new(data.ingest_config(), a.listen)).await?;
+    let server = reelhouse_server::start(ServerConfig::new(data.engine_config(), a.listen)).await?;
     let url = format!("http://{}", server.addr);
     println!("server listening on {url}");
 
@@ -143,14 +143,14 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     println!();
 
     let t1 = Instant::now();
-    let rows = server.ingestor.flush().await?;
+    let rows = server.engine.flush().await?;
     println!(
         "committed {rows} rows to Delta in {:.1}s",
         t1.elapsed().as_secs_f64()
     );
 
     let t2 = Instant::now();
-    let report = server.ingestor.materialize().await?;
+    let report = server.engine.materialize().await?;
     let written: Vec<_> = report
         .tables
         .iter()
@@ -162,7 +162,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         written.len(),
         t2.elapsed().as_secs_f64()
     );
-    let catalog = server.ingestor.catalog().await?;
+    let catalog = server.engine.catalog().await?;
     for (title, q) in [
         ("rows per table", "SELECT 'events' AS table_name, count(*) AS rows FROM events UNION ALL SELECT 'quarantine', count(*) FROM quarantine ORDER BY 1"),
         ("events per type per day", "SELECT event_date, event_type, count(*) AS events FROM events GROUP BY event_date, event_type ORDER BY event_date, event_type"),

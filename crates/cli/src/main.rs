@@ -5,8 +5,6 @@
 //! `bench` measures. Every flag also reads a `REELHOUSE_…` environment variable.
 
 mod bench;
-mod bench_scaleout;
-mod bench_serve;
 mod demo;
 mod send;
 
@@ -19,8 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use reelhouse_engine::{Engine, EngineConfig, Error as EngineError, IngestPath};
 use reelhouse_event::SystemClock;
-use reelhouse_server::{IngestConfig, IngestError, IngestPath, Ingestor, ServerConfig};
+use reelhouse_server::ServerConfig;
 use reelhouse_workload::WorkloadConfig;
 
 #[derive(Parser)]
@@ -52,9 +51,9 @@ enum Command {
     Restate(RestateArgs),
     /// Apply the retention policies now (the server also does it daily).
     Retention(RetentionArgs),
-    /// Manage API tokens (SPEC §8).
+    /// Manage API tokens (README.md, HTTP API).
     Token(TokenArgs),
-    /// Erase or anonymize one user everywhere (SPEC §7) and print the receipt.
+    /// Erase or anonymize one user everywhere (docs/privacy.md) and print the receipt.
     Forget(ForgetArgs),
     /// Compare the online feature store's totals with the warehouse; exit 1 on any difference.
     Check(CheckArgs),
@@ -119,15 +118,15 @@ impl DataArgs {
         }
     }
 
-    pub fn ingest_config(&self) -> IngestConfig {
+    pub fn engine_config(&self) -> EngineConfig {
         let (local, tables) = split_location(&self.data_dir, &self.state_dir);
-        let mut c = IngestConfig::new(local, Arc::new(SystemClock));
+        let mut c = EngineConfig::new(local, Arc::new(SystemClock));
         c.tables = tables;
         c.flush_rows = self.flush_rows;
         c.flush_interval = Duration::from_millis(self.flush_interval_ms);
         c.dedup_window = Duration::from_secs(self.allowed_lateness_days * 86_400);
         c.snapshot_interval = Duration::from_millis(self.snapshot_interval_ms);
-        c.retention = reelhouse_server::ingest::Retention {
+        c.retention = reelhouse_engine::Retention {
             events_days: self.retention_events_days,
             quarantine_days: self.retention_quarantine_days,
             facts_days: self.retention_facts_days,
@@ -251,11 +250,11 @@ enum RetentionCommand {
 
 async fn retention(a: RetentionArgs) -> Result<()> {
     let RetentionCommand::Apply { data } = a.what;
-    let ingestor = Ingestor::open(data.ingest_config()).await?;
+    let engine = Engine::open(data.engine_config()).await?;
     let spinner = ProgressBar::new_spinner().with_message("applying retention…");
     spinner.enable_steady_tick(Duration::from_millis(120));
-    let r = ingestor.apply_retention().await?;
-    ingestor.close().await;
+    let r = engine.apply_retention().await?;
+    engine.close().await;
     spinner.finish_and_clear();
     println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
@@ -437,7 +436,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(a: ServeArgs) -> Result<()> {
-    let mut config = ServerConfig::new(a.data.ingest_config(), a.listen);
+    let mut config = ServerConfig::new(a.data.engine_config(), a.listen);
     config.max_body_bytes = a.max_body_bytes;
     config.pg_listen = a.pg_listen;
     if let Some(f) = &a.tokens {
@@ -464,7 +463,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         let redis = reelhouse_online::redis::RedisStore::connect(url)
             .await
             .context("--online: the online store is unreachable")?;
-        config.ingest.online = Some(Arc::new(redis));
+        config.engine.online = Some(Arc::new(redis));
     }
     if let (Role::Ingest, Some(log)) = (a.role, &log) {
         if a.pg_listen.is_some() {
@@ -499,7 +498,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
         a.data.data_dir.display()
     );
     if a.online.is_some() {
-        println!("online features: {}", server.ingestor.online_backend());
+        println!("online features: {}", server.engine.online_backend());
     }
     if let Some(pg) = server.pg_addr {
         println!(
@@ -628,9 +627,8 @@ async fn ingest(a: IngestArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?
         .into_iter()
         .sum();
-    let ingestor = Ingestor::open(a.data.ingest_config()).await?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let flusher = tokio::spawn(Arc::clone(&ingestor).run_flusher(stop_rx));
+    let engine = Engine::open(a.data.engine_config()).await?;
+    engine.start_flusher()?;
     let bar = ProgressBar::new(total_bytes).with_style(
         ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {msg} ({eta})")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -656,7 +654,7 @@ async fn ingest(a: IngestArgs) -> Result<()> {
                 }
             }
             if (n == 0 && !body.is_empty()) || lines >= a.batch_lines {
-                let out = ingest_retrying(&ingestor, &body).await?;
+                let out = ingest_retrying(&engine, &body).await?;
                 accepted += out.accepted as u64;
                 duplicates += out.duplicates as u64;
                 rejected += out.rejected as u64;
@@ -678,11 +676,8 @@ async fn ingest(a: IngestArgs) -> Result<()> {
             bar.inc(file_len.saturating_sub(read_in_file));
         }
     }
-    let _ = stop_tx.send(true);
-    let _ = flusher.await;
     bar.set_message("committing to Delta…");
-    ingestor.flush().await?;
-    ingestor.close().await;
+    engine.shutdown().await?;
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let lines = accepted + duplicates + rejected;
@@ -698,16 +693,13 @@ async fn ingest(a: IngestArgs) -> Result<()> {
     Ok(())
 }
 
-async fn ingest_retrying(
-    ingestor: &Ingestor,
-    body: &[u8],
-) -> Result<reelhouse_server::BatchOutcome> {
+async fn ingest_retrying(engine: &Engine, body: &[u8]) -> Result<reelhouse_engine::BatchOutcome> {
     loop {
-        match ingestor.ingest(body, IngestPath::Bulk).await {
-            Err(IngestError::Overloaded) => {
+        match engine.ingest(body, IngestPath::Bulk).await {
+            Err(EngineError::Overloaded) => {
                 // The flusher is behind: let it catch up rather than queue without bound.
-                if ingestor.pending_rows() > 0 {
-                    ingestor.flush().await?;
+                if engine.pending_rows() > 0 {
+                    engine.flush().await?;
                 } else {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -751,17 +743,18 @@ async fn forget(a: ForgetArgs) -> Result<()> {
             }
         }
         None => {
-            let ingestor = Ingestor::open(a.data.ingest_config()).await?;
+            let engine = Engine::open(a.data.engine_config()).await?;
             let mode = if a.mode == "erase" {
-                reelhouse_server::privacy::Mode::Erase
+                reelhouse_engine::ForgetMode::Erase
             } else {
-                reelhouse_server::privacy::Mode::Anonymize
+                reelhouse_engine::ForgetMode::Anonymize
             };
-            let id = ingestor.forget(user, mode).await?;
-            ingestor.run_request(&id).await;
-            let s = ingestor.privacy_request(&id).unwrap_or_default();
-            ingestor.flush().await?;
-            ingestor.close().await;
+            let id = engine
+                .forget(reelhouse_event::UserId(user as u64), mode)
+                .await?;
+            engine.run_request(&id).await;
+            let s = engine.privacy_request(&id).unwrap_or_default();
+            engine.shutdown().await?;
             s
         }
     };
@@ -788,16 +781,17 @@ async fn check(a: CheckArgs) -> Result<()> {
             body
         }
         None => {
-            let ingestor = Ingestor::open(a.data.ingest_config()).await?;
+            let engine = Engine::open(a.data.engine_config()).await?;
             let spinner = ProgressBar::new_spinner().with_message("materializing…");
             spinner.enable_steady_tick(Duration::from_millis(120));
-            ingestor.flush().await?;
-            ingestor.materialize().await?;
+            engine.flush().await?;
+            engine.materialize().await?;
             spinner.set_message("comparing…");
-            let r = reelhouse_server::features::check(&ingestor)
+            let r = engine
+                .check()
                 .await
                 .map_err(|e| anyhow::anyhow!(e.to_string()))?;
-            ingestor.close().await;
+            engine.close().await;
             spinner.finish_and_clear();
             serde_json::to_value(r)?
         }
@@ -822,17 +816,17 @@ async fn check(a: CheckArgs) -> Result<()> {
 }
 
 async fn materialize(data: DataArgs, restate: Option<(i32, i32)>, full: bool) -> Result<()> {
-    let ingestor = Ingestor::open(data.ingest_config()).await?;
+    let engine = Engine::open(data.engine_config()).await?;
     let spinner = ProgressBar::new_spinner().with_message("committing pending events…");
     spinner.enable_steady_tick(Duration::from_millis(120));
-    ingestor.flush().await?;
+    engine.flush().await?;
     spinner.set_message("rebuilding the warehouse…");
     let report = match restate {
-        Some((from, to)) => ingestor.restate(from, to).await?,
-        None if full => ingestor.materialize_full().await?,
-        None => ingestor.materialize().await?,
+        Some((from, to)) => engine.restate(from, to).await?,
+        None if full => engine.materialize_full().await?,
+        None => engine.materialize().await?,
     };
-    ingestor.close().await;
+    engine.close().await;
     spinner.finish_and_clear();
     let rows: Vec<Vec<serde_json::Value>> = report
         .tables
@@ -891,8 +885,7 @@ async fn sql(a: SqlArgs) -> Result<()> {
                     a.data_dir.display()
                 );
             }
-            let catalog =
-                reelhouse_server::ingest::read_only_view(&local, tables.as_deref()).await?;
+            let catalog = reelhouse_engine::read_only_view(&local, tables.as_deref()).await?;
             let r = catalog
                 .query_json(&a.sql, usize::MAX)
                 .await

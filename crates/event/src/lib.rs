@@ -1,5 +1,5 @@
-//! Event contract v1 (SPEC §1): the typed shape of one short-video event, how it is parsed
-//! from JSON, validated and upcast, and how the server stamps it (SPEC §2 time rules).
+//! Event contract v1 (docs/event-contract.md): the typed shape of one short-video event, how it is parsed
+//! from JSON, validated and upcast, and how the server stamps it (docs/ingest.md time rules).
 //!
 //! This crate does no I/O. Bytes enter through [`parse::parse_event`] (one JSON object) or
 //! [`parse::split_body`] (an NDJSON body or a JSON array) and leave as [`Event`] values or as a
@@ -18,7 +18,7 @@ pub mod time;
 
 pub use ids::{CreatorId, UserId, VideoId};
 pub use parse::{parse_event, split_body, BodyFormat, Rejection};
-pub use time::{stamp, Clock, FixedClock, StoredEvent, SystemClock};
+pub use time::{stamp, Clock, Day, FixedClock, StoredEvent, SystemClock};
 
 /// The schema version this build understands natively; older versions are upcast to it.
 pub const CURRENT_SCHEMA_VERSION: u32 = 1;

@@ -1,4 +1,4 @@
-//! Server-side time rules (SPEC §2): clock-skew correction, the future clamp, `event_date` and
+//! Server-side time rules (docs/ingest.md): clock-skew correction, the future clamp, `event_date` and
 //! `lateness_ms`. Logic never reads the wall clock itself; a [`Clock`] is passed in so tests
 //! can fix "now".
 
@@ -34,7 +34,7 @@ impl Clock for FixedClock {
     }
 }
 
-/// An accepted event with the server-side fields of SPEC §2.
+/// An accepted event with the server-side fields of docs/ingest.md.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
     pub event: Event,
@@ -49,7 +49,7 @@ pub struct StoredEvent {
     pub time_corrected: bool,
 }
 
-/// Applies the SPEC §2 time rules to one event received at `received_at_ms`.
+/// Applies the docs/ingest.md time rules to one event received at `received_at_ms`.
 ///
 /// With `sent_at`, the device clock offset is `sent_at − received_at` and is subtracted from
 /// `event_time`. Anything still more than [`MAX_FUTURE_MS`] ahead of `received_at` is clamped.
@@ -77,10 +77,62 @@ pub fn day_of(ms: i64) -> i32 {
     ms.div_euclid(MS_PER_DAY) as i32
 }
 
+/// A UTC date as days since 1970-01-01: how Arrow's `Date32` and the tables' `event_date`
+/// hold it. The one place that converts between that number and a calendar date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Day(pub i32);
+
+impl Day {
+    /// The day of an epoch-millisecond instant.
+    pub fn of_ms(ms: i64) -> Day {
+        Day(day_of(ms))
+    }
+
+    /// The day of a calendar date.
+    pub fn from_date(d: chrono::NaiveDate) -> Day {
+        Day((d - chrono::NaiveDate::default()).num_days() as i32)
+    }
+
+    /// The calendar date (saturating at chrono's range for absurd numbers).
+    pub fn date(self) -> chrono::NaiveDate {
+        chrono::NaiveDate::default()
+            .checked_add_signed(chrono::Duration::days(self.0.into()))
+            .unwrap_or(if self.0 < 0 {
+                chrono::NaiveDate::MIN
+            } else {
+                chrono::NaiveDate::MAX
+            })
+    }
+}
+
+/// `YYYY-MM-DD`, as in a date partition's directory name.
+impl std::fmt::Display for Day {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.date().format("%Y-%m-%d").fmt(f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::parse::parse_event;
+
+    #[test]
+    fn days_convert_both_ways() {
+        let d = chrono::NaiveDate::from_ymd_opt(2026, 12, 7).unwrap();
+        let day = Day::from_date(d);
+        assert_eq!(day.date(), d);
+        assert_eq!(day.to_string(), "2026-12-07");
+        assert_eq!(Day(0).to_string(), "1970-01-01");
+        assert_eq!(Day(-1).to_string(), "1969-12-31");
+        assert_eq!(Day::of_ms(-1), Day(-1));
+        assert_eq!(Day::of_ms(86_400_000 * 3 + 5), Day(3));
+        // Arrow's Date32 epoch, as pg.rs once computed it from the CE day number.
+        assert_eq!(
+            Day(20_000).date(),
+            chrono::NaiveDate::from_num_days_from_ce_opt(20_000 + 719_163).unwrap()
+        );
+    }
 
     fn ev(extra: &str) -> Event {
         let line = format!(

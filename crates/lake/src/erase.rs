@@ -82,6 +82,8 @@ pub async fn purge_history(table: DeltaTable, report: &mut TableErasure) -> Resu
     table.update_state().await?;
     deltalake::checkpoints::create_checkpoint(&table, None).await?;
     let version = table.version().unwrap_or(0);
+    // Delta compares this with the log files' modification times, which are the machine's
+    // wall clock (not the engine's injected clock).
     let cutoff = chrono::Utc::now().timestamp_millis() + 60_000;
     report.log_entries_removed += deltalake::checkpoints::cleanup_expired_logs_for(
         version,

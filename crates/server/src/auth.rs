@@ -1,4 +1,4 @@
-//! Access control (SPEC §8): API tokens from a file, stored as SHA-256 hashes, each with one
+//! Access control (README.md, HTTP API): API tokens from a file, stored as SHA-256 hashes, each with one
 //! role; one middleware decides every request.
 //!
 //! ```text
@@ -31,7 +31,7 @@ use sha2::Digest;
 
 use crate::ApiError;
 
-/// A role of SPEC §8.
+/// A role of README.md, HTTP API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
     Admin,

@@ -1,4 +1,4 @@
-//! Share cascade endpoints (issue 7) over the materialized `share_cascade` and `fact_share`:
+//! Share cascade endpoints over the materialized `share_cascade` and `fact_share`:
 //!
 //! ```text
 //!  GET /v1/videos/{id}/cascades?limit=N   ─▶ the video's largest cascades with their metrics
@@ -58,7 +58,7 @@ async fn largest(
 }
 
 async fn has_cascades(s: &AppState) -> Result<Option<reelhouse_lake::query::Catalog>, ApiError> {
-    let catalog = s.ingestor.catalog().await?;
+    let catalog = s.engine.catalog().await?;
     let ok = catalog
         .context()
         .table_exist("share_cascade")

@@ -1,12 +1,13 @@
 //! The HTTP API of reelhouse (axum): durable ingest, read-only SQL and health.
 //!
-//! Requests enter through [`router`]; the ingest pipeline itself lives in [`ingest`] and is
-//! shared with the bulk loader. Every error leaves through the one `IntoResponse` impl of
-//! [`ApiError`], which picks the status code and writes `{"error":{"code","message"}}` without
-//! payloads or internal details.
+//! This crate holds routes, auth, the Postgres listener and the web page only: every request
+//! is answered by a `reelhouse_engine::Engine` (the pipeline, with no HTTP in it). Every
+//! error leaves through the one `IntoResponse` impl of [`ApiError`] (see [`error`]), which
+//! picks the status code and writes `{"error":{"code","message"}}` without payloads or
+//! internal details.
 //!
 //! ```text
-//!  POST /v1/events ─▶ body limit (413) ─▶ in-flight limit (429) ─▶ Ingestor::ingest ─▶ 200
+//!  POST /v1/events ─▶ body limit (413) ─▶ in-flight limit (429) ─▶ Engine::ingest ─▶ 200
 //!  POST /v1/sql    ─▶ read-only gate (400) ─▶ Catalog (Delta ∪ pending) ─▶ {"columns","rows"}
 //!  GET  /v1/health ─▶ counters
 //!  GET  /v1/features/… ─▶ in-process feature store (see [`features`])
@@ -17,12 +18,10 @@
 pub mod auth;
 pub mod cascades;
 pub mod dashboard;
+pub mod error;
 pub mod features;
-pub mod ingest;
-pub mod lateness;
 pub mod metrics;
 pub mod pg;
-pub mod privacy;
 pub mod publish;
 
 use std::net::SocketAddr;
@@ -31,19 +30,21 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use reelhouse_engine::{Background, Engine, EngineConfig, ForgetMode, IngestPath};
 use serde_json::json;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
-pub use ingest::{BatchOutcome, IngestConfig, IngestError, IngestPath, Ingestor};
+pub use error::ApiError;
 
 /// Server settings.
 #[derive(Clone)]
 pub struct ServerConfig {
-    pub ingest: IngestConfig,
+    pub engine: EngineConfig,
     pub listen: SocketAddr,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
@@ -53,12 +54,13 @@ pub struct ServerConfig {
     pub max_sql_rows: usize,
     /// Rebuild the warehouse this often while new events arrive (`None`: only on request).
     pub materialize_interval: Option<Duration>,
-    /// API tokens (SPEC §8); empty: open, and only a loopback address is allowed.
+    /// API tokens (README.md, HTTP API); empty: open, and only a loopback address is allowed.
     pub tokens: Arc<auth::Tokens>,
     /// Also serve SQL over the Postgres wire protocol here (see [`pg`]).
     pub pg_listen: Option<SocketAddr>,
     /// Read records from a shared log instead of taking them over HTTP into a local WAL:
-    /// the materializer (`writer`) or a read-only API replica (see [`ingest::Ingestor::follow`]).
+    /// the materializer (`writer`) or a read-only API replica (see `reelhouse_engine`'s
+    /// `follow.rs`).
     pub follow: Option<Follow>,
 }
 
@@ -73,9 +75,9 @@ pub struct Follow {
 }
 
 impl ServerConfig {
-    pub fn new(ingest: IngestConfig, listen: SocketAddr) -> Self {
+    pub fn new(engine: EngineConfig, listen: SocketAddr) -> Self {
         ServerConfig {
-            ingest,
+            engine,
             listen,
             max_body_bytes: 16 << 20,
             max_inflight: 64,
@@ -88,142 +90,13 @@ impl ServerConfig {
     }
 }
 
-/// How often the writer copies changed feature records to Redis (`--online redis://`): a
-/// bound on how much later a replica sees a change than the writer's own store.
-pub const ONLINE_COPY_INTERVAL: Duration = Duration::from_millis(5);
-
-/// Errors of the API, each with one status code.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("request body exceeds {0} bytes; split the batch")]
-    TooLarge(usize),
-    #[error("server is at capacity; retry after the Retry-After delay")]
-    Overloaded,
-    #[error("{0}")]
-    Sql(String),
-    #[error("the server is shutting down")]
-    Unavailable,
-    #[error("internal error; see the server log")]
-    Internal,
-    #[error("no such endpoint")]
-    NotFound,
-    #[error("missing or unknown API token; send Authorization: Bearer <token>")]
-    Unauthorized,
-    #[error("this token's role may not call this endpoint")]
-    Forbidden,
-    #[error("{0}")]
-    NotFoundWhat(&'static str),
-    #[error("{0}")]
-    WrongRole(&'static str),
-    #[error("the shared log did not take the batch; retry after the Retry-After delay")]
-    LogUnavailable,
-    #[error("the online store (redis) did not answer; retry after the Retry-After delay")]
-    OnlineUnavailable,
-}
-
-impl ApiError {
-    fn status_code(&self) -> (StatusCode, &'static str) {
-        match self {
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
-            ApiError::Sql(_) => (StatusCode::BAD_REQUEST, "invalid_sql"),
-            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-            ApiError::NotFound | ApiError::NotFoundWhat(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
-            ApiError::WrongRole(_) => (StatusCode::MISDIRECTED_REQUEST, "wrong_role"),
-            ApiError::LogUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "log_unavailable"),
-            ApiError::OnlineUnavailable => {
-                (StatusCode::SERVICE_UNAVAILABLE, "online_store_unavailable")
-            }
-        }
-    }
-}
-
-impl From<IngestError> for ApiError {
-    fn from(e: IngestError) -> Self {
-        match e {
-            IngestError::BadBody(m) => ApiError::BadRequest(m),
-            IngestError::Overloaded => ApiError::Overloaded,
-            IngestError::ShuttingDown => ApiError::Unavailable,
-            IngestError::WrongRole(m) => ApiError::WrongRole(m),
-            IngestError::Log(e) => {
-                tracing::error!(error = %e, "shared log append failed");
-                ApiError::LogUnavailable
-            }
-            IngestError::Online(e @ reelhouse_online::Error::Redis(_)) => e.into(),
-            other => {
-                tracing::error!(error = %other, "ingest failed");
-                ApiError::Internal
-            }
-        }
-    }
-}
-
-impl From<reelhouse_online::Error> for ApiError {
-    fn from(e: reelhouse_online::Error) -> Self {
-        tracing::error!(error = %e, "online store lookup failed");
-        ApiError::OnlineUnavailable
-    }
-}
-
-impl From<reelhouse_lake::Error> for ApiError {
-    fn from(e: reelhouse_lake::Error) -> Self {
-        use reelhouse_lake::Error as E;
-        match e {
-            E::ReadOnly(m) => ApiError::Sql(m),
-            // Planning errors (unknown table or column, bad syntax) help the analyst and hold
-            // no internals; execution errors are logged, not returned.
-            E::DataFusion(d) => {
-                use reelhouse_lake::deltalake::datafusion::error::DataFusionError as D;
-                match d.find_root() {
-                    D::Plan(_) | D::SQL(..) | D::SchemaError(..) | D::NotImplemented(_) => {
-                        ApiError::Sql(d.find_root().to_string())
-                    }
-                    _ => {
-                        tracing::error!(error = %d, "query failed");
-                        ApiError::Sql("the query failed during execution".into())
-                    }
-                }
-            }
-            other => {
-                tracing::error!(error = %other, "query failed");
-                ApiError::Internal
-            }
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = self.status_code();
-        let retry = matches!(
-            self,
-            ApiError::Overloaded | ApiError::LogUnavailable | ApiError::OnlineUnavailable
-        );
-        let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
-        let mut resp = (status, body).into_response();
-        if retry {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        resp
-    }
-}
-
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
-    pub ingestor: Arc<Ingestor>,
+    pub engine: Arc<Engine>,
     inflight: Arc<Semaphore>,
     max_body_bytes: usize,
     max_sql_rows: usize,
-    /// Feature-lookup latency, for `/metrics`.
-    lookups: Arc<metrics::Histogram>,
 }
 
 /// The API routes.
@@ -273,7 +146,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The web creator dashboard (SPEC §6): one static page that calls the dashboard API (and
+/// The web creator dashboard (README.md, HTTP API): one static page that calls the dashboard API (and
 /// SQL, for the retention curve) from the browser; it holds no data itself.
 async fn index() -> Response {
     (
@@ -316,7 +189,7 @@ async fn post_events(State(s): State<AppState>, req: Request) -> Result<Response
     check_content_length(&req, s.max_body_bytes)?;
     let _permit = s.inflight.try_acquire().map_err(|_| ApiError::Overloaded)?;
     let body = read_body(req.into_body(), s.max_body_bytes).await?;
-    let outcome = s.ingestor.ingest(&body, IngestPath::Http).await?;
+    let outcome = s.engine.ingest(&body, IngestPath::Http).await?;
     Ok(Json(outcome).into_response())
 }
 
@@ -329,7 +202,7 @@ async fn post_sql(State(s): State<AppState>, req: Request) -> Result<Response, A
     let body = read_body(req.into_body(), 1 << 20).await?;
     let q: SqlRequest = serde_json::from_slice(&body)
         .map_err(|_| ApiError::BadRequest("body must be a JSON object {\"sql\": \"…\"}".into()))?;
-    let catalog = s.ingestor.catalog().await?;
+    let catalog = s.engine.catalog().await?;
     let result = catalog.query_json(&q.sql, s.max_sql_rows).await?;
     Ok(Json(result).into_response())
 }
@@ -344,9 +217,9 @@ async fn post_materialize(
         Some(_) => return Err(ApiError::BadRequest("full must be true or false".into())),
     };
     let report = if full {
-        s.ingestor.materialize_full().await?
+        s.engine.materialize_full().await?
     } else {
-        s.ingestor.materialize().await?
+        s.engine.materialize().await?
     };
     Ok(Json(report).into_response())
 }
@@ -383,7 +256,7 @@ pub fn parse_dates(
 
 /// Days since 1970-01-01.
 pub fn day_number(d: chrono::NaiveDate) -> i32 {
-    (d - chrono::NaiveDate::default()).num_days() as i32
+    reelhouse_event::Day::from_date(d).0
 }
 
 /// Parses an inclusive `YYYY-MM-DD` range into days since 1970-01-01.
@@ -413,7 +286,7 @@ async fn post_restate(State(s): State<AppState>, req: Request) -> Result<Respons
         )
     })?;
     let (from, to) = parse_range(&r.from, &r.to)?;
-    Ok(Json(s.ingestor.restate(from, to).await?).into_response())
+    Ok(Json(s.engine.restate(from, to).await?).into_response())
 }
 
 async fn put_dims(
@@ -425,12 +298,12 @@ async fn put_dims(
         "dimensions are users, videos and creators: PUT /v1/dims/{kind}",
     ))?;
     let body = read_body(req.into_body(), s.max_body_bytes).await?;
-    Ok(Json(s.ingestor.upsert_dims(kind, &body).await?).into_response())
+    Ok(Json(s.engine.upsert_dims(kind, &body).await?).into_response())
 }
 
 #[derive(serde::Deserialize)]
 struct ForgetRequest {
-    mode: privacy::Mode,
+    mode: ForgetMode,
 }
 
 async fn post_forget(
@@ -438,14 +311,14 @@ async fn post_forget(
     axum::extract::Path(id): axum::extract::Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let user = features::parse_id("user", &id)? as i64;
+    let user = reelhouse_event::UserId(features::parse_id("user", &id)?);
     let body = read_body(req.into_body(), 1 << 16).await?;
     let r: ForgetRequest = serde_json::from_slice(&body).map_err(|_| {
         ApiError::BadRequest(
             "body must be {\"mode\": \"erase\"} or {\"mode\": \"anonymize\"}".into(),
         )
     })?;
-    let request_id = s.ingestor.forget(user, r.mode).await?;
+    let request_id = s.engine.forget(user, r.mode).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"request_id": request_id, "status": "pending"})),
@@ -457,14 +330,14 @@ async fn get_privacy_request(
     State(s): State<AppState>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
-    s.ingestor
+    s.engine
         .privacy_request(&id)
         .map(|v| Json(v).into_response())
         .ok_or(ApiError::NotFoundWhat("no privacy request has this id"))
 }
 
 async fn get_lateness(State(s): State<AppState>) -> Result<Response, ApiError> {
-    Ok(Json(lateness::lateness(&s.ingestor).await?).into_response())
+    Ok(Json(s.engine.lateness().await?).into_response())
 }
 
 async fn get_dashboard(
@@ -472,7 +345,7 @@ async fn get_dashboard(
     axum::extract::Path(id): axum::extract::Path<String>,
     axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let body = dashboard::dashboard(&s.ingestor, &id, &params).await?;
+    let body = dashboard::dashboard(&s.engine, &id, &params).await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,
@@ -485,23 +358,23 @@ async fn get_creator_videos(
     axum::extract::Path(id): axum::extract::Path<String>,
     axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(dashboard::top_videos(&s.ingestor, &id, &params).await?).into_response())
+    Ok(Json(dashboard::top_videos(&s.engine, &id, &params).await?).into_response())
 }
 
 async fn health(State(s): State<AppState>) -> Response {
     let log = s
-        .ingestor
+        .engine
         .log_status()
         .map(|(log, position, lag)| json!({"log": log, "position": position, "lag": lag}));
-    let role = match (&log, s.ingestor.is_writer()) {
+    let role = match (&log, s.engine.is_writer()) {
         (None, _) => "all",
         (Some(_), true) => "materialize",
         (Some(_), false) => "serve",
     };
     Json(
         json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "role": role,
-               "ingest": s.ingestor.stats(), "features": s.ingestor.features().stats(),
-               "online_store": s.ingestor.online_backend(), "shared_log": log}),
+               "ingest": s.engine.stats(), "features": s.engine.features().stats(),
+               "online_store": s.engine.online_backend(), "shared_log": log}),
     )
     .into_response()
 }
@@ -511,21 +384,17 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     /// Where the Postgres wire protocol listens, when asked for.
     pub pg_addr: Option<SocketAddr>,
-    pub ingestor: Arc<Ingestor>,
-    stop: watch::Sender<bool>,
+    pub engine: Arc<Engine>,
+    stop: CancellationToken,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     pg: Option<tokio::task::JoinHandle<()>>,
-    /// `None` on an API replica, which commits nothing.
-    flusher: Option<std::thread::JoinHandle<()>>,
-    materializer: Option<std::thread::JoinHandle<()>>,
-    follower: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Errors of starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Ingest(#[from] IngestError),
+    Engine(#[from] reelhouse_engine::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -536,34 +405,9 @@ pub enum StartError {
          bind to 127.0.0.1 or pass --tokens FILE (see `reelhouse token add --help`)"
     )]
     NotLoopback(SocketAddr),
-    #[error("cannot start the background materializer: {0}")]
-    Runtime(std::io::Error),
 }
 
-/// Runs the periodic materializer on its own single-threaded runtime, so background rebuilds
-/// use at most one core and never take the HTTP workers' threads: on a 2-core machine, ingest
-/// (parse, WAL, feature updates) keeps the other core. On-demand rebuilds
-/// (`POST /v1/admin/materialize`) run on the request's runtime as before.
-/// Runs `work` on a thread of its own with a one-thread runtime. Delta writes (flushes of up to
-/// a million rows, warehouse rebuilds) are seconds of CPU inside async code; on the request
-/// runtime they would hold its workers and stall what must stay quick: HTTP answers, reading
-/// the shared log, copying features to Redis (a flush there delayed freshness through Redis by
-/// up to 2.3 s in `bench scaleout`).
-fn spawn_own_thread(
-    name: &str,
-    work: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<std::thread::JoinHandle<()>, StartError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(StartError::Runtime)?;
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || rt.block_on(work))
-        .map_err(StartError::Runtime)
-}
-
-/// Without API tokens, every listening address must be loopback (SPEC §8).
+/// Without API tokens, every listening address must be loopback (README.md, HTTP API).
 fn require_tokens_off_loopback(config: &ServerConfig) -> Result<(), StartError> {
     for addr in std::iter::once(config.listen).chain(config.pg_listen) {
         if !addr.ip().is_loopback() && config.tokens.is_empty() {
@@ -583,95 +427,63 @@ async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr),
     Ok((listener, local))
 }
 
-/// Opens the data directory (replaying the WAL) and starts serving on `config.listen`.
+/// Serves `app` on `listener` until `stop` is cancelled (in-flight requests finish).
+fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    })
+}
+
+/// Opens the data directory (replaying the WAL), starts the engine's background loops and
+/// serves on `config.listen`.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     require_tokens_off_loopback(&config)?;
-    let ingestor = match &config.follow {
+    let engine = match &config.follow {
         None => {
-            let ingestor = Ingestor::open(config.ingest.clone()).await?;
-            // Ready for the first request, as before the set was loaded lazily: before any
-            // flusher or retention task starts.
-            ingestor.load_dedup().await?;
-            ingestor
+            let engine = Engine::open(config.engine.clone()).await?;
+            // Ready for the first request: the stored ids are read before any flusher or
+            // retention task starts.
+            engine.load_dedup().await?;
+            engine
         }
         Some(f) => {
-            Ingestor::open_following(config.ingest.clone(), Arc::clone(&f.log), f.writer).await?
+            Engine::open_following(config.engine.clone(), Arc::clone(&f.log), f.writer).await?
         }
     };
-    let writer = ingestor.is_writer();
     let (listener, addr) = bind(config.listen).await?;
     let pg_listener = match config.pg_listen {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .map_err(|source| StartError::Listen { addr: a, source })?,
-        ),
+        Some(a) => Some(bind(a).await?),
         None => None,
     };
-    let pg_addr = pg_listener.as_ref().and_then(|l| l.local_addr().ok());
     let state = AppState {
-        ingestor: Arc::clone(&ingestor),
+        engine: Arc::clone(&engine),
         inflight: Arc::new(Semaphore::new(config.max_inflight)),
         max_body_bytes: config.max_body_bytes,
         max_sql_rows: config.max_sql_rows,
-        lookups: Arc::new(metrics::Histogram::default()),
     };
-    let (stop, rx) = watch::channel(false);
-    let mut http_stop = rx.clone();
-    let app = router(state).layer(axum::middleware::from_fn_with_state(
-        Arc::clone(&config.tokens),
-        auth::check,
-    ));
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.changed().await;
-            })
-            .await
-    });
-    let pg = pg_listener.map(|l| {
+    let stop = CancellationToken::new();
+    let app = with_layers(router(state), &config.tokens);
+    let http = serve(listener, app, stop.clone());
+    let pg_addr = pg_listener.as_ref().map(|(_, a)| *a);
+    let pg = pg_listener.map(|(l, a)| {
+        tracing::info!(addr = %a, "postgres wire protocol listening (read-only SQL)");
         pg::spawn(
             l,
-            Arc::clone(&ingestor),
+            Arc::clone(&engine),
             Arc::clone(&config.tokens),
-            rx.clone(),
+            stop.clone(),
         )
     });
-    if let Some(a) = pg_addr {
-        tracing::info!(addr = %a, "postgres wire protocol listening (read-only SQL)");
-    }
-    let flusher = match writer {
-        true => Some(spawn_own_thread(
-            "reelhouse-flush",
-            Arc::clone(&ingestor).run_flusher(rx.clone()),
-        )?),
-        false => None,
-    };
-    if writer {
-        // Daily retention; it ends with the stop signal.
-        tokio::spawn(Arc::clone(&ingestor).run_retention(rx.clone()));
-    }
-    if writer && config.ingest.tables.is_some() {
-        tokio::spawn(Arc::clone(&ingestor).run_state_mirror(Duration::from_secs(1), rx.clone()));
-        tokio::spawn(Arc::clone(&ingestor).run_lease_renewal(rx.clone()));
-    }
-    if writer && config.ingest.online.is_some() {
-        tokio::spawn(Arc::clone(&ingestor).run_online_copier(ONLINE_COPY_INTERVAL, rx.clone()));
-    }
-    let follower = config
-        .follow
-        .as_ref()
-        .map(|_| tokio::spawn(Arc::clone(&ingestor).follow(rx.clone())));
-    if let Some(f) = config.follow.as_ref().filter(|f| !f.writer) {
-        tokio::spawn(Arc::clone(&ingestor).run_refresher(f.refresh_interval, rx.clone()));
-    }
-    let materializer = match config.materialize_interval.filter(|_| writer) {
-        Some(i) => Some(spawn_own_thread(
-            "reelhouse-materialize",
-            Arc::clone(&ingestor).run_materializer(i, rx),
-        )?),
-        None => None,
-    };
+    engine.start_background(&Background {
+        materialize_interval: config.materialize_interval,
+        refresh_interval: config.follow.as_ref().map(|f| f.refresh_interval),
+    })?;
     if config.tokens.is_empty() {
         tracing::info!(%addr, "reelhouse listening (open: no API tokens, loopback only)");
     } else {
@@ -680,21 +492,45 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     Ok(RunningServer {
         addr,
         pg_addr,
-        ingestor,
+        engine,
         stop,
         http,
         pg,
-        flusher,
-        materializer,
-        follower,
     })
+}
+
+/// The layers every router gets: token check, then a request id and a span per request in
+/// the logs (`tower-http`; the id is also sent back as `x-request-id`).
+fn with_layers(app: Router, tokens: &Arc<auth::Tokens>) -> Router {
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    use tower_http::trace::TraceLayer;
+    let request_id = axum::http::HeaderName::from_static("x-request-id");
+    app.layer(axum::middleware::from_fn_with_state(
+        Arc::clone(tokens),
+        auth::check,
+    ))
+    .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+        // The route's template, never the path itself: paths carry user ids.
+        let route = req
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map_or("-", |p| p.as_str());
+        let id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        tracing::info_span!("request", method = %req.method(), route, request_id = %id)
+    }))
+    .layer(PropagateRequestIdLayer::new(request_id.clone()))
+    .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }
 
 /// An ingest node running in this process (`serve --role ingest`).
 pub struct RunningIngestNode {
     pub addr: SocketAddr,
-    pub publisher: Arc<publish::Publisher>,
-    stop: watch::Sender<bool>,
+    pub publisher: Arc<reelhouse_engine::publish::Publisher>,
+    stop: CancellationToken,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -705,28 +541,19 @@ pub async fn start_ingest_node(
 ) -> Result<RunningIngestNode, StartError> {
     require_tokens_off_loopback(&config)?;
     let (listener, addr) = bind(config.listen).await?;
-    let publisher = Arc::new(publish::Publisher::new(
+    let publisher = Arc::new(reelhouse_engine::publish::Publisher::new(
         log,
-        Arc::clone(&config.ingest.clock),
-        config.ingest.dedup_window,
+        Arc::clone(&config.engine.clock),
+        config.engine.dedup_window,
     ));
     let state = publish::NodeState {
         publisher: Arc::clone(&publisher),
         inflight: Arc::new(Semaphore::new(config.max_inflight)),
         max_body_bytes: config.max_body_bytes,
     };
-    let app = publish::router(state).layer(axum::middleware::from_fn_with_state(
-        Arc::clone(&config.tokens),
-        auth::check,
-    ));
-    let (stop, mut rx) = watch::channel(false);
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.changed().await;
-            })
-            .await
-    });
+    let app = with_layers(publish::router(state), &config.tokens);
+    let stop = CancellationToken::new();
+    let http = serve(listener, app, stop.clone());
     tracing::info!(%addr, log = %publisher.log().describe(), "ingest node listening");
     Ok(RunningIngestNode {
         addr,
@@ -739,31 +566,20 @@ pub async fn start_ingest_node(
 impl RunningIngestNode {
     /// Stops accepting requests and lets in-flight ones finish (their appends complete).
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(30), self.http).await;
     }
 }
 
 impl RunningServer {
-    /// Stops accepting requests, lets in-flight ones finish, and flushes everything
-    /// acknowledged to Delta.
-    pub async fn shutdown(self) -> Result<usize, IngestError> {
-        let _ = self.stop.send(true);
+    /// Stops accepting requests, lets in-flight ones finish, stops the engine's background
+    /// loops and waits for them, and flushes everything acknowledged to Delta.
+    pub async fn shutdown(self) -> Result<usize, reelhouse_engine::Error> {
+        self.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(30), self.http).await;
         if let Some(pg) = self.pg {
             let _ = pg.await;
         }
-        if let Some(f) = self.flusher {
-            let _ = tokio::task::spawn_blocking(move || f.join()).await;
-        }
-        if let Some(f) = self.follower {
-            let _ = f.await;
-        }
-        if let Some(m) = self.materializer {
-            let _ = tokio::task::spawn_blocking(move || m.join()).await;
-        }
-        let flushed = self.ingestor.flush().await;
-        self.ingestor.close().await;
-        flushed
+        self.engine.shutdown().await
     }
 }

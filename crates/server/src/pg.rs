@@ -50,21 +50,21 @@ use reelhouse_lake::deltalake::arrow::datatypes::{
     TimeUnit, TimestampMicrosecondType,
 };
 use reelhouse_lake::deltalake::arrow::util::display::{ArrayFormatter, FormatOptions};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Role, Tokens};
-use crate::Ingestor;
+use reelhouse_engine::Engine;
 
 /// Starts accepting Postgres connections on `listener` until `stop` changes.
 pub fn spawn(
     listener: tokio::net::TcpListener,
-    ingestor: Arc<Ingestor>,
+    engine: Arc<Engine>,
     tokens: Arc<Tokens>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let handlers = Arc::new(Handlers {
         backend: Arc::new(Backend {
-            ingestor,
+            engine,
             tokens: Arc::clone(&tokens),
             parser: Arc::new(NoopQueryParser::new()),
         }),
@@ -73,7 +73,7 @@ pub fn spawn(
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = stop.changed() => break,
+                _ = stop.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((socket, _)) => {
                         let h = Arc::clone(&handlers);
@@ -245,7 +245,7 @@ impl StartupHandler for TokenStartup {
 
 /// Runs queries for authenticated sessions.
 struct Backend {
-    ingestor: Arc<Ingestor>,
+    engine: Arc<Engine>,
     tokens: Arc<Tokens>,
     parser: Arc<NoopQueryParser>,
 }
@@ -351,7 +351,7 @@ impl Backend {
         &self,
         sql: &str,
     ) -> PgWireResult<reelhouse_lake::deltalake::datafusion::dataframe::DataFrame> {
-        let catalog = self.ingestor.catalog().await.map_err(|e| {
+        let catalog = self.engine.catalog().await.map_err(|e| {
             tracing::error!(error = %e, "cannot open the catalog for a postgres query");
             user_error("XX000", "internal error; see the server log")
         })?;
@@ -512,10 +512,7 @@ fn encode_cell(enc: &mut DataRowEncoder, col: &dyn Array, r: usize) -> PgWireRes
         DataType::Float64 => enc.encode_field(&col.as_primitive::<Float64Type>().value(r)),
         DataType::Date32 => {
             let days = col.as_primitive::<Date32Type>().value(r);
-            // 719,163 days from 0001-01-01 (CE day 1) to 1970-01-01.
-            let d = chrono::NaiveDate::from_num_days_from_ce_opt(days + 719_163)
-                .ok_or_else(|| user_error("22008", "date out of range"))?;
-            enc.encode_field(&d)
+            enc.encode_field(&reelhouse_event::Day(days).date())
         }
         DataType::Timestamp(_, tz) => {
             let us = col.as_primitive::<TimestampMicrosecondType>().value(r);

@@ -6,13 +6,24 @@ use std::hash::Hash;
 
 use foldhash::HashMap;
 use reelhouse_lake::deltalake::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch,
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringViewArray,
 };
-use reelhouse_lake::deltalake::arrow::compute::{concat_batches, filter_record_batch};
+use reelhouse_lake::deltalake::arrow::compute::{cast, concat_batches, filter_record_batch};
+use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Int64Type};
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
 use std::sync::Arc;
 
-use crate::views::int64s;
+/// A column as string views, whatever string type it has (no copy when it is views already).
+pub(crate) fn string_views(a: &ArrayRef) -> Result<StringViewArray, ArrowError> {
+    Ok(cast(a, &DataType::Utf8View)?.as_string_view().clone())
+}
+
+/// A column as Int64 values, whatever integer type it has (timestamps as their raw µs).
+pub(crate) fn int64s(a: &ArrayRef) -> Result<Int64Array, ArrowError> {
+    Ok(cast(a, &DataType::Int64)?
+        .as_primitive::<Int64Type>()
+        .clone())
+}
 
 /// `items` sorted (as `sort_unstable` sorts them), first by `bucket` with a counting sort,
 /// then each bucket on its own. `bucket` must agree with the order: a smaller bucket for a
@@ -133,7 +144,7 @@ pub(crate) fn events_of_kinds(
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(ev.len());
     for b in ev {
-        let kind = crate::views::string_views(column(b, "event_type")?)?;
+        let kind = string_views(column(b, "event_type")?)?;
         let mask: BooleanArray = (0..kind.len())
             .map(|i| Some(kind.is_valid(i) && kinds.contains(&kind.value(i))))
             .collect();
@@ -153,7 +164,7 @@ pub(crate) mod testing {
     use reelhouse_lake::deltalake::datafusion::datasource::MemTable;
     use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 
-    /// Every event type of SPEC §1, the view start and end first.
+    /// Every event type of docs/event-contract.md, the view start and end first.
     pub(crate) const EVENT_TYPES: [&str; 10] = [
         "video_view_start",
         "video_view_end",

@@ -1,4 +1,4 @@
-//! Share cascades (SPEC §3 `fact_share`, `share_cascade`): share trees from `share_id` /
+//! Share cascades (docs/data-model.md `fact_share`, `share_cascade`): share trees from `share_id` /
 //! `parent_share_id`, their roots and depths, and per-tree metrics including structural
 //! virality (Goel et al. 2016) in O(n) per tree.
 //!
@@ -239,7 +239,7 @@ pub fn cascades(shares: &[Share], forest: &Forest, views: &[(String, i64)]) -> V
 /// filtering and repartitioning every event.
 pub(crate) fn shares_of(ev: &[RecordBatch]) -> Result<Vec<Share>, ArrowError> {
     use crate::batch::column;
-    use crate::views::{int64s, string_views};
+    use crate::batch::{int64s, string_views};
     struct Cols {
         kind: StringViewArray,
         id: StringViewArray,

@@ -1,4 +1,4 @@
-//! `agg_creator_daily` (SPEC §3): per creator and event date, the views of
+//! `agg_creator_daily` (docs/data-model.md): per creator and event date, the views of
 //! `fact_video_view`, the like and follow transitions and the shares (distinct `share_id`)
 //! and comments of the events.
 //!
@@ -28,8 +28,8 @@ use reelhouse_lake::deltalake::arrow::datatypes::{
 };
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
 
+use crate::batch::string_views;
 use crate::batch::{bools, column, ints, is_true, opt, Rows};
-use crate::views::string_views;
 
 /// The view sources counted in their own columns, in column order.
 const SOURCES: [&str; 7] = [

@@ -1,4 +1,4 @@
-//! Dimensions (SPEC §3): `dim_user`, `dim_video`, `dim_creator` as SCD type 2, and `dim_date`.
+//! Dimensions (docs/data-model.md): `dim_user`, `dim_video`, `dim_creator` as SCD type 2, and `dim_date`.
 //!
 //! ```text
 //!  PUT /v1/dims/{users|videos|creators} (NDJSON) ─▶ parse_upserts ─▶ dim_updates (Delta, append)
@@ -231,7 +231,7 @@ struct Version {
 }
 
 fn ints(a: &ArrayRef) -> Result<Int64Array, DataFusionError> {
-    Ok(crate::views::int64s(a)?)
+    Ok(crate::batch::int64s(a)?)
 }
 
 async fn rows(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, DataFusionError> {
@@ -273,7 +273,7 @@ async fn event_facts(
     )
     .await?;
     let strs = |b: &RecordBatch, i: usize| -> Result<StringViewArray, DataFusionError> {
-        Ok(crate::views::string_views(b.column(i))?)
+        Ok(crate::batch::string_views(b.column(i))?)
     };
     let cols = batches
         .iter()
@@ -563,10 +563,9 @@ async fn date_batch(ctx: &SessionContext, events: &str) -> Result<RecordBatch, D
         }
     }
     let days: Vec<i32> = range.map_or(Vec::new(), |(a, z)| (a..=z).collect());
-    let epoch = chrono::NaiveDate::default();
     let dates: Vec<chrono::NaiveDate> = days
         .iter()
-        .map(|d| epoch + chrono::Duration::days(*d as i64))
+        .map(|d| reelhouse_event::Day(*d).date())
         .collect();
     let int = |f: &dyn Fn(&chrono::NaiveDate) -> i32| {
         Arc::new(Int32Array::from_iter_values(dates.iter().map(f))) as ArrayRef

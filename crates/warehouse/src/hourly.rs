@@ -1,4 +1,4 @@
-//! `agg_video_hourly` (SPEC §3): per video and UTC hour, the views, unique viewers, watch
+//! `agg_video_hourly` (docs/data-model.md): per video and UTC hour, the views, unique viewers, watch
 //! time and completions of `fact_video_view` (a view counts in the hour of its start, or of
 //! its end when the start is lost), the net likes of the like transitions and the shares
 //! (distinct `share_id`) and comments of the events.
@@ -18,8 +18,8 @@ use reelhouse_lake::deltalake::arrow::array::{
 use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
 
+use crate::batch::string_views;
 use crate::batch::{bools, column, ints, is_true, opt};
-use crate::views::string_views;
 
 const HOUR_US: i64 = 3_600_000_000;
 const DAY_US: i64 = 86_400_000_000;

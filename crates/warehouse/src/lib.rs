@@ -1,4 +1,4 @@
-//! The star schema: facts, state and aggregates derived from `events` (SPEC §3).
+//! The star schema: facts, state and aggregates derived from `events` (docs/data-model.md).
 //!
 //! The events are read once and deduplicated again by `event_id` (DataFusion SQL, `ev`); every
 //! model is a Rust function of those Arrow batches ([`views`], [`sessions`], [`transitions`],
@@ -29,11 +29,14 @@ pub mod cascade;
 pub mod creator;
 pub mod dims;
 pub mod hourly;
+mod parallel;
 mod plan;
 pub mod retention;
 pub mod sessions;
 pub mod transitions;
 pub mod views;
+
+use parallel::{joined, spawn_cascades, spawn_timed, Ahead, CascadeBatches, Computed, Writes};
 use std::time::Instant;
 
 use reelhouse_lake::deltalake::arrow::array::RecordBatch;
@@ -60,9 +63,9 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Inactivity that closes a session without `session_end` (SPEC §3).
+/// Inactivity that closes a session without `session_end` (docs/data-model.md).
 pub const SESSION_TIMEOUT_MS: i64 = 30 * 60 * 1000;
-/// Longest session (SPEC §3).
+/// Longest session (docs/data-model.md).
 pub const SESSION_CAP_MS: i64 = 24 * 3600 * 1000;
 
 /// One model: its table name, partition columns and SQL.
@@ -259,7 +262,7 @@ fn duplicate_ids(batches: &[RecordBatch]) -> std::result::Result<bool, ArrowErro
     use reelhouse_lake::deltalake::arrow::array::Array;
     let mut hashes = Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
     for b in batches {
-        let ids = views::string_views(batch::column(b, "event_id")?)?;
+        let ids = batch::string_views(batch::column(b, "event_id")?)?;
         if ids.null_count() > 0 {
             return Ok(true);
         }
@@ -557,7 +560,7 @@ pub struct TableReport {
 
 /// What the models read besides `events`.
 ///
-/// Late data (SPEC §4): a date *closes* at the first materialization after its end plus the
+/// Late data (docs/data-model.md): a date *closes* at the first materialization after its end plus the
 /// allowed lateness. Events received before their date closed count; events received after
 /// it (necessarily later than the allowed lateness) are stored but left out until a
 /// restatement of the date, which counts everything received up to the restatement. So the
@@ -571,7 +574,7 @@ pub struct Inputs {
     pub closures: Vec<(i32, i64)>,
     /// `(from, to, at_ms)`: dates `from..=to` restated at `at_ms`.
     pub restatements: Vec<(i32, i32, i64)>,
-    /// Retention (SPEC §7): raw events of dates before this day (days since epoch) have been
+    /// Retention (docs/privacy.md): raw events of dates before this day (days since epoch) have been
     /// dropped, so date-keyed facts and aggregates keep their rows for those dates from the
     /// previous version instead of recomputing them from nothing.
     pub frozen_before: Option<i32>,
@@ -799,159 +802,6 @@ pub async fn creator_daily_in_memory(
     Ok(out)
 }
 
-/// A task's result with the time it ran.
-type Timed<T> = tokio::task::JoinHandle<(T, std::time::Duration)>;
-
-/// A task computing a model outside SQL.
-type Computed<T> = Timed<std::result::Result<T, DataFusionError>>;
-
-/// Delta writes running as tasks, each with its report entry (to complete when it ends).
-#[derive(Default)]
-struct Writes {
-    /// Each write's entry in `Report::tables` (which keeps the models' order) and task.
-    pending: Vec<(usize, Timed<reelhouse_lake::Result<DeltaTable>>)>,
-}
-
-/// A rebuild that fails leaves no write running behind it: each is cancelled at its next
-/// step, so its table stays at the version before or (if its commit was already made) after.
-impl Drop for Writes {
-    fn drop(&mut self) {
-        for (_, task) in &self.pending {
-            task.abort();
-        }
-    }
-}
-
-impl Writes {
-    fn spawn(
-        &mut self,
-        report: &mut Report,
-        entry: TableReport,
-        write: impl std::future::Future<Output = reelhouse_lake::Result<DeltaTable>> + Send + 'static,
-    ) {
-        let task = spawn_timed(write);
-        report.tables.push(entry);
-        self.pending.push((report.tables.len() - 1, task));
-    }
-
-    /// Waits for every write, in the order they started; completes their report entries and
-    /// adds the new handles. The first failure is returned (after all have ended).
-    async fn finish(
-        &mut self,
-        report: &mut Report,
-        handles: &mut Vec<(String, DeltaTable)>,
-    ) -> Result<()> {
-        let mut first_error = None;
-        for (at, task) in std::mem::take(&mut self.pending) {
-            match task.await {
-                Ok((Ok(table), took)) => {
-                    let entry = &mut report.tables[at];
-                    entry.version = table.version();
-                    entry.write_ms = took.as_millis() as u64;
-                    entry.elapsed_ms += entry.write_ms;
-                    handles.push((entry.table.clone(), table));
-                }
-                Ok((Err(e), _)) => {
-                    first_error.get_or_insert(Error::from(e));
-                }
-                Err(join) => {
-                    first_error.get_or_insert(Error::Model {
-                        model: "write",
-                        source: DataFusionError::External(Box::new(join)),
-                    });
-                }
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-}
-
-/// Rust models of a full rebuild started as tasks before their turn, by name: each as soon
-/// as the models it reads are computed, so that independent models (the transitions and
-/// the event filters beside `fact_video_view`; `agg_creator_daily`, `agg_video_hourly` and
-/// the retention curves beside each other) run on all cores instead of one after another.
-/// Results are still taken, registered and written in the models' order.
-#[derive(Default)]
-struct Ahead(HashMap<&'static str, Computed<RecordBatch>>);
-
-/// A rebuild that fails starts no more models: those waiting for a thread are cancelled (one
-/// already computing runs to its end, a model has no await point, and its result is dropped).
-impl Drop for Ahead {
-    fn drop(&mut self) {
-        for task in self.0.values() {
-            task.abort();
-        }
-    }
-}
-
-impl Ahead {
-    /// Starts each Rust model of `models` not started or computed yet whose inputs are all
-    /// in `prior`.
-    fn start_ready(
-        &mut self,
-        models: impl IntoIterator<Item = &'static Model>,
-        prior: &Prior,
-        inputs: &Inputs,
-    ) {
-        for m in models {
-            let Compute::Rust(f, reads) = m.compute else {
-                continue;
-            };
-            if self.0.contains_key(m.name)
-                || prior.0.contains_key(m.name)
-                || !reads.iter().all(|r| prior.0.contains_key(r))
-            {
-                continue;
-            }
-            let inputs_of = Prior(
-                reads
-                    .iter()
-                    .filter_map(|r| prior.0.get_key_value(r))
-                    .map(|(k, v)| (*k, v.clone()))
-                    .collect(),
-            );
-            let inputs = inputs.clone();
-            let task =
-                spawn_timed(async move { f(&inputs_of, &inputs).map_err(DataFusionError::from) });
-            self.0.insert(m.name, task);
-        }
-    }
-}
-
-/// Runs `work` as a task, timing it.
-fn spawn_timed<F>(work: F) -> Timed<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    tokio::spawn(async move {
-        let start = Instant::now();
-        (work.await, start.elapsed())
-    })
-}
-
-type CascadeBatches = (RecordBatch, RecordBatch, usize);
-
-/// [`cascade::batches`] as a task, over the `ev` batches computed so far and
-/// `fact_video_view` as registered now.
-fn spawn_cascades(ctx: &SessionContext, prior: &Prior) -> Computed<CascadeBatches> {
-    let ctx = ctx.clone();
-    let ev = prior.get("ev").map(<[RecordBatch]>::to_vec);
-    spawn_timed(async move { cascade::batches(&ctx, &ev?).await })
-}
-
-/// The result of a task from [`spawn_timed`], as the error of `model` when it failed.
-async fn joined<T>(task: Computed<T>, model: &'static str) -> Result<(T, std::time::Duration)> {
-    let (result, took) = task.await.map_err(|join| Error::Model {
-        model,
-        source: DataFusionError::External(Box::new(join)),
-    })?;
-    Ok((
-        result.map_err(|source| Error::Model { model, source })?,
-        took,
-    ))
-}
-
 /// Rebuilds every model from `events` as seen by `catalog` and writes each as one Delta
 /// commit. `current` gives the derived tables' present handles (to write new versions of);
 /// returns the new handles with the report.
@@ -1006,11 +856,7 @@ pub async fn materialize(
     };
     report.dates = scope.as_ref().map(|d| {
         d.iter()
-            .map(|d| {
-                (chrono::NaiveDate::default() + chrono::Duration::days(*d as i64))
-                    .format("%Y-%m-%d")
-                    .to_string()
-            })
+            .map(|d| reelhouse_event::Day(*d).to_string())
             .collect()
     });
     // Retention: expired dates keep their rows (their events are gone).
@@ -1283,189 +1129,4 @@ fn write_whole(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::batch::testing::{batch_of, ev_session, printed};
-    use proptest::prelude::*;
-    use reelhouse_lake::deltalake::arrow::array::{ArrayRef, Int64Array, StringArray};
-    use reelhouse_lake::deltalake::arrow::compute::cast;
-    use reelhouse_lake::deltalake::arrow::datatypes::{DataType, TimeUnit};
-
-    /// The SQL models [`fact_engagement`] and [`fact_follow`] replaced: their references.
-    const FACT_ENGAGEMENT_SQL: &str = "
-    SELECT event_id, event_type, user_id, video_id, creator_id, session_id, event_time,
-      comment_id, share_id, parent_share_id, channel, event_date
-    FROM ev WHERE event_type IN ('like', 'unlike', 'share', 'comment')";
-    const FACT_FOLLOW_SQL: &str = "
-    SELECT event_id, event_type, user_id, creator_id, event_time, event_date
-    FROM ev WHERE event_type IN ('follow_creator', 'unfollow_creator')";
-
-    use crate::batch::testing::EVENT_TYPES as KINDS;
-
-    /// A full rebuild takes every model once, each after the models it reads, and the models
-    /// that do not need `fact_video_view` before it; a report lists tables in one order.
-    #[test]
-    fn full_rebuild_order_keeps_inputs_first_and_views_late() {
-        let order: Vec<&str> = full_rebuild_order().iter().map(|m| m.name).collect();
-        let mut sorted = order.clone();
-        sorted.sort_unstable();
-        let mut all: Vec<&str> = MODELS.iter().map(|m| m.name).collect();
-        all.sort_unstable();
-        assert_eq!(sorted, all, "every model exactly once");
-        let at = |n: &str| order.iter().position(|x| *x == n).unwrap();
-        for m in MODELS {
-            if let Compute::Rust(_, reads) = m.compute {
-                for r in reads {
-                    assert!(at(r) < at(m.name), "{} before {}", r, m.name);
-                }
-            }
-        }
-        let views = at("fact_video_view");
-        for early in [
-            "fact_engagement",
-            "fact_follow",
-            "like_state",
-            "follow_state",
-        ] {
-            assert!(
-                at(early) < views,
-                "{early} is written beside fact_video_view"
-            );
-        }
-        for late in ["fact_session", "agg_creator_daily", "agg_video_hourly"] {
-            assert!(at(late) > views, "{late} reads fact_video_view");
-        }
-        let ranks: Vec<usize> = table_names().map(table_rank).collect();
-        assert!(ranks.windows(2).all(|w| w[0] < w[1]), "{ranks:?}");
-    }
-
-    /// Each Rust model computes from the models it declares it reads and no others: a full
-    /// rebuild starts it ahead of its turn with only those ([`Ahead`]). Without a declared
-    /// input it must fail, which shows the check can fail. (The rebuild tests in
-    /// `crates/cli/tests` run every model this way over generated events.)
-    #[test]
-    fn rust_models_read_only_what_they_declare() {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            let ctx = SessionContext::new();
-            let events = reelhouse_lake::schema::events_schema();
-            let t = MemTable::try_new(events, vec![vec![]]).unwrap();
-            ctx.register_table("events", Arc::new(t)).unwrap();
-            let df = ctx
-                .sql(&format!("SELECT {EV_COLUMNS} FROM events"))
-                .await
-                .unwrap();
-            let schema = Arc::new(df.schema().as_arrow().clone());
-            let ev = with_schema(schema, df.collect().await.unwrap());
-            let mut all = Prior::default();
-            all.0.insert("ev", ev);
-            let inputs = Inputs::default();
-            for m in MODELS {
-                let Compute::Rust(f, reads) = m.compute else {
-                    continue;
-                };
-                let only = |skip: Option<&str>| {
-                    Prior(
-                        reads
-                            .iter()
-                            .filter(|r| Some(**r) != skip)
-                            .map(|r| (*r, all.0[r].clone()))
-                            .collect(),
-                    )
-                };
-                let out = f(&only(None), &inputs)
-                    .unwrap_or_else(|e| panic!("{} with its declared inputs: {e}", m.name));
-                for r in reads.iter() {
-                    assert!(
-                        f(&only(Some(r)), &inputs).is_err(),
-                        "{} does not read {r}",
-                        m.name
-                    );
-                }
-                all.0.insert(m.name, vec![out]);
-            }
-        });
-    }
-
-    /// Events of every kind (and none), with string columns as views, as `ev` has them.
-    fn events(gen: &[(Option<u8>, u8, Option<u8>)]) -> RecordBatch {
-        let views = |v: Vec<Option<String>>| -> ArrayRef {
-            cast(&StringArray::from(v), &DataType::Utf8View).unwrap()
-        };
-        let ints = |v: Vec<Option<i64>>| Arc::new(Int64Array::from(v)) as ArrayRef;
-        let some = |f: &dyn Fn(usize) -> String| -> ArrayRef {
-            views((0..gen.len()).map(|i| Some(f(i))).collect())
-        };
-        let maybe = |f: &dyn Fn(u8) -> String| -> ArrayRef {
-            views(gen.iter().map(|g| g.2.map(f)).collect())
-        };
-        let time = cast(
-            &Int64Array::from_iter_values(gen.iter().map(|g| i64::from(g.1) * 1_000_000)),
-            &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-        )
-        .unwrap();
-        let date = cast(&time, &DataType::Date32).unwrap();
-        batch_of(vec![
-            ("event_id", some(&|i| format!("e{i:03}"))),
-            (
-                "event_type",
-                views(
-                    gen.iter()
-                        .map(|g| g.0.map(|k| KINDS[k as usize % KINDS.len()].to_string()))
-                        .collect(),
-                ),
-            ),
-            ("event_time", time),
-            (
-                "user_id",
-                ints(gen.iter().map(|g| Some(i64::from(g.1 % 5))).collect()),
-            ),
-            ("session_id", maybe(&|x| format!("s{x}"))),
-            (
-                "video_id",
-                ints(gen.iter().map(|g| g.2.map(i64::from)).collect()),
-            ),
-            (
-                "creator_id",
-                ints(gen.iter().map(|g| Some(i64::from(g.1 % 3))).collect()),
-            ),
-            ("comment_id", maybe(&|x| format!("c{x}"))),
-            ("share_id", maybe(&|x| format!("sh{x}"))),
-            ("parent_share_id", maybe(&|x| format!("p{x}"))),
-            ("channel", maybe(&|x| format!("ch{}", x % 2))),
-            ("event_date", date),
-        ])
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(32))]
-        #[test]
-        fn engagement_and_follows_equal_the_sql(
-            gen in proptest::collection::vec(any::<(Option<u8>, u8, Option<u8>)>(), 1..60),
-            split in 0usize..60,
-        ) {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async {
-                let (ev, ctx) = ev_session(&events(&gen), split);
-                let mut prior = Prior::default();
-                prior.0.insert("ev", ev);
-                for (f, sql) in [
-                    (fact_engagement as fn(&Prior, &Inputs) -> _, FACT_ENGAGEMENT_SQL),
-                    (fact_follow, FACT_FOLLOW_SQL),
-                ] {
-                    let want = ctx.sql(sql).await.unwrap().collect().await.unwrap();
-                    let got = f(&prior, &Inputs::default()).unwrap();
-                    for w in &want {
-                        prop_assert_eq!(w.schema(), got.schema());
-                    }
-                    let want = printed(&ctx, "want", want, "*", "event_id").await;
-                    let got = printed(&ctx, "got", vec![got], "*", "event_id").await;
-                    prop_assert_eq!(got, want);
-                    let _ = ctx.deregister_table("want");
-                    let _ = ctx.deregister_table("got");
-                }
-                Ok(())
-            })?;
-        }
-    }
-}
+mod tests;

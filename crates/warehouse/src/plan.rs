@@ -25,7 +25,7 @@ use reelhouse_lake::deltalake::arrow::error::ArrowError;
 use reelhouse_lake::deltalake::datafusion::common::HashMap;
 use std::sync::Arc;
 
-use crate::views::{int64s, string_views};
+use crate::batch::{int64s, string_views};
 
 /// The columns [`Events::of`] reads, in order.
 pub(crate) const KEY_COLUMNS: &str = "event_id, event_type, event_time, user_id, session_id, \

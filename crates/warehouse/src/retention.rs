@@ -1,4 +1,4 @@
-//! `video_retention` (SPEC §3): per video, for p = 0…100, the share of its ended views
+//! `video_retention` (docs/data-model.md): per video, for p = 0…100, the share of its ended views
 //! (`has_end`) whose `watch_ms` reaches p % of `video_duration_ms`.
 //!
 //! A view reaches p up to ⌊100 · watch / duration⌋ (integer arithmetic, so exact; capped at

@@ -1,4 +1,4 @@
-//! `fact_session` (SPEC §3): one row per client `session_id`, from its events and its views.
+//! `fact_session` (docs/data-model.md): one row per client `session_id`, from its events and its views.
 //!
 //! As a DataFusion plan this was a grouped aggregate over the session id strings (with an
 //! ordered `first_value` for the user), a second one over `fact_video_view` with a distinct
@@ -27,7 +27,7 @@ use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Field, Schema, Schem
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
 
 use crate::batch::{column, opt};
-use crate::views::{int64s, string_views};
+use crate::batch::{int64s, string_views};
 use crate::{SESSION_CAP_MS, SESSION_TIMEOUT_MS};
 
 const DAY_US: i64 = 86_400_000_000;

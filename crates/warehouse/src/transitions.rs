@@ -1,4 +1,4 @@
-//! Like and follow transitions and state (SPEC §3), from the deduplicated events (`ev`).
+//! Like and follow transitions and state (docs/data-model.md), from the deduplicated events (`ev`).
 //!
 //! Both replay each key, (user, video) for likes and (user, creator) for follows, in
 //! (`event_time`, `event_id`) order (ascending, nulls last):
@@ -23,7 +23,7 @@ use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Field, Schema};
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
 
 use crate::batch::{column, opt};
-use crate::views::{int64s, string_views};
+use crate::batch::{int64s, string_views};
 
 /// One kind of relation: its event types and the key column beside `user_id`.
 pub struct Relation {

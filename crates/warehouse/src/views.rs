@@ -1,5 +1,5 @@
 //! `fact_video_view`: view pairing and position in session, computed over the Arrow columns
-//! of the deduplicated events (SPEC §3).
+//! of the deduplicated events (docs/data-model.md).
 //!
 //! This is the largest model of a rebuild (about 80 % of the events are view starts and ends,
 //! and nearly every view is a group of one or two events). As a DataFusion plan it was a
@@ -23,17 +23,16 @@
 //!   window did;
 //! - `event_date` is the UTC date of the start, or of the end when the start is lost.
 
+use crate::batch::{int64s, string_views};
 use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use reelhouse_lake::deltalake::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanBuilder, Date32Builder, Float64Builder, Int64Array,
-    Int64Builder, RecordBatch, StringBuilder, StringViewArray,
+    Array, ArrayRef, BooleanBuilder, Date32Builder, Float64Builder, Int64Array, Int64Builder,
+    RecordBatch, StringBuilder, StringViewArray,
 };
 use reelhouse_lake::deltalake::arrow::compute::cast;
-use reelhouse_lake::deltalake::arrow::datatypes::{
-    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit,
-};
+use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
 
 const START: &str = "video_view_start";
@@ -59,18 +58,6 @@ fn column(b: &RecordBatch, name: &str) -> Result<ArrayRef, ArrowError> {
     b.column_by_name(name)
         .cloned()
         .ok_or_else(|| ArrowError::SchemaError(format!("fact_video_view: no column {name}")))
-}
-
-/// A column as string views, whatever string type it has (no copy when it is views already).
-pub(crate) fn string_views(a: &ArrayRef) -> Result<StringViewArray, ArrowError> {
-    Ok(cast(a, &DataType::Utf8View)?.as_string_view().clone())
-}
-
-/// A column as Int64 values, whatever integer type it has (timestamps as their raw µs).
-pub(crate) fn int64s(a: &ArrayRef) -> Result<Int64Array, ArrowError> {
-    Ok(cast(a, &DataType::Int64)?
-        .as_primitive::<Int64Type>()
-        .clone())
 }
 
 impl Cols {
@@ -485,7 +472,7 @@ fn date_order(n: usize, time: impl Fn(usize) -> Option<i64>) -> Vec<u32> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use reelhouse_lake::deltalake::arrow::array::StringArray;
+    use reelhouse_lake::deltalake::arrow::array::{AsArray, StringArray};
     use reelhouse_lake::deltalake::arrow::datatypes::Date32Type;
     use reelhouse_lake::deltalake::datafusion::prelude::SessionContext;
 

@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 
+use reelhouse_engine::EngineConfig;
 use reelhouse_event::FixedClock;
-use reelhouse_server::{IngestConfig, ServerConfig};
+use reelhouse_server::ServerConfig;
 use reelhouse_workload::{generate, WorkloadConfig};
 use serde_json::Value;
 
@@ -71,7 +72,7 @@ async fn dashboard_page_renders_the_api_numbers_for_its_creator_only() {
     cfg.days = 90;
     let w = generate(&cfg);
 
-    let mut ingest = IngestConfig::new(dir.path().join("data"), Arc::new(FixedClock(NOW)));
+    let mut ingest = EngineConfig::new(dir.path().join("data"), Arc::new(FixedClock(NOW)));
     ingest.flush_rows = 10_000;
     let mut config = ServerConfig::new(ingest, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
     config.materialize_interval = None;

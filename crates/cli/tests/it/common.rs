@@ -5,13 +5,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use reelhouse_engine::EngineConfig;
 use reelhouse_event::SystemClock;
-use reelhouse_server::{IngestConfig, RunningServer, ServerConfig};
+use reelhouse_server::{RunningServer, ServerConfig};
 use serde_json::Value;
 
 /// Starts an in-process server on an ephemeral loopback port.
 pub async fn start(dir: &Path, flush_rows: usize) -> RunningServer {
-    let mut ingest = IngestConfig::new(dir, Arc::new(SystemClock));
+    let mut ingest = EngineConfig::new(dir, Arc::new(SystemClock));
     ingest.flush_rows = flush_rows;
     ingest.flush_interval = Duration::from_millis(500);
     let mut config = ServerConfig::new(ingest, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
@@ -23,7 +24,7 @@ pub async fn start(dir: &Path, flush_rows: usize) -> RunningServer {
 
 /// Starts an in-process server whose clock stands still at `now` (no background rebuilds).
 pub async fn start_at(dir: &Path, now: i64) -> RunningServer {
-    let mut ingest = IngestConfig::new(dir, Arc::new(reelhouse_event::FixedClock(now)));
+    let mut ingest = EngineConfig::new(dir, Arc::new(reelhouse_event::FixedClock(now)));
     ingest.flush_rows = 4_000;
     let mut config = ServerConfig::new(ingest, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
     config.materialize_interval = None;

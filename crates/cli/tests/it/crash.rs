@@ -113,15 +113,15 @@ async fn sigkill_loses_no_acknowledged_event() {
 async fn crash_between_delta_commit_and_wal_truncation_stores_nothing_twice() {
     use std::sync::Arc;
 
-    use reelhouse_server::{IngestConfig, IngestPath, Ingestor};
+    use reelhouse_engine::{Engine, EngineConfig, IngestPath};
 
     let dir = tempfile::tempdir().unwrap();
     let wal = dir.path().join("_wal");
     let saved = tempfile::tempdir().unwrap();
     let w = generate(&WorkloadConfig::new(4_000, 9, 1_764_000_000_000));
-    let config = IngestConfig::new(dir.path(), Arc::new(reelhouse_event::SystemClock));
+    let config = EngineConfig::new(dir.path(), Arc::new(reelhouse_event::SystemClock));
     let accepted = {
-        let ing = Ingestor::open(config.clone()).await.unwrap();
+        let ing = Engine::open(config.clone()).await.unwrap();
         let mut accepted = 0;
         for b in w.bodies(1_000) {
             accepted += ing.ingest(&b, IngestPath::Bulk).await.unwrap().accepted;
@@ -138,7 +138,7 @@ async fn crash_between_delta_commit_and_wal_truncation_stores_nothing_twice() {
         let e = e.unwrap();
         std::fs::copy(e.path(), wal.join(e.file_name())).unwrap();
     }
-    let ing = Ingestor::open(config).await.unwrap();
+    let ing = Engine::open(config).await.unwrap();
     assert_eq!(
         ing.stats().replayed_rows,
         0,

@@ -1,4 +1,4 @@
-//! Online features (SPEC §5) against an independent computation written here from the stored
+//! Online features (docs/online-features.md) against an independent computation written here from the stored
 //! events: every video, user and creator of a workload with duplicates, unlikes, unfollows,
 //! out-of-order and late events, ingested in a shuffled order over HTTP with a fixed clock.
 //! Then: identical features after a restart, `reelhouse check` finds no difference, and a
@@ -67,7 +67,7 @@ struct Reference {
     creators: HashMap<i64, (i64, u64)>,
 }
 
-/// SPEC §5 features computed directly: views paired by view_id as in `fact_video_view`,
+/// docs/online-features.md features computed directly: views paired by view_id as in `fact_video_view`,
 /// like/follow state by the last (event_time, event_id), windows over whole minutes.
 fn reference(evs: &[Ev], now: i64) -> Reference {
     let now_min = now / MINUTE;
@@ -379,7 +379,7 @@ async fn features_equal_reference_survive_restart_and_agree_with_warehouse() {
             assert_eq!(status, 200, "{v}");
         }
         if part.len() == half {
-            server.ingestor.flush().await.unwrap();
+            server.engine.flush().await.unwrap();
         }
     }
     // Resending everything changes nothing (dedup before the store).

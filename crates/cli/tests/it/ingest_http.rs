@@ -112,7 +112,7 @@ async fn mixed_batch_gets_exact_per_event_results() {
             16,
             "round {round}"
         );
-        server.ingestor.flush().await.unwrap();
+        server.engine.flush().await.unwrap();
     }
     let rows = sql(&url, "SELECT event_id, user_id, video_id, event_date, source, watch_ms, time_corrected, extra FROM events ORDER BY event_id").await;
     assert_eq!(

@@ -92,7 +92,7 @@ async fn small_flushes_are_compacted_and_nothing_is_lost() {
     for body in bodies {
         let (status, _) = post(&u, "/v1/events", body, "application/x-ndjson").await;
         assert_eq!(status, 200);
-        server.ingestor.flush().await.unwrap();
+        server.engine.flush().await.unwrap();
     }
     let body = metrics(&u).await;
     let compactions = values(&body)["reelhouse_delta_compactions_total"];
@@ -123,7 +123,7 @@ async fn small_flushes_are_compacted_and_nothing_is_lost() {
             200
         );
     }
-    server.ingestor.flush().await.unwrap();
+    server.engine.flush().await.unwrap();
     let (status, _) = post(&u, "/v1/admin/materialize", "", "application/json").await;
     assert_eq!(status, 200);
     assert_eq!(sql(&u, per_type).await, a_types);

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 
+use reelhouse_engine::EngineConfig;
 use reelhouse_event::SystemClock;
-use reelhouse_server::{IngestConfig, ServerConfig};
+use reelhouse_server::ServerConfig;
 use reelhouse_workload::{generate, WorkloadConfig};
 use serde_json::{json, Value};
 
@@ -89,7 +90,7 @@ async fn psql_gets_the_same_rows_as_http_and_writes_are_refused() {
             ("pg-creator", "creator:1"),
         ],
     );
-    let mut ingest = IngestConfig::new(dir.path().join("data"), Arc::new(SystemClock));
+    let mut ingest = EngineConfig::new(dir.path().join("data"), Arc::new(SystemClock));
     ingest.flush_rows = 5_000;
     let mut config = ServerConfig::new(ingest, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
     config.tokens = tokens;

@@ -218,7 +218,7 @@ async fn erase_removes_every_trace_and_aggregates_equal_a_load_without_the_user(
     assert!(ids.len() > 10);
     let (status, v) = post(&u, "/v1/admin/materialize", "", "application/json").await;
     assert_eq!(status, 200, "{v}");
-    server.ingestor.flush().await.unwrap();
+    server.engine.flush().await.unwrap();
     let (_, f) = get(&u, &format!("/v1/features/users/{user}")).await;
     assert!(!f["last_viewed"].as_array().unwrap().is_empty());
 
@@ -411,4 +411,58 @@ async fn sigkill_during_erasure_then_the_request_completes_after_restart() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_no_trace(dir.path(), user, &ids);
+}
+
+/// Shutdown waits for the engine's background work: a forget request accepted just before it
+/// has run to the end by the time `shutdown` returns (its receipt says `done` when the data
+/// directory is opened again, before anything could resume it), and the final flush left no
+/// WAL record behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_forget_request_accepted_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), 1_000_000).await;
+    let u = url(&server);
+    let w = generate(&WorkloadConfig::new(
+        3_000,
+        71,
+        chrono::Utc::now().timestamp_millis(),
+    ));
+    ingest(&u, &w.lines).await;
+    let (user, events) = most_active_user(&u).await;
+    assert!(events > 0);
+    let (status, v) = post(
+        &u,
+        &format!("/v1/users/{user}/forget"),
+        json!({ "mode": "erase" }).to_string(),
+        "application/json",
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["request_id"].as_str().unwrap().to_string();
+    server.shutdown().await.unwrap();
+
+    // Opened without starting anything: no resume can have run the request since.
+    let mut config = reelhouse_engine::EngineConfig::new(
+        dir.path(),
+        std::sync::Arc::new(reelhouse_event::SystemClock),
+    );
+    config.flush_rows = 1_000_000;
+    let engine = reelhouse_engine::Engine::open(config).await.unwrap();
+    let receipt = engine.privacy_request(&id).expect("the request is stored");
+    assert_eq!(receipt["status"], "done", "{receipt}");
+    assert_eq!(
+        engine.pending_rows(),
+        0,
+        "the final flush committed everything"
+    );
+    let catalog = engine.catalog().await.unwrap();
+    let left = catalog
+        .query(&format!(
+            "SELECT count(*) FROM events WHERE user_id = {user}"
+        ))
+        .await
+        .unwrap();
+    let left = left[0].column(0).as_primitive::<Int64Type>().value(0);
+    assert_eq!(left, 0);
+    engine.shutdown().await.unwrap();
 }

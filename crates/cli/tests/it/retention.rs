@@ -1,11 +1,12 @@
-//! Retention (SPEC §7): expired partitions of `events` go (files vacuumed), while facts and
+//! Retention (docs/privacy.md): expired partitions of `events` go (files vacuumed), while facts and
 //! aggregates of those dates keep their values through later rebuilds.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use reelhouse_engine::EngineConfig;
 use reelhouse_event::FixedClock;
-use reelhouse_server::{IngestConfig, ServerConfig};
+use reelhouse_server::ServerConfig;
 use reelhouse_workload::{generate, WorkloadConfig};
 
 use crate::common::{post, scalar, sql};
@@ -17,7 +18,7 @@ async fn expired_events_go_and_aggregates_stay() {
     cfg.days = 120;
     let w = generate(&cfg);
     let dir = tempfile::tempdir().unwrap();
-    let mut ingest = IngestConfig::new(dir.path(), Arc::new(FixedClock(now)));
+    let mut ingest = EngineConfig::new(dir.path(), Arc::new(FixedClock(now)));
     ingest.flush_rows = 1_000_000;
     let mut config = ServerConfig::new(ingest, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
     config.materialize_interval = None;
@@ -42,7 +43,7 @@ async fn expired_events_go_and_aggregates_stay() {
     )
     .await;
 
-    let r = server.ingestor.apply_retention().await.unwrap();
+    let r = server.engine.apply_retention().await.unwrap();
     assert!(r
         .tables
         .iter()

@@ -1,4 +1,4 @@
-//! Access control (SPEC §8) against the real server: every protected endpoint refuses a
+//! Access control (README.md, HTTP API) against the real server: every protected endpoint refuses a
 //! missing token (401), a wrong role (403) and another creator's id (403); each role reaches
 //! what it should; SQL stays read-only for analysts; oversized and malformed bodies are refused
 //! cleanly; error bodies never echo the token or a user id.
@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::common::write_tokens;
+use reelhouse_engine::EngineConfig;
 use reelhouse_event::SystemClock;
-use reelhouse_server::{IngestConfig, ServerConfig};
+use reelhouse_server::ServerConfig;
 use serde_json::{json, Value};
 
 async fn call(u: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
@@ -39,7 +40,7 @@ async fn tokens_and_roles_gate_every_endpoint() {
             ("secret-c", "creator:9"),
         ],
     );
-    let mut ingest = IngestConfig::new(dir.path().join("data"), Arc::new(SystemClock));
+    let mut ingest = EngineConfig::new(dir.path().join("data"), Arc::new(SystemClock));
     ingest.flush_rows = 1_000_000;
     let mut config = ServerConfig::new(ingest, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
     config.tokens = tokens;
@@ -220,7 +221,7 @@ async fn tokens_and_roles_gate_every_endpoint() {
 #[tokio::test]
 async fn non_loopback_needs_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let ingest = IngestConfig::new(dir.path(), Arc::new(SystemClock));
+    let ingest = EngineConfig::new(dir.path(), Arc::new(SystemClock));
     let config = ServerConfig::new(ingest, "0.0.0.0:0".parse::<SocketAddr>().unwrap());
     assert!(matches!(
         reelhouse_server::start(config).await,

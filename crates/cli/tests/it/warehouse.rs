@@ -1,5 +1,5 @@
 //! Differential tests of the warehouse: `agg_creator_daily` and session counts per user equal
-//! an independent reference written here in plain Rust from the SPEC §3 definitions, for
+//! an independent reference written here in plain Rust from the docs/data-model.md definitions, for
 //! several random arrival orders of the same workload (late, duplicated, out-of-order and
 //! malformed events included), for an incremental ingest in two phases, and the dashboard
 //! equals the aggregates.
@@ -343,7 +343,7 @@ async fn dashboard_equals_the_aggregates() {
     );
     let d = dashboard(&url, creator, from, to).await;
     assert_eq!(d["creator_id"].as_i64(), Some(creator));
-    // Each day is its `agg_creator_daily` row, every column of it (SPEC §6), and nothing else.
+    // Each day is its `agg_creator_daily` row, every column of it (README.md, HTTP API), and nothing else.
     let (status, all) = post_sql(
         &url,
         &format!("SELECT * FROM agg_creator_daily WHERE creator_id = {creator} ORDER BY date"),
@@ -589,7 +589,7 @@ async fn materialization_of_no_events_makes_empty_tables() {
             "{t}"
         );
     }
-    // Recent events: older dates closed at the first materialization (SPEC §4).
+    // Recent events: older dates closed at the first materialization (docs/data-model.md).
     let now = chrono::Utc::now().timestamp_millis();
     let w = generate(&WorkloadConfig::new(2_000, 61, now));
     ingest(&url, &w.lines).await;
@@ -610,7 +610,7 @@ async fn materialization_dedups_again() {
     server.shutdown().await.unwrap();
     // Restart with a zero-day dedup window: nothing is remembered, so the re-send is stored.
     let mut ingest_cfg =
-        reelhouse_server::IngestConfig::new(dir.path(), Arc::new(reelhouse_event::SystemClock));
+        reelhouse_engine::EngineConfig::new(dir.path(), Arc::new(reelhouse_event::SystemClock));
     ingest_cfg.dedup_window = std::time::Duration::ZERO;
     let mut config =
         reelhouse_server::ServerConfig::new(ingest_cfg, "127.0.0.1:0".parse().unwrap());
@@ -960,7 +960,7 @@ async fn incremental_rebuilds_equal_a_full_rebuild() {
         if seed == 4 {
             // A full rebuild that rewrites unchanged files too (`bench materialize`): every
             // table gets a new version, with the same rows.
-            let again = server.ingestor.materialize_full_rewriting().await.unwrap();
+            let again = server.engine.materialize_full_rewriting().await.unwrap();
             let written = again.tables.iter().filter(|t| t.version.is_some());
             assert_eq!(written.clone().count(), full.len());
             for t in written {

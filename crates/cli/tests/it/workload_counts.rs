@@ -94,17 +94,15 @@ async fn generated_counts_match_manifest_and_dedup_survives_restart() {
     // A one-shot open (as `reelhouse ingest` and the maintenance commands do) reads the
     // stored ids only at its first ingest: the re-sent events are still duplicates, an event
     // with a new id is accepted, and its flush stores exactly that one event more.
-    let config = reelhouse_server::IngestConfig::new(
+    let config = reelhouse_engine::EngineConfig::new(
         dir.path(),
         std::sync::Arc::new(reelhouse_event::SystemClock),
     );
-    let ing = reelhouse_server::ingest::Ingestor::open(config)
-        .await
-        .unwrap();
+    let ing = reelhouse_engine::Engine::open(config).await.unwrap();
     let (mut accepted, mut duplicates) = (0, 0);
     for b in bodies.iter().take(5) {
         let out = ing
-            .ingest(b, reelhouse_server::IngestPath::Bulk)
+            .ingest(b, reelhouse_engine::IngestPath::Bulk)
             .await
             .unwrap();
         accepted += out.accepted;
@@ -119,7 +117,7 @@ async fn generated_counts_match_manifest_and_dedup_survives_restart() {
     })
     .to_string();
     let out = ing
-        .ingest(fresh.as_bytes(), reelhouse_server::IngestPath::Bulk)
+        .ingest(fresh.as_bytes(), reelhouse_engine::IngestPath::Bulk)
         .await
         .unwrap();
     assert_eq!((out.accepted, out.duplicates), (1, 0));

@@ -25,7 +25,7 @@ use reelhouse_server::ServerConfig;
 use reelhouse_workload::WorkloadConfig;
 use serde_json::{json, Value};
 
-use crate::bench::{warn_if_debug, write_result};
+use super::common::{warn_if_debug, write_result};
 use crate::send::{percentile, send_all};
 use crate::DataArgs;
 
@@ -450,7 +450,7 @@ pub async fn serve(b: ServeBench) -> Result<()> {
 
     let data = DataArgs::defaults(dir.path().join("data"));
     let listen: SocketAddr = "127.0.0.1:0".parse()?;
-    let mut config = ServerConfig::new(data.ingest_config(), listen);
+    let mut config = ServerConfig::new(data.engine_config(), listen);
     config.materialize_interval = None;
     let server = reelhouse_server::start(config).await?;
     let url = format!("http://{}", server.addr);
@@ -464,7 +464,7 @@ pub async fn serve(b: ServeBench) -> Result<()> {
     let load = send_all(&url, bodies, 4, Arc::new(|_| {})).await?;
     drop(w);
     let mut ids: Vec<i64> = server
-        .ingestor
+        .engine
         .features()
         .totals()
         .videos
@@ -509,7 +509,7 @@ pub async fn serve(b: ServeBench) -> Result<()> {
     let achieved = (sent.load(Ordering::Relaxed) - sent_before) as f64 / t.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     steady.await??;
-    let features = server.ingestor.features().videos(
+    let features = server.engine.features().videos(
         &ids.iter()
             .map(|i| reelhouse_event::VideoId(*i as u64))
             .collect::<Vec<_>>(),

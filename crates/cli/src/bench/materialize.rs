@@ -1,66 +1,23 @@
-//! `reelhouse bench`: system figures, each beside DuckDB doing the same work on the same data
-//! in the same run. Results go to `bench/results/*.json`; `docs/performance.md` summarises.
-//!
-//! `bench ingest`: HTTP ingest with durable acks from several concurrent clients on loopback
-//! (events/s, ack latency percentiles), the Delta commit of what was sent, bytes per event
-//! stored in `events`; then DuckDB `read_ndjson` loading the same NDJSON file (and writing
-//! it as zstd Parquet, for a bytes-per-event reference).
+//! `bench materialize`: warehouse rebuild rate, `agg_creator_daily` alone in memory, a late
+//! trickle, a one-day restatement and dashboard latency, beside DuckDB computing
+//! `agg_creator_daily` from the same Parquet files in the same run.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-use bytes::Bytes;
-use clap::{Args, Subcommand};
+use anyhow::Result;
+use clap::Args;
 use reelhouse_server::ServerConfig;
 use reelhouse_workload::WorkloadConfig;
 use serde_json::json;
 
-use crate::send::{percentile, send_all};
+use crate::send::percentile;
 use crate::DataArgs;
 
-#[derive(Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    what: BenchCommand,
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// HTTP ingest throughput and ack latency with durable acks, beside DuckDB read_ndjson.
-    Ingest(IngestBench),
-    /// Warehouse rebuild rate and creator-dashboard latency, beside DuckDB computing
-    /// agg_creator_daily from the same Parquet files.
-    Materialize(MaterializeBench),
-    /// Feature lookup latency (single and batch-500) while ingest runs, freshness, memory per
-    /// video and user, beside redis-server HGETALL on the same features.
-    Serve(crate::bench_serve::ServeBench),
-    /// Share-cascade metrics (roots, depths, structural virality) for one 1M-node cascade and
-    /// for 100k small cascades.
-    Cascades(CascadeBench),
-    /// Ingest rate, materializer catch-up and freshness through NATS JetStream with 1 and 2
-    /// ingest processes, beside one embedded node (needs the nats-server package).
-    Scaleout(crate::bench_scaleout::ScaleoutBench),
-}
+use super::common::*;
 
 #[derive(Args)]
-struct CascadeBench {
-    /// Nodes of the one big cascade.
-    #[arg(long, default_value_t = 1_000_000)]
-    big: usize,
-    /// Number of small cascades (5–20 nodes each).
-    #[arg(long, default_value_t = 100_000)]
-    small: usize,
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
-    #[arg(long, default_value = "bench/results/cascades.json")]
-    out: PathBuf,
-}
-
-#[derive(Args)]
-struct MaterializeBench {
+pub(crate) struct MaterializeBench {
     /// Events to generate.
     #[arg(long, default_value_t = 2_000_000)]
     events: usize,
@@ -81,282 +38,7 @@ struct MaterializeBench {
     out: PathBuf,
 }
 
-#[derive(Args)]
-struct IngestBench {
-    /// Events to send.
-    #[arg(long, default_value_t = 2_000_000)]
-    events: usize,
-    /// Concurrent HTTP clients.
-    #[arg(long, default_value_t = 4)]
-    clients: usize,
-    /// Events per request.
-    #[arg(long, default_value_t = 5_000)]
-    batch: usize,
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
-    /// Where to write the JSON result.
-    #[arg(long, default_value = "bench/results/ingest.json")]
-    out: PathBuf,
-    /// Skip the DuckDB comparison.
-    #[arg(long)]
-    no_duckdb: bool,
-}
-
-pub async fn run(a: BenchArgs) -> Result<()> {
-    match a.what {
-        BenchCommand::Ingest(b) => ingest(b).await,
-        BenchCommand::Materialize(b) => materialize(b).await,
-        BenchCommand::Serve(b) => crate::bench_serve::serve(b).await,
-        BenchCommand::Cascades(b) => cascades(b),
-        BenchCommand::Scaleout(b) => crate::bench_scaleout::scaleout(b).await,
-    }
-}
-
-async fn ingest(b: IngestBench) -> Result<()> {
-    warn_if_debug();
-    let dir = tempfile::Builder::new()
-        .prefix("reelhouse-bench-")
-        .tempdir()?;
-    let cfg = WorkloadConfig::new(b.events, b.seed, chrono::Utc::now().timestamp_millis());
-    let w = reelhouse_workload::generate(&cfg);
-    let ndjson = dir.path().join("events.ndjson");
-    std::fs::write(&ndjson, w.lines.join("\n") + "\n")?;
-    let ndjson_bytes = std::fs::metadata(&ndjson)?.len();
-    let bodies = request_bodies(&w, b.batch);
-    let m = w.manifest.clone();
-    drop(w);
-    eprintln!(
-        "generated {} events ({:.0} MB NDJSON)",
-        m.lines,
-        ndjson_bytes as f64 / 1e6
-    );
-
-    let data = DataArgs::defaults(dir.path().join("data"));
-    let listen: SocketAddr = "127.0.0.1:0".parse()?;
-    let server = reelhouse_server::start(ServerConfig::new(data.ingest_config(), listen)).await?;
-    let url = format!("http://{}", server.addr);
-    let report = send_all(&url, bodies, b.clients, Arc::new(|_| {})).await?;
-    let fsyncs = server.ingestor.stats().wal_fsyncs;
-    let t = Instant::now();
-    server.ingestor.flush().await?;
-    let final_flush_s = t.elapsed().as_secs_f64();
-    let table = reelhouse_lake::Lake::open(&data.data_dir)?
-        .load(reelhouse_lake::RawTable::Events)
-        .await?
-        .context("events table missing after flush")?;
-    let stored_bytes = reelhouse_lake::live_bytes(&table).await?;
-    server.shutdown().await?;
-
-    let secs = report.elapsed.as_secs_f64();
-    let eps = m.lines as f64 / secs;
-    let ms = |p| percentile(&report.latencies_us, p) as f64 / 1000.0;
-    let bytes_per_event = stored_bytes as f64 / m.valid_unique.max(1) as f64;
-    println!(
-        "reelhouse HTTP ingest ({} clients × {} events/request, durable acks):",
-        b.clients, b.batch
-    );
-    println!(
-        "  {} events in {:.2}s = {:.0} events/s; ack latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} fsyncs for {} requests; 429 retries {}",
-        m.lines, secs, eps, ms(50.0), ms(99.0), ms(100.0), fsyncs, report.requests, report.retries_429
-    );
-    println!(
-        "  final Delta commit {:.2}s; events table {:.1} MB = {:.1} bytes/event (NDJSON {:.0} bytes/event)",
-        final_flush_s,
-        stored_bytes as f64 / 1e6,
-        bytes_per_event,
-        ndjson_bytes as f64 / m.lines as f64
-    );
-
-    let duckdb = if b.no_duckdb {
-        None
-    } else {
-        duckdb_load(&ndjson, dir.path())
-    };
-    if let Some(d) = &duckdb {
-        println!(
-            "DuckDB {} read_ndjson (2 threads, same file): {:.2}s = {:.0} events/s; zstd Parquet {:.1} bytes/event",
-            d["version"].as_str().unwrap_or("?"),
-            d["load_s"].as_f64().unwrap_or(0.0),
-            d["events_per_s"].as_f64().unwrap_or(0.0),
-            d["parquet_bytes_per_event"].as_f64().unwrap_or(0.0)
-        );
-    }
-    let result = json!({
-        "benchmark": "ingest",
-        "events": m.lines,
-        "valid_unique": m.valid_unique,
-        "clients": b.clients,
-        "events_per_request": b.batch,
-        "reelhouse": {
-            "elapsed_s": secs,
-            "events_per_s": eps,
-            "ack_ms": {"p50": ms(50.0), "p90": ms(90.0), "p99": ms(99.0), "max": ms(100.0)},
-            "requests": report.requests,
-            "wal_fsyncs": fsyncs,
-            "retries_429": report.retries_429,
-            "final_flush_s": final_flush_s,
-            "events_table_bytes": stored_bytes,
-            "bytes_per_event": bytes_per_event,
-            "accepted": report.accepted,
-            "duplicates": report.duplicates,
-            "rejected": report.rejected,
-        },
-        "ndjson_bytes_per_event": ndjson_bytes as f64 / m.lines as f64,
-        "duckdb": duckdb,
-    });
-    write_result(&b.out, result)
-}
-
-/// The workload as NDJSON request bodies of `batch` lines, each with its line count.
-pub(crate) fn request_bodies(
-    w: &reelhouse_workload::Workload,
-    batch: usize,
-) -> Vec<(Bytes, usize)> {
-    w.bodies(batch)
-        .into_iter()
-        .zip(w.lines.chunks(batch.max(1)).map(|c| c.len()))
-        .map(|(body, n)| (Bytes::from(body), n))
-        .collect()
-}
-
-pub(crate) fn warn_if_debug() {
-    if cfg!(debug_assertions) {
-        eprintln!("warning: this is a debug build; benchmark figures need `cargo run --release`");
-    }
-}
-
-/// Adds what every result records (build profile, cores, time) and writes it as JSON.
-pub(crate) fn write_result(out: &std::path::Path, mut result: serde_json::Value) -> Result<()> {
-    result["build"] = json!(if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    });
-    result["cores"] = json!(std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0));
-    result["at"] = json!(chrono::Utc::now().to_rfc3339());
-    if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(out, serde_json::to_string_pretty(&result)? + "\n")?;
-    println!("wrote {}", out.display());
-    Ok(())
-}
-
-/// The numeric fields of Linux `/proc/self/stat` after the command name (which is in
-/// parentheses and may hold spaces) from field 4 on: field `n` of the line (1-based, as
-/// `proc(5)` numbers them) is at index `n - 4`. `None` where it cannot be read.
-fn proc_stat() -> Option<Vec<u64>> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // The state (field 3) is a letter; every field this module reads comes after it. Fields
-    // that can be negative (priority, nice) read as 0; none of them is read here.
-    Some(
-        rest.split_whitespace()
-            .skip(1)
-            .map(|f| f.parse().unwrap_or(0))
-            .collect(),
-    )
-}
-
-/// User plus system CPU time of this process so far (`utime` and `stime`, fields 14 and 15,
-/// in clock ticks of USER_HZ = 100 per second); `None` where it cannot be read.
-fn process_cpu_s() -> Option<f64> {
-    let f = proc_stat()?;
-    Some((*f.get(14 - 4)? + *f.get(15 - 4)?) as f64 / 100.0)
-}
-
-/// Minor page faults of this process so far (`minflt`, field 10): pages the kernel had to
-/// map (and zero) when the process first touched them. A rebuild that allocates fresh
-/// memory instead of reusing freed memory pays for each.
-fn process_minor_faults() -> Option<u64> {
-    proc_stat()?.get(10 - 4).copied()
-}
-
-/// CPU seconds since `start` (from [`process_cpu_s`]).
-fn cpu_since(start: Option<f64>) -> Option<f64> {
-    Some(process_cpu_s()? - start?)
-}
-
-/// Runs DuckDB (Python package) on the same NDJSON; `None` with a note when unavailable.
-fn duckdb_load(ndjson: &std::path::Path, dir: &std::path::Path) -> Option<serde_json::Value> {
-    // Same typing work as reelhouse: explicit columns, ids to BIGINT, both time forms to
-    // timestamps, props and device flattened. DuckDB skips the malformed lines
-    // (ignore_errors); it does not validate per event, dedup, or fsync.
-    let script = r#"
-import duckdb, json, os, sys, time
-src, out = sys.argv[1], sys.argv[2]
-con = duckdb.connect()
-con.execute("SET threads=2")
-con.execute("SET enable_progress_bar = false")
-cols = """{'event_id':'VARCHAR','event_type':'VARCHAR','event_time':'VARCHAR','user_id':'VARCHAR',
-'session_id':'VARCHAR','video_id':'VARCHAR','creator_id':'VARCHAR','view_id':'VARCHAR',
-'device':'STRUCT(os VARCHAR, app_version VARCHAR, country VARCHAR)',
-'props':'STRUCT(source VARCHAR, via_share_id VARCHAR, watch_ms BIGINT, video_duration_ms BIGINT, comment_id VARCHAR, length BIGINT, share_id VARCHAR, parent_share_id VARCHAR, channel VARCHAR)'}"""
-q = f"""CREATE TABLE t AS SELECT event_id, event_type,
-  CASE WHEN regexp_full_match(event_time, '[0-9]+') THEN epoch_ms(event_time::BIGINT)
-       ELSE TRY_CAST(event_time AS TIMESTAMPTZ) END AS event_time,
-  TRY_CAST(user_id AS BIGINT) AS user_id, session_id, TRY_CAST(video_id AS BIGINT) AS video_id,
-  TRY_CAST(creator_id AS BIGINT) AS creator_id, view_id, props.*, device.os AS device_os,
-  device.app_version AS device_app_version, device.country AS device_country
-FROM read_ndjson('{src}', columns = {cols}, ignore_errors = true)"""
-t = time.time()
-con.execute(q)
-load = time.time() - t
-n = con.execute("SELECT count(*) FROM t").fetchone()[0]
-con.execute(f"COPY (SELECT * FROM t ORDER BY user_id, session_id, event_time) TO '{out}' (FORMAT parquet, COMPRESSION zstd)")
-print(json.dumps({"version": duckdb.__version__, "load_s": load, "rows": n,
-                  "events_per_s": n / load, "parquet_bytes_per_event": os.path.getsize(out) / n}))
-"#;
-    let out = dir.join("duckdb.parquet");
-    run_python(script, &[ndjson, &out])
-}
-
-/// Says on stderr that the DuckDB comparison is skipped, with the line of a failed Python
-/// step's `stderr` that names the error (e.g. a missing `duckdb` module).
-fn python_failed(stderr: &str) {
-    eprintln!(
-        "DuckDB comparison skipped: {} (install with `pip install duckdb`)",
-        stderr
-            .lines()
-            .find(|l| l.contains("Error") || l.contains("No module"))
-            .unwrap_or("python3 failed")
-    );
-}
-
-/// Runs a Python script that prints one JSON object on its last stdout line; `None` (with a
-/// note on stderr) when Python or its packages are missing or the script fails.
-fn run_python(script: &str, args: &[&std::path::Path]) -> Option<serde_json::Value> {
-    let run = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output();
-    match run {
-        Ok(o) if o.status.success() => {
-            let text = String::from_utf8_lossy(&o.stdout);
-            let parsed = text
-                .lines()
-                .last()
-                .and_then(|l| serde_json::from_str(l).ok());
-            if parsed.is_none() {
-                eprintln!("DuckDB comparison skipped: unreadable output from the DuckDB step");
-            }
-            parsed
-        }
-        Ok(o) => {
-            python_failed(&String::from_utf8_lossy(&o.stderr));
-            None
-        }
-        Err(e) => {
-            eprintln!("DuckDB comparison skipped: cannot run python3 ({e})");
-            None
-        }
-    }
-}
-
-async fn materialize(b: MaterializeBench) -> Result<()> {
+pub(crate) async fn materialize(b: MaterializeBench) -> Result<()> {
     warn_if_debug();
     let dir = tempfile::Builder::new()
         .prefix("reelhouse-bench-")
@@ -367,17 +49,17 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
     let w = reelhouse_workload::generate(&cfg);
     let m = w.manifest.clone();
     let data = DataArgs::defaults(dir.path().join("data"));
-    let mut config = ServerConfig::new(data.ingest_config(), "127.0.0.1:0".parse()?);
+    let mut config = ServerConfig::new(data.engine_config(), "127.0.0.1:0".parse()?);
     config.materialize_interval = None;
     let server = reelhouse_server::start(config).await?;
     for body in w.bodies(20_000) {
         server
-            .ingestor
-            .ingest(&body, reelhouse_server::IngestPath::Bulk)
+            .engine
+            .ingest(&body, reelhouse_engine::IngestPath::Bulk)
             .await?;
     }
     drop(w);
-    server.ingestor.flush().await?;
+    server.engine.flush().await?;
     eprintln!("loaded {} events over {} days", m.valid_unique, b.days);
 
     // Full rebuilds: the first creates the tables (delta-rs's write, whose files carry no
@@ -391,7 +73,7 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
     // beside each wall time: nothing else runs in it then, and CPU time varies less than
     // wall time when the machine is shared.
     let (t, cpu) = (Instant::now(), process_cpu_s());
-    let report = server.ingestor.materialize().await?;
+    let report = server.engine.materialize().await?;
     let (first_s, first_cpu) = (t.elapsed().as_secs_f64(), cpu_since(cpu));
     let mut duck = DuckDaily::start(&data.data_dir);
     let (mut rewrites, mut rewrites_cpu, mut duck_runs) = (Vec::new(), Vec::new(), Vec::new());
@@ -399,7 +81,7 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
     let mut before = report.clone();
     for _ in 0..b.rounds {
         let (t, cpu, faults) = (Instant::now(), process_cpu_s(), process_minor_faults());
-        let r = server.ingestor.materialize_full_rewriting().await?;
+        let r = server.engine.materialize_full_rewriting().await?;
         rewrites.push(t.elapsed().as_secs_f64());
         rewrites_cpu.push(cpu_since(cpu));
         rewrites_faults.push(process_minor_faults().zip(faults).map(|(b, a)| b - a));
@@ -417,7 +99,7 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
         }
     }
     let (t, cpu) = (Instant::now(), process_cpu_s());
-    let r = server.ingestor.materialize_full().await?;
+    let r = server.engine.materialize_full().await?;
     let (unchanged_s, unchanged_cpu) = (t.elapsed().as_secs_f64(), cpu_since(cpu));
     let kept = unwritten_tables(&before, &r);
     let full_s = median(&rewrites);
@@ -425,7 +107,7 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
     // memory, with the models it needs (three runs; the median is reported).
     let mut same = Vec::new();
     for _ in 0..3 {
-        let catalog = server.ingestor.catalog().await?;
+        let catalog = server.engine.catalog().await?;
         let inputs = reelhouse_warehouse::Inputs {
             now_ms: chrono::Utc::now().timestamp_millis(),
             ..Default::default()
@@ -446,20 +128,20 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
     let tw = reelhouse_workload::generate(&trickle);
     for body in tw.bodies(3_000) {
         server
-            .ingestor
-            .ingest(&body, reelhouse_server::IngestPath::Bulk)
+            .engine
+            .ingest(&body, reelhouse_engine::IngestPath::Bulk)
             .await?;
     }
     let t = Instant::now();
-    let trickle_report = server.ingestor.materialize().await?;
+    let trickle_report = server.engine.materialize().await?;
     let trickle_s = t.elapsed().as_secs_f64();
     let trickle_dates = trickle_report.dates.as_ref().map_or(0, Vec::len);
-    server.ingestor.flush().await?;
+    server.engine.flush().await?;
     // One whole day rebuilt on its own: restating a date makes it the only dirty one. The
     // busiest date (the earliest of equals), so the step rebuilds a full day whatever the
     // spread: with `--days 1` most dates hold only a few late events.
     let (day, day_events) = {
-        let c = server.ingestor.catalog().await?;
+        let c = server.engine.catalog().await?;
         let r = c
             .query_json(
                 "SELECT CAST(event_date AS INT), count(*) FROM events GROUP BY 1 \
@@ -471,7 +153,7 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
         (int(0) as i32, int(1) as u64)
     };
     let t = Instant::now();
-    let day_report = server.ingestor.restate(day, day).await?;
+    let day_report = server.engine.restate(day, day).await?;
     let day_s = t.elapsed().as_secs_f64();
     let day_dates = day_report.dates.as_ref().map_or(0, Vec::len);
     let day_read = day_report
@@ -486,7 +168,7 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
         .map_or(0, |t| t.rows);
 
     // Dashboard over loopback: the busiest creator, the last 90 days.
-    let catalog = server.ingestor.catalog().await?;
+    let catalog = server.engine.catalog().await?;
     let top = catalog
         .query_json(
             "SELECT creator_id FROM agg_creator_daily GROUP BY 1 ORDER BY sum(views) DESC LIMIT 1",
@@ -649,7 +331,7 @@ async fn materialize(b: MaterializeBench) -> Result<()> {
 
 /// The DuckDB script of [`DuckDaily`]: agg_creator_daily (same definitions) from the events
 /// table's Parquet files, once per line read from stdin.
-const DUCK_DAILY: &str = r#"
+pub(crate) const DUCK_DAILY: &str = r#"
 import duckdb, json, sys, time
 src = sys.argv[1] + "/events/*/*.parquet"
 con = duckdb.connect()
@@ -716,7 +398,7 @@ for line in sys.stdin:
 /// DuckDB (the Python package) in a process of its own, kept open between runs of
 /// [`DUCK_DAILY`]'s query, so that they run right after reelhouse's rebuilds, on the same
 /// events, while the server is still up.
-struct DuckDaily {
+pub(crate) struct DuckDaily {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
@@ -800,7 +482,7 @@ impl DuckDaily {
 }
 
 /// The median of `v` (the mean of the two middle values of an even count); 0 for none.
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -811,7 +493,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// How many tables of `after` have the same version as in `before`: not written.
-fn unwritten_tables(
+pub(crate) fn unwritten_tables(
     before: &reelhouse_warehouse::Report,
     after: &reelhouse_warehouse::Report,
 ) -> usize {
@@ -824,103 +506,4 @@ fn unwritten_tables(
             prev.and_then(|f| f.version) == t.version
         })
         .count()
-}
-/// Times `resolve` + `cascades` (the work of one rebuild after the shares are read) on
-/// synthetic forests, shuffled so children often come before their parents.
-fn cascades(b: CascadeBench) -> Result<()> {
-    use rand::seq::SliceRandom;
-    use rand::{Rng, SeedableRng};
-    use reelhouse_warehouse::cascade::{cascades, resolve, Share};
-    warn_if_debug();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(b.seed);
-    let share = |id: usize, parent: Option<usize>, video: i64| Share {
-        share_id: format!("sh-{id:08x}"),
-        parent_share_id: parent.map(|p| format!("sh-{p:08x}")),
-        user_id: id as i64,
-        video_id: video,
-        creator_id: 1,
-        time_us: id as i64 * 1000,
-        channel: None,
-        event_date: 0,
-    };
-    let run = |name: &str, mut shares: Vec<Share>, seed: u64| -> Result<serde_json::Value> {
-        shares.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-        let t = Instant::now();
-        let forest = resolve(&shares);
-        let trees = cascades(&shares, &forest, &[]);
-        let s = t.elapsed().as_secs_f64();
-        let deepest = trees.iter().map(|c| c.depth).max().unwrap_or(0);
-        let v = trees
-            .iter()
-            .map(|c| c.structural_virality)
-            .fold(0.0, f64::max);
-        println!(
-            "  {name:<28} {:>9} nodes, {:>7} cascades: {:>8.1} ms = {:>10.0} nodes/s (max depth {deepest}, max virality {v:.2})",
-            shares.len(), trees.len(), s * 1000.0, shares.len() as f64 / s
-        );
-        Ok(
-            json!({"nodes": shares.len(), "cascades": trees.len(), "seconds": s,
-                  "nodes_per_s": shares.len() as f64 / s, "max_depth": deepest,
-                  "max_structural_virality": v}),
-        )
-    };
-    println!("share cascades: resolve parents + metrics incl. structural virality (one thread)");
-    // One big tree: each node's parent is a random earlier node (expected depth ~ ln n), and a
-    // preferential chain part so the tree is also deep.
-    let big: Vec<Share> = (0..b.big)
-        .map(|i| {
-            let parent = (i > 0).then(|| {
-                if rng.gen_bool(0.3) {
-                    i - 1
-                } else {
-                    rng.gen_range(0..i)
-                }
-            });
-            share(i, parent, 1)
-        })
-        .collect();
-    let big = run("one big cascade", big, b.seed)?;
-    let mut small = Vec::new();
-    for c in 0..b.small {
-        let n = rng.gen_range(5..=20);
-        let base = small.len();
-        for k in 0..n {
-            let parent = (k > 0).then(|| base + rng.gen_range(0..k));
-            small.push(share(base + k, parent, c as i64));
-        }
-    }
-    let small = run("many small cascades", small, b.seed)?;
-    write_result(
-        &b.out,
-        json!({"benchmark": "cascades", "big": big, "small": small}),
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The fault counter is `minflt` (not another field): touching 64 MB of fresh memory
-    /// raises it by about one fault per 4 kB page touched (far fewer with huge pages, so the
-    /// bound is loose; `cminflt` and `majflt` stay put), and busy work advances the CPU time.
-    #[test]
-    fn proc_stat_counts_faults_and_cpu_time() {
-        let (faults, cpu) = (process_minor_faults().unwrap(), process_cpu_s().unwrap());
-        let mut v: Vec<u8> = Vec::with_capacity(64 << 20);
-        for i in (0..v.capacity()).step_by(4096) {
-            v.spare_capacity_mut()[i].write(1);
-        }
-        let touched = process_minor_faults().unwrap() - faults;
-        assert!(touched >= 30, "{touched} faults for 16384 fresh pages");
-        // 200M dependent multiply-adds: at least 0.2 s of CPU (about 2 s in the dev profile)
-        // however loaded the machine is, since CPU time counts only while the thread runs;
-        // the clock ticks every 10 ms.
-        let mut x = 0u64;
-        for _ in 0..200_000_000u64 {
-            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
-        }
-        let spent = process_cpu_s().unwrap() - cpu;
-        assert!(spent >= 0.03, "{spent} s of CPU for 200M multiply-adds");
-        drop(v);
-    }
 }

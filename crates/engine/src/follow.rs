@@ -23,7 +23,22 @@ use reelhouse_lake::deltalake::arrow::compute::filter_record_batch;
 use reelhouse_lake::deltalake::arrow::datatypes::Int64Type;
 use reelhouse_log::Entry;
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use reelhouse_lake::deltalake::arrow::array::RecordBatch;
+use reelhouse_lake::deltalake::DeltaTable;
+use reelhouse_lake::{committed_segment, RawTable};
+use tokio_util::sync::CancellationToken;
+
+use reelhouse_event::UserId;
+
+use crate::applier::Apply;
+use crate::dedup::id_hash;
+use crate::source::{decode_record, encode_record, LogSource, Parts, Source};
+use crate::tasks::stop_within;
+use crate::{Engine, Error};
 
 /// Records asked for per read.
 const READ_BATCH: usize = 64;
@@ -32,24 +47,24 @@ const READ_WAIT: Duration = Duration::from_millis(200);
 
 /// Encodes one record for a shared log: the WAL record, zstd-compressed (a 5,000-event batch
 /// shrinks about 6×, which keeps records under NATS's default 1 MB message limit).
-pub(crate) fn encode_log_record(
+pub fn encode_log_record(
     events: Option<&RecordBatch>,
     quarantine: Option<&RecordBatch>,
-) -> Result<Vec<u8>, IngestError> {
+) -> Result<Vec<u8>, Error> {
     let raw = encode_record(events, quarantine)?;
     Ok(zstd::bulk::compress(&raw, 1)?)
 }
 
-fn decode_log_record(bytes: &[u8]) -> Result<Parts, IngestError> {
+fn decode_log_record(bytes: &[u8]) -> Result<Parts, Error> {
     let raw = zstd::stream::decode_all(bytes)
-        .map_err(|_| IngestError::BadBody("a shared-log record is not zstd".into()))?;
+        .map_err(|_| Error::BadBody("a shared-log record is not zstd".into()))?;
     decode_record(&raw)
 }
 
-impl Ingestor {
+impl Engine {
     /// Reads the shared log until `stop` changes (a no-op for the embedded WAL). Retries on
     /// log errors; acknowledges what flushes have committed.
-    pub async fn follow(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub async fn follow(self: Arc<Self>, stop: CancellationToken) {
         let Source::Log(ls) = &self.source else {
             return;
         };
@@ -57,7 +72,7 @@ impl Ingestor {
         // before the first record.
         while let Err(e) = self.load_dedup().await {
             tracing::error!(error = %e, "cannot read the stored event ids for dedup; retrying");
-            if stop_within(Duration::from_secs(1), &mut stop).await {
+            if stop_within(Duration::from_secs(1), &stop).await {
                 return;
             }
         }
@@ -74,7 +89,7 @@ impl Ingestor {
                 Ok(r) => break r,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the shared log; retrying");
-                    if stop_within(Duration::from_secs(1), &mut stop).await {
+                    if stop_within(Duration::from_secs(1), &stop).await {
                         return;
                     }
                 }
@@ -84,19 +99,19 @@ impl Ingestor {
         let mut acked = 0;
         let mut last_lag_check = Instant::now();
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return;
             }
             if self.pending_rows() >= self.config.max_pending_rows {
                 // The log holds the backlog; the flusher drains `pending`.
-                if stop_within(Duration::from_millis(50), &mut stop).await {
+                if stop_within(Duration::from_millis(50), &stop).await {
                     return;
                 }
                 continue;
             }
             let read = tokio::select! {
                 r = reader.next_batch(READ_BATCH, READ_WAIT) => r,
-                _ = stop.changed() => return,
+                _ = stop.cancelled() => return,
             };
             match read {
                 Ok(entries) => {
@@ -131,7 +146,7 @@ impl Ingestor {
     }
 
     /// Hands one record of the shared log to the applier.
-    fn feed(&self, ls: &LogSource, e: Entry) -> Result<(), IngestError> {
+    fn feed(&self, ls: &LogSource, e: Entry) -> Result<(), Error> {
         let (events, quarantine) = decode_log_record(&e.payload)?;
         let events = match events {
             Some(b) => self.drop_erased(b)?,
@@ -148,19 +163,17 @@ impl Ingestor {
         let events = match events {
             Some(b) if e.position > committed_events => {
                 let (kept, dups) = self.dedup_batch(&b)?;
-                self.duplicates.fetch_add(dups as u64, Ordering::Relaxed);
-                self.accepted.fetch_add(
-                    kept.as_ref().map_or(0, |k| k.num_rows()) as u64,
-                    Ordering::Relaxed,
-                );
+                self.metrics.duplicates.inc_by(dups as u64);
+                self.metrics
+                    .accepted
+                    .inc_by(kept.as_ref().map_or(0, |k| k.num_rows()) as u64);
                 kept
             }
             _ => None,
         };
         let quarantine = quarantine.filter(|_| e.position > committed_quarantine);
         if let Some(q) = &quarantine {
-            self.rejected
-                .fetch_add(q.num_rows() as u64, Ordering::Relaxed);
+            self.metrics.rejected.inc_by(q.num_rows() as u64);
         }
         let mut fed = ls.fed.lock().unwrap_or_else(|p| p.into_inner());
         self.applier
@@ -171,40 +184,39 @@ impl Ingestor {
                 features: for_features,
                 ack: None,
             })
-            .map_err(|_| IngestError::ShuttingDown)?;
+            .map_err(|_| Error::ShuttingDown)?;
         *fed = e.position;
         Ok(())
     }
 
     /// The rows of users erased since the ingest node took them (`None` when none is left).
-    fn drop_erased(&self, b: RecordBatch) -> Result<Option<RecordBatch>, IngestError> {
+    fn drop_erased(&self, b: RecordBatch) -> Result<Option<RecordBatch>, Error> {
         if !self.privacy.has_tombstones() {
             return Ok(Some(b));
         }
         let users = b
             .column_by_name("user_id")
             .and_then(|c| c.as_primitive_opt::<Int64Type>())
-            .ok_or_else(|| IngestError::BadBody("a shared-log record lacks user_id".into()))?;
+            .ok_or_else(|| Error::BadBody("a shared-log record lacks user_id".into()))?;
         let keep: BooleanArray = (0..users.len())
-            .map(|i| Some(!self.privacy.is_tombstoned(users.value(i))))
+            .map(|i| Some(!self.privacy.is_tombstoned(UserId(users.value(i) as u64))))
             .collect();
         let kept = filter_record_batch(&b, &keep).map_err(reelhouse_lake::Error::from)?;
         let dropped = b.num_rows() - kept.num_rows();
-        self.erased_dropped
-            .fetch_add(dropped as u64, Ordering::Relaxed);
+        self.metrics.erased_dropped.inc_by(dropped as u64);
         Ok((kept.num_rows() > 0).then_some(kept))
     }
 
     /// Claims each event id in the dedup window; returns the first-seen rows and how many
     /// were already seen (sent twice, possibly to two ingest nodes).
-    fn dedup_batch(&self, b: &RecordBatch) -> Result<(Option<RecordBatch>, usize), IngestError> {
+    fn dedup_batch(&self, b: &RecordBatch) -> Result<(Option<RecordBatch>, usize), Error> {
         let ids = b
             .column_by_name("event_id")
             .and_then(|c| c.as_string_opt::<i32>())
-            .ok_or_else(|| IngestError::BadBody("a shared-log record lacks event_id".into()))?;
+            .ok_or_else(|| Error::BadBody("a shared-log record lacks event_id".into()))?;
         let today = reelhouse_event::time::day_of(self.config.clock.now_ms());
         let keep: BooleanArray = {
-            let mut dedup = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
+            let mut dedup = self.dedup.ids.lock().unwrap_or_else(|p| p.into_inner());
             (0..ids.len())
                 .map(|i| Some(dedup.insert(today, id_hash(ids.value(i)))))
                 .collect()
@@ -216,13 +228,9 @@ impl Ingestor {
 
     /// An API replica: every `interval`, picks up the table versions the materializer has
     /// committed since, and drops the pending rows they hold.
-    pub async fn run_refresher(
-        self: Arc<Self>,
-        interval: Duration,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
+    pub async fn run_refresher(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
         loop {
-            if stop_within(interval, &mut stop).await {
+            if stop_within(interval, &stop).await {
                 return;
             }
             if let Err(e) = self.refresh().await {
@@ -232,7 +240,7 @@ impl Ingestor {
     }
 
     /// Loads newer versions of every table; true when any changed.
-    pub async fn refresh(&self) -> Result<bool, IngestError> {
+    pub async fn refresh(&self) -> Result<bool, Error> {
         let mut changed = false;
         for t in RawTable::ALL {
             let current = self.raw_table(t);
@@ -257,7 +265,7 @@ impl Ingestor {
             }
         }
         if derived_changed {
-            *self.dashboard.lock().await = None;
+            *self.materializer.dashboard.lock().await = None;
         }
         self.forget_newly_erased().await?;
         Ok(changed || derived_changed)
@@ -265,12 +273,12 @@ impl Ingestor {
 
     /// An API replica: users the materializer erased or anonymized since the last look leave
     /// this replica's feature store too (later events of erased users are dropped on read).
-    async fn forget_newly_erased(&self) -> Result<(), IngestError> {
+    async fn forget_newly_erased(&self) -> Result<(), Error> {
         let new = if self.lake.tables().is_remote() {
             let shared = self
                 .lake
                 .tables()
-                .get_state(crate::privacy::STATE_FILE)
+                .get_state(reelhouse_privacy::STATE_FILE)
                 .await?;
             self.privacy.reload_from(shared.as_deref())?
         } else {
@@ -288,7 +296,7 @@ impl Ingestor {
             .features
             .user_ids()
             .into_iter()
-            .filter(|u| new.contains(&self.privacy.user_hash(*u)))
+            .filter(|u| new.contains(&self.privacy.user_hash(UserId(*u as u64))))
             .collect();
         for user in erased {
             let features = Arc::clone(&self.features);
@@ -303,7 +311,7 @@ impl Ingestor {
 async fn newer_version(
     current: Option<DeltaTable>,
     load: impl std::future::Future<Output = reelhouse_lake::Result<Option<DeltaTable>>>,
-) -> Result<Option<DeltaTable>, IngestError> {
+) -> Result<Option<DeltaTable>, Error> {
     match current {
         Some(cur) => {
             let before = cur.version();

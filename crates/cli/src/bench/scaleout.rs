@@ -28,8 +28,8 @@ use reelhouse_server::ServerConfig;
 use reelhouse_workload::WorkloadConfig;
 use serde_json::{json, Value};
 
-use crate::bench::{request_bodies, warn_if_debug, write_result};
-use crate::bench_serve::{summary, time_lookups, LookupPlan};
+use super::common::{request_bodies, warn_if_debug, write_result};
+use super::serve::{summary, time_lookups, LookupPlan};
 use crate::send::{percentile, send_all, send_all_to};
 use crate::DataArgs;
 
@@ -52,7 +52,7 @@ pub struct ScaleoutBench {
     /// Where to write the JSON result.
     #[arg(long, default_value = "bench/results/scaleout.json")]
     out: PathBuf,
-    /// Keep each process's log (RUST_LOG=reelhouse_server=debug) in this directory, and
+    /// Keep each process's log (RUST_LOG=reelhouse_engine=debug) in this directory, and
     /// print the probes slower than 50 ms with their time, to line them up.
     #[arg(long)]
     logs: Option<PathBuf>,
@@ -93,8 +93,11 @@ fn spawn_node(args: &[String], port: u16, logs: Option<(&Path, &str)>) -> Result
         .stderr(Stdio::null());
     if let Some((dir, name)) = logs {
         std::fs::create_dir_all(dir)?;
-        c.env("RUST_LOG", "info,reelhouse_server=debug")
-            .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?);
+        c.env(
+            "RUST_LOG",
+            "info,reelhouse_engine=debug,reelhouse_server=debug",
+        )
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?);
     }
     Ok(c.spawn()?)
 }
@@ -237,7 +240,7 @@ pub async fn scaleout(b: ScaleoutBench) -> Result<()> {
     {
         let data = DataArgs::defaults(dir.path().join("embedded"));
         let server = reelhouse_server::start(ServerConfig::new(
-            data.ingest_config(),
+            data.engine_config(),
             "127.0.0.1:0".parse()?,
         ))
         .await?;
