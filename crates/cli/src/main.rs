@@ -426,6 +426,12 @@ fn main() -> std::process::ExitCode {
             Command::Bench(a) => bench::run(a).await,
         }
     });
+    if let Some(path) = std::env::var_os("REELHOUSE_PEAK_RSS_FILE") {
+        // For `bench scale`, which runs each step as its own process.
+        if let Some(bytes) = bench::peak_rss_bytes() {
+            let _ = std::fs::write(path, bytes.to_string());
+        }
+    }
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -233,10 +233,12 @@ impl Engine {
         }
     }
 
-    /// For a writer with tables on an object store, after its last commit: copies the shared
-    /// state files there and gives the writer lease up (a no-op otherwise). One-shot commands
-    /// and server shutdown end with it.
+    /// Ends the engine without a last flush: waits for its background work (a privacy
+    /// request resumed at open runs to its end), then, for a writer with tables on an object
+    /// store, copies the shared state files there and gives the writer lease up. One-shot
+    /// commands end with it; [`Engine::shutdown`] flushes first.
     pub async fn close(&self) {
+        self.tasks.stop_and_wait().await;
         if let Err(e) = self.mirror_state().await {
             tracing::warn!(error = %e, "could not copy state files to the object store");
         }

@@ -71,7 +71,8 @@ impl Tasks {
         Ok(())
     }
 
-    /// Cancels every loop and waits for every task and thread to end.
+    /// Cancels every loop and waits for every task and thread to end (again: returns at
+    /// once).
     pub async fn stop_and_wait(&self) {
         self.stop.cancel();
         self.tracker.close();

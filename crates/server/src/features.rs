@@ -1,5 +1,6 @@
-//! Feature endpoints (docs/online-features.md) over the in-process [`reelhouse_online::FeatureStore`], and the
-//! online-vs-warehouse comparison behind `reelhouse check`.
+//! Feature endpoints (docs/online-features.md) over the in-process
+//! [`reelhouse_online::FeatureStore`], and `GET /v1/admin/check` (the comparison itself is
+//! `reelhouse_engine::check`).
 //!
 //! ```text
 //!  GET  /v1/features/videos/{id}      ─▶ one shard read lock ─▶ VideoFeatures

@@ -409,7 +409,7 @@ pub(crate) struct DuckDaily {
 impl DuckDaily {
     /// Starts DuckDB on `data_dir`'s events; `None`, with a note on stderr, when Python or
     /// its `duckdb` package is missing or the script fails.
-    fn start(data_dir: &std::path::Path) -> Option<DuckDaily> {
+    pub(crate) fn start(data_dir: &std::path::Path) -> Option<DuckDaily> {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let spawned = Command::new("python3")
@@ -450,7 +450,7 @@ impl DuckDaily {
     }
 
     /// Runs the query once: (seconds, rows); `None` when DuckDB failed.
-    fn run(&mut self) -> Option<(f64, u64)> {
+    pub(crate) fn run(&mut self) -> Option<(f64, u64)> {
         use std::io::Write;
         writeln!(self.stdin, "run").ok()?;
         self.stdin.flush().ok()?;
@@ -460,7 +460,7 @@ impl DuckDaily {
     }
 
     /// Ends the process; the result for the JSON output, from `runs`.
-    fn finish(self, runs: &[(f64, u64)]) -> serde_json::Value {
+    pub(crate) fn finish(self, runs: &[(f64, u64)]) -> serde_json::Value {
         let DuckDaily {
             mut child,
             stdin,

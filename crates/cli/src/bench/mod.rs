@@ -7,6 +7,7 @@ mod cascades;
 mod common;
 mod ingest;
 mod materialize;
+mod scale;
 mod scaleout;
 mod serve;
 
@@ -35,6 +36,10 @@ enum BenchCommand {
     /// Ingest rate, materializer catch-up and freshness through NATS JetStream with 1 and 2
     /// ingest processes, beside one embedded node (needs the nats-server package).
     Scaleout(scaleout::ScaleoutBench),
+    /// Cost of each step against the size of a day (1M, 4M, 16M events): bulk ingest, full
+    /// and incremental rebuilds after a live and a late trickle, peak RSS, bytes per event,
+    /// dashboard latency, beside DuckDB's agg_creator_daily on the same files.
+    Scale(scale::ScaleBench),
 }
 
 pub async fn run(a: BenchArgs) -> Result<()> {
@@ -44,5 +49,14 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         BenchCommand::Serve(b) => serve::serve(b).await,
         BenchCommand::Cascades(b) => cascades::cascades(b),
         BenchCommand::Scaleout(b) => scaleout::scaleout(b).await,
+        BenchCommand::Scale(b) => scale::scale(b).await,
     }
+}
+
+/// This process's peak resident set (`VmHWM` of `/proc/self/status`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
