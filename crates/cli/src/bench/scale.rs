@@ -136,8 +136,8 @@ async fn dashboard_latency(work: &Path, data_dir: &Path, n: usize) -> Result<Val
     let catalog = reelhouse_engine::read_only_view(data_dir, None).await?;
     let top = catalog
         .query(
-            "SELECT CAST(creator_id AS INT) FROM agg_creator_daily GROUP BY creator_id \
-             ORDER BY sum(views) DESC, creator_id LIMIT 1",
+            "SELECT CAST(creator_id AS INT) AS c FROM agg_creator_daily GROUP BY creator_id \
+             ORDER BY sum(views) DESC, c LIMIT 1",
         )
         .await?;
     let Some(creator) = reelhouse_warehouse::ints_of(&top).first().copied() else {
