@@ -34,9 +34,10 @@ for label, path in [
     ("rebuild after 1 % late trickle", ("materialize_late", "seconds")),
     ("ingest of the trickle (open + load)", ("ingest_trickle", "seconds")),
 ]:
-    ys = [get(x, *path) for x in r]
-    if all(y is not None for y in ys):
-        a.plot(n, ys, marker="o", label=label)
+    pts = [(m, get(x, *path)) for m, x in zip(n, r)]
+    pts = [(m, y) for m, y in pts if y]
+    if pts:
+        a.plot([m for m, _ in pts], [y for _, y in pts], marker="o", label=label)
 a.set(xscale="log", yscale="log", xlabel="events in the day", ylabel="seconds",
       title="time per step")
 a.legend(fontsize=7)
