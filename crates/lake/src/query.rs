@@ -61,8 +61,9 @@ impl BufferedTable {
     }
 }
 
-/// Casts `batch` column by column (matched by name) to `schema`.
-fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+/// Casts `batch` column by column (matched by name) to `schema` (DataFusion may hand out
+/// view types where a table stores plain strings).
+pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
     if batch.schema().fields() == schema.fields() {
         return Ok(batch.clone());
     }

@@ -105,7 +105,7 @@ pub async fn rewrite_quarantine(
     let schema = RawTable::Quarantine.schema();
     let keep = keep
         .iter()
-        .map(|b| conform(b, &schema))
+        .map(|b| reelhouse_lake::query::conform(b, &schema))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(lake
         .overwrite_derived("quarantine", Some(t), schema, keep, &["received_date"])
@@ -174,24 +174,4 @@ pub async fn append_audit(
     let current = lake.load_derived("privacy_audit").await?;
     lake.append_table("privacy_audit", current, batch).await?;
     Ok(())
-}
-
-/// Casts a query result's columns to a table's schema (DataFusion may hand out view types).
-fn conform(
-    b: &RecordBatch,
-    schema: &reelhouse_lake::deltalake::arrow::datatypes::SchemaRef,
-) -> Result<RecordBatch> {
-    let cols = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            let c = b
-                .column_by_name(f.name())
-                .ok_or_else(|| Error::Malformed(format!("column {} missing", f.name())))?;
-            reelhouse_lake::deltalake::arrow::compute::cast(c, f.data_type())
-                .map_err(|e| Error::from(reelhouse_lake::Error::from(e)))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    RecordBatch::try_new(schema.clone(), cols)
-        .map_err(|e| Error::from(reelhouse_lake::Error::from(e)))
 }
