@@ -168,15 +168,7 @@ impl Engine {
             let catalog = self.catalog().await?;
             extra.extend(days_received_since(&catalog, t).await?);
         }
-        {
-            let mut late = self
-                .materializer
-                .late
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            late.materialized_at_ms = None;
-            late.save(self.lake.root())?;
-        }
+        self.forget_last_rebuild()?;
         self.extend_dirty(extra);
         Ok(())
     }
@@ -199,6 +191,12 @@ impl Engine {
     /// so a crash before that rebuild still leads to a full one.
     pub(crate) fn force_full_rebuild(&self) -> Result<(), Error> {
         self.view.lock().unwrap_or_else(|p| p.into_inner()).dirty = None;
+        self.forget_last_rebuild()
+    }
+
+    /// Durably forgets when the last rebuild took its snapshot, so that until the next one
+    /// succeeds a restart cannot take the events received since as the only dirty dates.
+    fn forget_last_rebuild(&self) -> Result<(), Error> {
         let mut late = self
             .materializer
             .late
