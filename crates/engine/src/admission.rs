@@ -151,7 +151,7 @@ impl Engine {
             .ids
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .claim(&mut events, received_at);
+            .claim(&mut events, received_at)?;
         outcome.accepted = events.len() + outcome.erased_dropped;
         outcome.duplicates -= outcome.accepted + outcome.rejected;
 

@@ -95,6 +95,10 @@ impl Engine {
                 continue;
             }
             committed_rows += batches.iter().map(|b| b.num_rows()).sum::<usize>();
+            if t == RawTable::Events {
+                // Their ids go to disk first: every committed id is in a run.
+                self.persist_ids(&batches).await?;
+            }
             let table = self.lake.append(t, current, &batches, seg).await?;
             let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner());
             v.tables.insert(t, table);
@@ -137,7 +141,8 @@ impl Engine {
             .ids
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .expire(keep_from);
+            .expire(keep_from)?;
+        self.merge_runs().await?;
         self.metrics.flushes.inc_by(1);
         Ok(committed_rows)
     }

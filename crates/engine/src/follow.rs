@@ -218,8 +218,8 @@ impl Engine {
         let keep: BooleanArray = {
             let mut dedup = self.dedup.ids.lock().unwrap_or_else(|p| p.into_inner());
             (0..ids.len())
-                .map(|i| Some(dedup.insert(today, id_hash(ids.value(i)))))
-                .collect()
+                .map(|i| dedup.insert(today, id_hash(ids.value(i))).map(Some))
+                .collect::<std::io::Result<_>>()?
         };
         let kept = filter_record_batch(b, &keep).map_err(reelhouse_lake::Error::from)?;
         let dups = b.num_rows() - kept.num_rows();

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //!  body ─▶ admission.rs   split, parse, validate, stamp received_at; rejects → quarantine
-//!       ─▶ dedup.rs       claim event_id (per received day, exact)
+//!       ─▶ dedup.rs       claim event_id (per received day, exact; committed ids in
+//!                         dedup_runs.rs: sorted runs on disk)
 //!       ─▶ source.rs      one WAL record = [events IPC][quarantine IPC]; group commit + fsync
 //!                         (or follow.rs: read from a shared log; publish.rs: an ingest node)
 //!       ─▶ applier.rs     in log order: feature store update, visible to SQL in `pending`, ack
@@ -29,6 +30,7 @@ pub mod check;
 mod config;
 pub mod dashboard;
 mod dedup;
+mod dedup_runs;
 mod dims;
 mod erasure;
 mod error;

@@ -115,8 +115,8 @@ impl Publisher {
         let claimed = {
             let mut d = self.dedup.lock().unwrap_or_else(|p| p.into_inner());
             let window = self.dedup_window.as_millis() as i64;
-            d.expire(reelhouse_event::time::day_of(received_at - window) - 1);
-            d.claim(&mut events, received_at)
+            d.expire(reelhouse_event::time::day_of(received_at - window) - 1)?;
+            d.claim(&mut events, received_at)?
         };
         outcome.accepted = events.len();
         outcome.duplicates -= outcome.accepted + outcome.rejected;

@@ -608,7 +608,10 @@ async fn materialization_dedups_again() {
     let server = start(dir.path(), 1_000_000).await;
     ingest(&url(&server), &w.lines).await;
     server.shutdown().await.unwrap();
-    // Restart with a zero-day dedup window: nothing is remembered, so the re-send is stored.
+    // Restart with a zero-day dedup window and without the dedup runs (as for a directory
+    // written before they existed): the scan that rebuilds them remembers nothing received
+    // before now, so the re-send is stored.
+    std::fs::remove_dir_all(dir.path().join("_dedup")).unwrap();
     let mut ingest_cfg =
         reelhouse_engine::EngineConfig::new(dir.path(), Arc::new(reelhouse_event::SystemClock));
     ingest_cfg.dedup_window = std::time::Duration::ZERO;
