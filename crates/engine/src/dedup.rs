@@ -156,9 +156,13 @@ pub(crate) fn ids_by_day(batches: &[RecordBatch]) -> Result<BTreeMap<i32, Vec<u1
     use deltalake::arrow::datatypes::{DataType, Int64Type, TimeUnit};
     let mut out: BTreeMap<i32, Vec<u128>> = BTreeMap::new();
     for b in batches {
-        let (Some(ids), Some(at)) = (b.column_by_name("event_id"), b.column_by_name("received_at"))
-        else {
-            return Err(Error::Internal("an events batch lacks event_id or received_at"));
+        let (Some(ids), Some(at)) = (
+            b.column_by_name("event_id"),
+            b.column_by_name("received_at"),
+        ) else {
+            return Err(Error::Internal(
+                "an events batch lacks event_id or received_at",
+            ));
         };
         let cast = |c, t: &DataType| {
             deltalake::arrow::compute::cast(c, t).map_err(reelhouse_lake::Error::from)

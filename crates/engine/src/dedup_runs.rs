@@ -310,10 +310,12 @@ impl RunSet {
 
     /// The next merge due: [`FANOUT`] runs of one day in one size tier.
     pub(crate) fn due_merge(&mut self) -> Option<Merge> {
-        let mut groups: std::collections::BTreeMap<(i32, u32), Vec<Arc<Run>>> =
-            Default::default();
+        let mut groups: std::collections::BTreeMap<(i32, u32), Vec<Arc<Run>>> = Default::default();
         for r in &self.runs {
-            groups.entry((r.day, r.tier())).or_default().push(Arc::clone(r));
+            groups
+                .entry((r.day, r.tier()))
+                .or_default()
+                .push(Arc::clone(r));
         }
         let inputs = groups.into_values().find(|g| g.len() >= FANOUT)?;
         let (dir, seq) = self.reserve(1);
@@ -340,10 +342,7 @@ impl RunSet {
 
     /// Deletes the runs of received days before `oldest_kept_day`.
     pub(crate) fn expire(&mut self, oldest_kept_day: i32) -> std::io::Result<()> {
-        let (old, kept) = self
-            .runs
-            .drain(..)
-            .partition(|r| r.day < oldest_kept_day);
+        let (old, kept) = self.runs.drain(..).partition(|r| r.day < oldest_kept_day);
         self.runs = kept;
         for r in old {
             std::fs::remove_file(&r.path)?;
@@ -446,10 +445,7 @@ mod tests {
                 assert!(set.contains(*h).unwrap());
             }
             let absent = hashes(1_000_000..1_020_000);
-            let false_hits = absent
-                .iter()
-                .filter(|h| set.contains(**h).unwrap())
-                .count();
+            let false_hits = absent.iter().filter(|h| set.contains(**h).unwrap()).count();
             assert_eq!(false_hits, 0, "a hash not stored was found");
         };
         check(&set);
@@ -461,7 +457,10 @@ mod tests {
         let mut reopened = reopened;
         reopened.expire(20_001).unwrap();
         assert!(reopened.runs.iter().all(|r| r.day == 20_001));
-        assert_eq!(RunSet::open(dir.path()).unwrap().runs.len(), reopened.runs.len());
+        assert_eq!(
+            RunSet::open(dir.path()).unwrap().runs.len(),
+            reopened.runs.len()
+        );
     }
 
     #[test]

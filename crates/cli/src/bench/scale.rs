@@ -2,8 +2,9 @@
 //! that "proportional to what arrives" can be read off a curve instead of one point.
 //!
 //! ```text
-//!  per size N:  generate N + trickle events of one day (one stream: the trickle is its next
-//!               events) and N × late-share late events over the past week
+//!  per size N:  generate N / 0.9 + trickle lines of one day in arrival order; the first N
+//!               are the day so far, the trickle the stream's next lines (the file's last
+//!               lines would be late arrivals); N × late-share late events over the past week
 //!    ingest N ─▶ materialize --full ─▶ DuckDB agg_creator_daily over the same files (peer)
 //!    ingest trickle ─▶ materialize        (the live trickle: what arrives next)
 //!    ingest late    ─▶ materialize        (a late trickle spread over the past week)
@@ -100,13 +101,16 @@ fn step_json(s: &Step) -> Value {
     json!({"seconds": s.seconds, "peak_rss_bytes": s.peak_rss_bytes})
 }
 
-/// Copies the first `head` lines of `from` to `a` and the rest to `b`.
-fn split_lines(from: &Path, head: usize, a: &Path, b: &Path) -> Result<()> {
+/// Where in a generated day the live trickle is cut: after this share of its lines.
+const LIVE_AT: f64 = 0.9;
+
+/// Writes the first `head` lines of `from` to `a` and the `next` lines after them to `b`.
+fn split_lines(from: &Path, head: usize, next: usize, a: &Path, b: &Path) -> Result<()> {
     use std::io::{BufRead, Write};
     let input = std::io::BufReader::new(std::fs::File::open(from)?);
     let mut first = std::io::BufWriter::new(std::fs::File::create(a)?);
     let mut rest = std::io::BufWriter::new(std::fs::File::create(b)?);
-    for (i, line) in input.split(b'\n').enumerate() {
+    for (i, line) in input.split(b'\n').enumerate().take(head + next) {
         let line = line?;
         let out = if i < head { &mut first } else { &mut rest };
         out.write_all(&line)?;
@@ -244,7 +248,10 @@ pub(crate) async fn scale(b: ScaleBench) -> Result<()> {
             work.join("late.ndjson"),
         );
         eprintln!("[{n} events] generating…");
-        let total = (n + b.trickle).to_string();
+        // The day is the first `n` lines of a file of n / LIVE_AT + trickle lines (in
+        // arrival order): the day so far; the trickle is the stream's next lines. (A file's
+        // last lines arrive after its last event time: mostly late events.)
+        let total = ((n as f64 / LIVE_AT).ceil() as usize + b.trickle).to_string();
         run_step(
             &work,
             "generate",
@@ -260,7 +267,7 @@ pub(crate) async fn scale(b: ScaleBench) -> Result<()> {
                 &all.to_string_lossy(),
             ],
         )?;
-        split_lines(&all, n, &day, &trickle)?;
+        split_lines(&all, n, b.trickle, &day, &trickle)?;
         std::fs::remove_file(&all)?;
         let late_n = ((n as f64) * b.late_share).round().max(1.0) as usize;
         let late_end = (chrono::Utc::now() - chrono::Duration::days(1)).to_rfc3339();
