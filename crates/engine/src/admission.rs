@@ -189,6 +189,7 @@ impl Engine {
         let payload = encode_record(e.as_ref(), q.as_ref())?;
         let (tx, rx) = oneshot::channel();
         let applier = self.applier.clone();
+        let deferred = self.flusher.features_deferred;
         let done = Box::new(move |r: reelhouse_wal::Result<SegmentId>| {
             // Runs on the WAL thread after fsync, before any later rotation is handled; the
             // applier receives records and cuts in log order.
@@ -196,7 +197,7 @@ impl Engine {
                 Ok(seg) => {
                     let msg = Apply::Record {
                         seg,
-                        features: e.clone(),
+                        features: e.clone().filter(|_| !deferred),
                         events: e,
                         quarantine: q,
                         ack: Some(tx),

@@ -33,7 +33,18 @@ pub struct EngineConfig {
     /// Redis as the online store of a deployment with several processes: the writer copies
     /// every changed record there, API replicas answer features from it (and hold no store).
     pub online: Option<Arc<reelhouse_online::redis::RedisStore>>,
+    /// For a one-shot command that does not read the feature store (`materialize`) or a
+    /// one-shot load of a few events: leave the store on disk (its snapshot is
+    /// neither read at open nor written at close); the WAL keeps the load's records until a
+    /// process that holds the store replays them at its start (docs/ingest.md). Ignored, and
+    /// the store loaded, when the WAL already holds [`DEFER_FEATURES_MAX_WAL_BYTES`], when a
+    /// privacy request is unfinished, with a shared log, or with Redis.
+    pub defer_features: bool,
 }
+
+/// The WAL bytes beyond which [`EngineConfig::defer_features`] is ignored: the next start
+/// replays at most about this much into the feature store.
+pub const DEFER_FEATURES_MAX_WAL_BYTES: u64 = 256 << 20;
 
 impl EngineConfig {
     pub fn new(data_dir: impl Into<PathBuf>, clock: Arc<dyn Clock>) -> Self {
@@ -49,6 +60,7 @@ impl EngineConfig {
             clock,
             tables: None,
             online: None,
+            defer_features: false,
         }
     }
 }

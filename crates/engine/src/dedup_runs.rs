@@ -205,7 +205,7 @@ fn write_run(
             return Err(std::io::Error::other("dedup run ids out of order"));
         }
         last = Some(id);
-        if len as usize % BLOCK == 0 {
+        if len.is_multiple_of(BLOCK as u64) {
             fences.push(id);
         }
         bloom.insert(id);

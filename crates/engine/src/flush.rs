@@ -26,14 +26,18 @@ pub(crate) struct FlushState {
     /// segments above it are never deleted, so snapshot + WAL always restore the store.
     pub(crate) snapshot_segment: AtomicU64,
     pub(crate) last_snapshot: Mutex<Instant>,
+    /// The feature store was left on disk ([`crate::EngineConfig::defer_features`]): it is
+    /// empty here, so it is never applied to or snapshotted.
+    pub(crate) features_deferred: bool,
 }
 
 impl FlushState {
-    pub(crate) fn new(snapshot_segment: u64) -> Self {
+    pub(crate) fn new(snapshot_segment: u64, features_deferred: bool) -> Self {
         FlushState {
             lock: tokio::sync::Mutex::new(()),
             snapshot_segment: AtomicU64::new(snapshot_segment),
             last_snapshot: Mutex::new(Instant::now()),
+            features_deferred,
         }
     }
 }
@@ -63,14 +67,15 @@ impl Engine {
         }
         self.require_lease()?;
         let _guard = self.flusher.lock.lock().await;
-        let snapshot_due = force
-            || self
-                .flusher
-                .last_snapshot
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .elapsed()
-                >= self.config.snapshot_interval;
+        let snapshot_due = !self.flusher.features_deferred
+            && (force
+                || self
+                    .flusher
+                    .last_snapshot
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .elapsed()
+                    >= self.config.snapshot_interval);
         let (seg, snapshot) = if snapshot_due {
             let t = Instant::now();
             self.features.prune();

@@ -57,7 +57,7 @@ use reelhouse_online::FeatureStore;
 use serde::Serialize;
 
 pub use admission::{BatchOutcome, IngestPath, ItemError, MAX_ERRORS};
-pub use config::{EngineConfig, Retention};
+pub use config::{EngineConfig, Retention, DEFER_FEATURES_MAX_WAL_BYTES};
 pub use dims::DimsOutcome;
 pub use error::{Error, Result};
 pub use materialize::MaterializerStats;

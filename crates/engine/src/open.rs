@@ -119,8 +119,34 @@ impl Engine {
         let mut features = FeatureStore::new(Arc::clone(&config.clock), keep_views_ms);
         // An API replica with Redis answers features from there and holds no store.
         let no_store = !writer && config.online.is_some();
-        let snapshot = match reelhouse_online::snapshot::load(lake.root()) {
-            _ if no_store => None,
+        let lake_root = lake.root().to_path_buf();
+        let privacy = if writer {
+            reelhouse_privacy::Privacy::open(&lake_root)?
+        } else if lake.tables().is_remote() {
+            let shared = lake
+                .tables()
+                .get_state(reelhouse_privacy::STATE_FILE)
+                .await?;
+            reelhouse_privacy::Privacy::read_only_from(&lake_root, shared.as_deref())?
+        } else {
+            reelhouse_privacy::Privacy::open_read_only(&lake_root)?
+        };
+        // A one-shot load of a few events leaves the store on disk: the WAL segments after
+        // its snapshot are kept (flush truncates only what a snapshot covers) and replayed
+        // into the store by the next process that loads it.
+        let deferred = config.defer_features
+            && writer
+            && log.is_none()
+            && config.online.is_none()
+            && privacy.unfinished().is_empty()
+            && wal_bytes(&dir)? < crate::config::DEFER_FEATURES_MAX_WAL_BYTES;
+        // (Not even read when the store is not wanted: it is ~50 bytes per event kept.)
+        let read = if no_store || deferred {
+            Ok(None)
+        } else {
+            reelhouse_online::snapshot::load(lake.root())
+        };
+        let snapshot = match read {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "rebuilding the feature store from the tables");
@@ -138,7 +164,13 @@ impl Engine {
             },
             None => None,
         };
+        let snapshot_segment = match deferred {
+            // Its segment alone (a damaged snapshot is rebuilt by the next full open).
+            true => reelhouse_online::snapshot::segment(lake.root()).unwrap_or(None),
+            false => snapshot_segment,
+        };
         let (pending, wal_events) = match log {
+            None if deferred => replay(&committed, &dir, true, None).await?,
             None => replay(&committed, &dir, true, snapshot_segment).await?,
             // The shared log redelivers what the tables lack; nothing is local.
             Some(_) => (Pending::default(), Vec::new()),
@@ -161,6 +193,7 @@ impl Engine {
         };
         // The log position up to which the feature store holds every event.
         let features_at = match snapshot_segment {
+            _ if deferred => 0,
             Some(s) => {
                 for b in &wal_events {
                     features.apply(b)?;
@@ -188,21 +221,9 @@ impl Engine {
                 lag: AtomicU64::new(0),
             }),
         };
-        let lake_root = lake.root().to_path_buf();
         if replayed > 0 {
             tracing::info!(rows = replayed, "replayed write-ahead log");
         }
-        let privacy = if writer {
-            reelhouse_privacy::Privacy::open(&lake_root)?
-        } else if lake.tables().is_remote() {
-            let shared = lake
-                .tables()
-                .get_state(reelhouse_privacy::STATE_FILE)
-                .await?;
-            reelhouse_privacy::Privacy::read_only_from(&lake_root, shared.as_deref())?
-        } else {
-            reelhouse_privacy::Privacy::open_read_only(&lake_root)?
-        };
         let shared_log = matches!(source, Source::Log(_));
         let redis = config.online.is_some();
         let features = Arc::new(features);
@@ -215,7 +236,7 @@ impl Engine {
             applier,
             view,
             dedup: DedupState::default(),
-            flusher: FlushState::new(snapshot_segment.unwrap_or(0)),
+            flusher: FlushState::new(snapshot_segment.unwrap_or(0), deferred),
             materializer: MaterializeState::new(LateState::load(&lake_root)?),
             replication: Replication::new(lease),
             privacy,
@@ -229,4 +250,18 @@ impl Engine {
         }
         Ok(engine)
     }
+}
+
+/// Bytes of the WAL segment files in `dir` (0 when there is none yet).
+fn wal_bytes(dir: &Path) -> std::io::Result<u64> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut n = 0;
+    for e in entries {
+        n += e?.metadata()?.len();
+    }
+    Ok(n)
 }

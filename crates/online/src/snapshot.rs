@@ -38,6 +38,26 @@ pub fn save(data_dir: &Path, segment: u64, payload: &[u8]) -> std::io::Result<()
     Ok(())
 }
 
+/// The last WAL segment the snapshot covers, from its header alone (`Ok(None)` when there is
+/// no snapshot); the payload is not read or checked.
+pub fn segment(data_dir: &Path) -> Result<Option<u64>> {
+    use std::io::Read;
+    let mut f = match std::fs::File::open(path(data_dir)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::Snapshot(e.to_string())),
+    };
+    let mut h = [0u8; HEADER];
+    f.read_exact(&mut h)
+        .map_err(|_| Error::Snapshot("shorter than its header".into()))?;
+    if &h[..4] != MAGIC {
+        return Err(Error::Snapshot("not a reelhouse feature snapshot".into()));
+    }
+    Ok(Some(u64::from_le_bytes(
+        h[8..16].try_into().expect("8 bytes"),
+    )))
+}
+
 /// Reads the snapshot: `Ok(None)` when there is none; an error when it is damaged (the caller
 /// rebuilds from the tables instead).
 pub fn load(data_dir: &Path) -> Result<Option<(u64, Vec<u8>)>> {

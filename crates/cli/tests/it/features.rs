@@ -508,3 +508,88 @@ async fn sigkill_restores_identical_features() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A small one-shot `reelhouse ingest` leaves the feature store on disk: the snapshot is not
+/// rewritten, the load's records stay in the WAL, and the next `serve` replays them. Its
+/// features then equal those of a server that received every event over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_one_shot_load_reaches_the_features_at_the_next_start() {
+    use std::process::Command;
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let now = chrono::Utc::now().timestamp_millis();
+    let w = generate(&WorkloadConfig::new(6_000, 75, now + 160 * MINUTE));
+    let split = w.lines.len() * 2 / 3;
+    let (pa, pb) = (free_port(), free_port());
+    let (ua, ub) = (
+        format!("http://127.0.0.1:{pa}"),
+        format!("http://127.0.0.1:{pb}"),
+    );
+    let send = |u: String, lines: Vec<String>| async move {
+        for chunk in lines.chunks(500) {
+            let body = chunk.join("\n") + "\n";
+            let (status, v) = post(&u, "/v1/events", body, "application/x-ndjson").await;
+            assert_eq!(status, 200, "{v}");
+        }
+    };
+    // a: two thirds over HTTP, then SIGTERM (which writes the feature snapshot).
+    let child = spawn_serve(a.path(), pa, &[]);
+    wait_healthy(&ua).await;
+    send(ua.clone(), w.lines[..split].to_vec()).await;
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let mut child = child;
+    assert!(child.wait().unwrap().success());
+    let snapshot = a.path().join("_state/online.snap");
+    let before = std::fs::read(&snapshot).unwrap();
+    // The rest with the one-shot command.
+    let input = tempfile::tempdir().unwrap();
+    let file = input.path().join("rest.ndjson");
+    std::fs::write(&file, w.lines[split..].join("\n") + "\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_reelhouse"))
+        .arg("ingest")
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(a.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&snapshot).unwrap() == before,
+        "the one-shot load rewrote the feature snapshot"
+    );
+    // b: every line over HTTP.
+    let mut cb = spawn_serve(b.path(), pb, &[]);
+    wait_healthy(&ub).await;
+    send(ub.clone(), w.lines.clone()).await;
+    let mut ca = spawn_serve(a.path(), pa, &[]);
+    wait_healthy(&ua).await;
+    assert_eq!(
+        crate::common::stored_once(&ua).await,
+        crate::common::stored_once(&ub).await
+    );
+    let r = reference(&stored_events(&ub).await, now);
+    for attempt in 0.. {
+        while chrono::Utc::now().timestamp_millis() % MINUTE > 40_000 {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        let minute = wall_minute();
+        let (x, y) = (everything(&ua, &r).await, everything(&ub, &r).await);
+        if wall_minute() != minute && attempt < 3 {
+            continue;
+        }
+        assert!(x.to_string().contains("\"views_total\":"), "{x}");
+        assert_eq!(x, y, "features after a deferred load and its replay");
+        break;
+    }
+    for c in [&mut ca, &mut cb] {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
