@@ -256,13 +256,11 @@ impl Engine {
                         v.pending.batches(RawTable::Events, None),
                     )
                 };
-                let now = self.config.clock.now_ms();
-                let oldest = reelhouse_event::time::day_of(
-                    now - self.config.dedup_window.as_millis() as i64,
-                ) - 1;
+                let since =
+                    self.config.clock.now_ms() - self.config.dedup_window.as_millis() as i64;
+                let oldest = reelhouse_event::time::day_of(since) - 1;
                 if !self.with_runs(|r| r.is_complete())? {
                     self.with_runs(|r| r.clear())??;
-                    let since = now - self.config.dedup_window.as_millis() as i64;
                     self.scan_into_runs(committed, since).await?;
                     self.merge_runs().await?;
                     self.with_runs(|r| r.mark_complete())??;
@@ -323,12 +321,6 @@ impl Engine {
             }
         }
         Ok(())
-    }
-
-    /// Ids in the on-disk runs and the bytes of memory their filters and fences take.
-    pub fn dedup_stats(&self) -> (u64, u64) {
-        let d = self.dedup.ids.lock().unwrap_or_else(|p| p.into_inner());
-        d.runs.as_ref().map_or((0, 0), |r| r.stats())
     }
 }
 

@@ -351,6 +351,7 @@ impl RunSet {
     }
 
     /// Ids held, and the bytes of memory their filters and fences take.
+    #[cfg(test)]
     pub(crate) fn stats(&self) -> (u64, u64) {
         self.runs.iter().fold((0, 0), |(n, b), r| {
             (
