@@ -38,24 +38,34 @@ pub fn save(data_dir: &Path, segment: u64, payload: &[u8]) -> std::io::Result<()
     Ok(())
 }
 
+/// The header's segment and payload CRC, once its magic and format version are checked.
+fn header(h: &[u8]) -> Result<(u64, u32)> {
+    let bad = |what: &str| Error::Snapshot(what.to_string());
+    if h.len() < HEADER || &h[..4] != MAGIC {
+        return Err(bad("not a reelhouse feature snapshot"));
+    }
+    let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
+    if u32_at(4) != VERSION {
+        return Err(bad("snapshot format version is not supported"));
+    }
+    let seg = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+    Ok((seg, u32_at(16)))
+}
+
 /// The last WAL segment the snapshot covers, from its header alone (`Ok(None)` when there is
 /// no snapshot); the payload is not read or checked.
 pub fn segment(data_dir: &Path) -> Result<Option<u64>> {
     use std::io::Read;
-    let mut f = match std::fs::File::open(path(data_dir)) {
+    let f = match std::fs::File::open(path(data_dir)) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::Snapshot(e.to_string())),
     };
-    let mut h = [0u8; HEADER];
-    f.read_exact(&mut h)
-        .map_err(|_| Error::Snapshot("shorter than its header".into()))?;
-    if &h[..4] != MAGIC {
-        return Err(Error::Snapshot("not a reelhouse feature snapshot".into()));
-    }
-    Ok(Some(u64::from_le_bytes(
-        h[8..16].try_into().expect("8 bytes"),
-    )))
+    let mut h = Vec::with_capacity(HEADER);
+    f.take(HEADER as u64)
+        .read_to_end(&mut h)
+        .map_err(|e| Error::Snapshot(e.to_string()))?;
+    Ok(Some(header(&h)?.0))
 }
 
 /// Reads the snapshot: `Ok(None)` when there is none; an error when it is damaged (the caller
@@ -66,23 +76,12 @@ pub fn load(data_dir: &Path) -> Result<Option<(u64, Vec<u8>)>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::Snapshot(e.to_string())),
     };
-    let bad = |what: &str| Error::Snapshot(what.to_string());
-    if bytes.len() < HEADER || &bytes[..4] != MAGIC {
-        return Err(bad("not a reelhouse feature snapshot"));
-    }
-    let u32_at =
-        |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-    if u32_at(4) != VERSION {
-        return Err(bad("snapshot format version is not supported"));
-    }
-    let mut seg = [0u8; 8];
-    seg.copy_from_slice(&bytes[8..16]);
-    let crc = u32_at(16);
+    let (seg, crc) = header(&bytes)?;
     let payload = bytes.split_off(HEADER);
     if crc32fast::hash(&payload) != crc {
-        return Err(bad("snapshot checksum does not match"));
+        return Err(Error::Snapshot("snapshot checksum does not match".into()));
     }
-    Ok(Some((u64::from_le_bytes(seg), payload)))
+    Ok(Some((seg, payload)))
 }
 
 #[cfg(test)]
@@ -95,6 +94,7 @@ mod tests {
         assert!(load(dir.path()).unwrap().is_none());
         save(dir.path(), 7, b"payload").unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some((7, b"payload".to_vec())));
+        assert_eq!(segment(dir.path()).unwrap(), Some(7));
         let p = path(dir.path());
         let mut b = std::fs::read(&p).unwrap();
         let last = b.len() - 1;
