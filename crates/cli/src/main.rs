@@ -100,6 +100,14 @@ pub struct DataArgs {
     /// Days of facts kept (aggregates are kept without limit).
     #[arg(long, env = "REELHOUSE_RETENTION_FACTS_DAYS", default_value_t = 730)]
     pub retention_facts_days: u32,
+    /// A full warehouse rebuild of more events than this runs in user buckets of about this
+    /// many events each: its peak memory follows the bucket, not the events stored.
+    #[arg(
+        long,
+        env = "REELHOUSE_REBUILD_BUCKET_EVENTS",
+        default_value_t = reelhouse_warehouse::DEFAULT_BUCKET_EVENTS
+    )]
+    pub rebuild_bucket_events: usize,
 }
 
 impl DataArgs {
@@ -115,6 +123,7 @@ impl DataArgs {
             retention_events_days: 90,
             retention_quarantine_days: 14,
             retention_facts_days: 730,
+            rebuild_bucket_events: reelhouse_warehouse::DEFAULT_BUCKET_EVENTS,
         }
     }
 
@@ -131,6 +140,7 @@ impl DataArgs {
             quarantine_days: self.retention_quarantine_days,
             facts_days: self.retention_facts_days,
         };
+        c.rebuild_bucket_events = self.rebuild_bucket_events;
         c
     }
 }
@@ -877,7 +887,10 @@ async fn materialize(data: DataArgs, restate: Option<(i32, i32)>, full: bool) ->
     match &report.dates {
         Some(d) if d.is_empty() => println!("incremental: no date needed rebuilding"),
         Some(d) => println!("incremental: rebuilt {} date(s): {}", d.len(), d.join(", ")),
-        None => println!("full rebuild of every date"),
+        None => match report.buckets {
+            Some(b) => println!("full rebuild of every date, in {b} user buckets"),
+            None => println!("full rebuild of every date"),
+        },
     }
     println!("materialized in {:.1}s", report.elapsed_ms as f64 / 1000.0);
     Ok(())

@@ -40,6 +40,10 @@ pub struct EngineConfig {
     /// the store loaded, when the WAL already holds [`DEFER_FEATURES_MAX_WAL_BYTES`], when a
     /// privacy request is unfinished, with a shared log, or with Redis.
     pub defer_features: bool,
+    /// A full rebuild of more events than this runs in user buckets of about this many
+    /// events (0: `reelhouse_warehouse::DEFAULT_BUCKET_EVENTS`): its memory follows the
+    /// bucket, not the events stored (docs/data-model.md).
+    pub rebuild_bucket_events: usize,
 }
 
 /// The WAL bytes beyond which [`EngineConfig::defer_features`] is ignored: the next start
@@ -61,6 +65,7 @@ impl EngineConfig {
             tables: None,
             online: None,
             defer_features: false,
+            rebuild_bucket_events: 0,
         }
     }
 }

@@ -357,6 +357,7 @@ impl Engine {
                     reelhouse_event::time::day_of(now) - self.config.retention.facts_days as i32
                 }),
                 dirty,
+                bucket_events: self.config.rebuild_bucket_events,
             }
         };
         let (report, handles) =

@@ -15,6 +15,7 @@ pub mod compact;
 pub mod erase;
 pub mod query;
 mod rewrite;
+pub use rewrite::Streamed;
 
 pub mod schema;
 pub mod store;
@@ -393,6 +394,36 @@ impl Lake {
             .with_writer_properties(props)
             .with_table_name(name)
             .await?)
+    }
+}
+
+impl Lake {
+    /// Starts a rewrite of the whole derived table `name` whose rows arrive in parts
+    /// ([`rewrite::Streamed`]). A table that does not exist yet, or whose columns or
+    /// partitioning differ, is first replaced by an empty one of `schema` (one commit that
+    /// readers see as an empty table until the rewrite commits).
+    pub async fn overwrite_streamed(
+        &self,
+        name: &str,
+        current: Option<DeltaTable>,
+        schema: SchemaRef,
+        partition_columns: &[&str],
+    ) -> Result<rewrite::Streamed> {
+        let table = match current {
+            Some(t) if rewrite::fits(&t, &schema, partition_columns) => t,
+            other => {
+                let empty = RecordBatch::new_empty(Arc::clone(&schema));
+                self.overwrite_derived(
+                    name,
+                    other,
+                    Arc::clone(&schema),
+                    vec![empty],
+                    partition_columns,
+                )
+                .await?
+            }
+        };
+        rewrite::Streamed::start(table, partition_columns, derived_properties_for(&schema)?)
     }
 }
 

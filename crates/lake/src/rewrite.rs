@@ -606,6 +606,106 @@ pub(crate) async fn overwrite(
     Ok(table)
 }
 
+/// A rewrite of a whole table whose rows arrive in parts (a rebuild that computes a day in
+/// user buckets, see `reelhouse_warehouse`): each part is encoded into the open files as it
+/// comes (one per partition value), which are closed whenever [`FILE_ROWS`] rows are open,
+/// so memory holds at most about one file's encoded rows per partition value being written;
+/// [`Streamed::commit`] adds every file written and removes every current one in one commit
+/// (operation `WRITE`, mode `Overwrite`, as [`overwrite`] records). Nothing is visible to
+/// readers before that commit; files of a rewrite that is dropped stay unreferenced until
+/// vacuum. The files carry no [`ROWS_TAG`]: the next rewrite of their dates writes them.
+pub struct Streamed {
+    table: DeltaTable,
+    partition: Option<String>,
+    writer: RecordBatchWriter,
+    open_rows: usize,
+    actions: Vec<Action>,
+    rows: usize,
+}
+
+impl Streamed {
+    /// Starts a rewrite of `table`, which must [`fits`] the rows to come.
+    pub(crate) fn start(
+        table: DeltaTable,
+        partition_columns: &[&str],
+        props: WriterProperties,
+    ) -> Result<Streamed> {
+        let writer = RecordBatchWriter::for_table(&table)?.with_writer_properties(props);
+        Ok(Streamed {
+            table,
+            partition: partition_columns.first().map(|c| c.to_string()),
+            writer,
+            open_rows: 0,
+            actions: Vec::new(),
+            rows: 0,
+        })
+    }
+
+    /// Encodes `batches` (rows of the table's columns) into the open files.
+    pub async fn write(&mut self, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<()> {
+        let (schema, batches) = to_table_types(&self.table, schema, batches)?;
+        for part in parts(&schema, &batches, self.partition.as_deref(), 1)? {
+            let n = part.num_rows();
+            match &self.partition {
+                Some(col) => {
+                    let dates = part.column_by_name(col).expect("checked by fits");
+                    let value = ScalarExt::from_array(dates.as_ref(), 0)
+                        .expect("a Date32 value or null");
+                    let values = [(col.clone(), value)].into_iter().collect();
+                    self.writer
+                        .write_partition(part, &values, WriteMode::Default)
+                        .await?;
+                }
+                None => self.writer.write(part).await?,
+            }
+            self.open_rows += n;
+            self.rows += n;
+        }
+        if self.open_rows >= FILE_ROWS {
+            self.close_files().await?;
+        }
+        Ok(())
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    async fn close_files(&mut self) -> Result<()> {
+        let adds = self.writer.flush().await?;
+        self.actions.extend(adds.into_iter().map(Action::Add));
+        self.open_rows = 0;
+        Ok(())
+    }
+
+    /// Closes the open files and commits: the table holds exactly the rows written.
+    pub async fn commit(mut self) -> Result<DeltaTable> {
+        self.close_files().await?;
+        let state = self.table.snapshot()?;
+        let mut actions = std::mem::take(&mut self.actions);
+        actions.extend(
+            state
+                .log_data()
+                .into_iter()
+                .map(|f| Action::Remove(f.remove_action(true))),
+        );
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Overwrite,
+            partition_by: self.partition.clone().map(|c| vec![c]),
+            predicate: None,
+        };
+        let version = CommitBuilder::default()
+            .with_actions(actions)
+            .build(Some(state), self.table.log_store(), operation)
+            .await?
+            .version();
+        let mut table = self.table;
+        table.update_incremental(Some(version)).await?;
+        Ok(table)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

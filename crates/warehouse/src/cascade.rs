@@ -344,8 +344,37 @@ pub(crate) async fn batches(
             views.push((via.value(i).to_string(), user.value(i)));
         }
     }
+    batches_of(shares, &views)
+}
+
+/// The `(via_share_id, user_id)` of the share views among `views` (batches of
+/// `fact_video_view` in memory), as [`batches`] reads them from the table.
+pub(crate) fn share_views(views: &[RecordBatch]) -> Result<Vec<(String, i64)>, ArrowError> {
+    use crate::batch::{column, int64s, string_views};
+    let mut out = Vec::new();
+    for b in views {
+        let (source, via) = (
+            string_views(column(b, "source")?)?,
+            string_views(column(b, "via_share_id")?)?,
+        );
+        let user = int64s(column(b, "user_id")?)?;
+        for i in 0..b.num_rows() {
+            if source.is_valid(i) && source.value(i) == "share" && via.is_valid(i) {
+                out.push((via.value(i).to_string(), user.value(i)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The `fact_share` and `share_cascade` batches and the number of links broken, from the
+/// shares ([`shares_of`]) and the share views ([`share_views`]).
+pub(crate) fn batches_of(
+    shares: Vec<Share>,
+    views: &[(String, i64)],
+) -> Result<(RecordBatch, RecordBatch, usize), DataFusionError> {
     let forest = resolve(&shares);
-    let trees = cascades(&shares, &forest, &views);
+    let trees = cascades(&shares, &forest, views);
 
     let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     let fact_schema = Arc::new(Schema::new(vec![

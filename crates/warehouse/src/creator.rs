@@ -141,6 +141,82 @@ pub fn agg_creator_daily(
     like_transitions: &[RecordBatch],
     follow_transitions: &[RecordBatch],
 ) -> Result<RecordBatch, ArrowError> {
+    batch(counts(ev, views, like_transitions, follow_transitions)?)
+}
+
+impl Counts {
+    /// Adds the counters of `o` (rows of the same key from another part of the input).
+    fn add(&mut self, o: &Counts) {
+        self.views += o.views;
+        self.unique_viewers += o.unique_viewers;
+        self.engaged_views += o.engaged_views;
+        self.watch_time_ms = self.watch_time_ms.wrapping_add(o.watch_time_ms);
+        self.ended_watch.0 += o.ended_watch.0;
+        self.ended_watch.1 = self.ended_watch.1.wrapping_add(o.ended_watch.1);
+        self.ended_percent.0 += o.ended_percent.0;
+        self.ended_percent.1 += o.ended_percent.1;
+        self.completions += o.completions;
+        self.likes_added += o.likes_added;
+        self.likes_removed += o.likes_removed;
+        self.shares += o.shares;
+        self.comments += o.comments;
+        self.followers_gained += o.followers_gained;
+        self.followers_lost += o.followers_lost;
+        for (a, b) in self.by_source.iter_mut().zip(o.by_source) {
+            *a += b;
+        }
+    }
+}
+
+/// `agg_creator_daily` summed over parts of the input that share no user (the user buckets
+/// of a rebuild, see `crate::bucketed`): every counter adds up, unique viewers too (a user's
+/// views are all in one part). Distinct shares do not (two users' events may name one
+/// `share_id`): the parts' shares are left out, and [`CreatorDaily::add_shares`] counts
+/// them over every share event at once.
+#[derive(Default)]
+pub(crate) struct CreatorDaily {
+    rows: Rows<Key, Counts>,
+}
+
+impl CreatorDaily {
+    /// Adds one part: its events, views and transitions (shares left out).
+    pub(crate) fn add(
+        &mut self,
+        ev: &[RecordBatch],
+        views: &[RecordBatch],
+        like_transitions: &[RecordBatch],
+        follow_transitions: &[RecordBatch],
+    ) -> Result<(), ArrowError> {
+        let part = counts(ev, views, like_transitions, follow_transitions)?;
+        for (key, mut c) in part.keys.into_iter().zip(part.counts) {
+            c.shares = 0;
+            self.rows.of(key).1.add(&c);
+        }
+        Ok(())
+    }
+
+    /// Counts the shares of every share event of the input (`ev` rows).
+    pub(crate) fn add_shares(&mut self, shares: &[RecordBatch]) -> Result<(), ArrowError> {
+        let part = counts(shares, &[], &[], &[])?;
+        for (key, c) in part.keys.into_iter().zip(part.counts) {
+            self.rows.of(key).1.shares += c.shares;
+        }
+        Ok(())
+    }
+
+    /// The table's rows.
+    pub(crate) fn finish(self) -> Result<RecordBatch, ArrowError> {
+        batch(self.rows)
+    }
+}
+
+/// The rows of `agg_creator_daily` as counters (see [`agg_creator_daily`]).
+fn counts(
+    ev: &[RecordBatch],
+    views: &[RecordBatch],
+    like_transitions: &[RecordBatch],
+    follow_transitions: &[RecordBatch],
+) -> Result<Rows<Key, Counts>, ArrowError> {
     let mut rows: Rows<Key, Counts> = Rows::default();
     let mut events = Vec::with_capacity(ev.len());
     for b in ev {
@@ -249,6 +325,11 @@ pub fn agg_creator_daily(
             c.followers_lost += i64::from(down);
         },
     )?;
+    Ok(rows)
+}
+
+/// The table's rows from their counters, sorted by date, then creator.
+fn batch(rows: Rows<Key, Counts>) -> Result<RecordBatch, ArrowError> {
     let Rows { keys, counts, .. } = rows;
     let mut order: Vec<usize> = (0..keys.len()).collect();
     order.sort_unstable_by_key(|&n| (keys[n].1, keys[n].0));

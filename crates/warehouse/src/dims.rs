@@ -239,137 +239,202 @@ async fn rows(ctx: &SessionContext, sql: &str) -> Result<Vec<RecordBatch>, DataF
 }
 
 /// The latest of several rows by (event_time, event_id): the row that last-writer-wins picks.
-#[derive(Clone, Copy)]
-struct Latest<'a, T> {
-    at: (i64, &'a str),
+struct Latest<T> {
+    at: (i64, String),
     value: T,
 }
 
-fn keep_latest<'a, T>(slot: &mut Option<Latest<'a, T>>, at: (i64, &'a str), value: T) {
-    if slot.as_ref().is_none_or(|l| at > l.at) {
-        *slot = Some(Latest { at, value });
+/// Keeps `value` in `slot` when `at` is later than what it holds; `set` replaces the held
+/// value (reusing its allocations where it can).
+fn keep_latest<T, V>(
+    slot: &mut Option<Latest<T>>,
+    (t, id): (i64, &str),
+    value: V,
+    make: impl FnOnce(V) -> T,
+    set: impl FnOnce(&mut T, V),
+) {
+    match slot {
+        Some(l) if (t, id) > (l.at.0, l.at.1.as_str()) => {
+            l.at.0 = t;
+            l.at.1.clear();
+            l.at.1.push_str(id);
+            set(&mut l.value, value);
+        }
+        Some(_) => {}
+        None => {
+            *slot = Some(Latest {
+                at: (t, id.to_string()),
+                value: make(value),
+            })
+        }
     }
 }
 
-/// Per kind (`users`, `videos`, `creators`) and id, what events say, in one pass over
-/// `events`: first and last seen, and the event columns of [`DimKind::event_columns`]:
+/// A user's device fields (country, os, app version).
+type Device = [Option<Box<str>>; 3];
+
+/// Per kind (`users`, `videos`, `creators`) and id, what events say, folded batch by batch
+/// over `events` ([`EventFacts::add`]; a rebuild in user buckets folds the batches as it
+/// reads them): first and last seen, and the event columns of [`DimKind::event_columns`]:
 /// - users: country, os and app version of the latest event carrying any of them;
 /// - videos: the creator of the latest event naming one, the largest duration seen;
 /// - creators: the number of distinct videos seen.
-async fn event_facts(
-    ctx: &SessionContext,
-    events: &str,
-) -> Result<HashMap<&'static str, BTreeMap<i64, Facts>>, DataFusionError> {
-    type Device<'a> = [Option<&'a str>; 3];
-    fn opt_s(a: &StringViewArray, i: usize) -> Option<&str> {
-        a.is_valid(i).then(|| a.value(i))
-    }
-    let batches = rows(
-        ctx,
-        &format!(
-            "SELECT user_id, video_id, creator_id, event_time, event_id, device_country, \
-             device_os, device_app_version, video_duration_ms FROM {events}"
-        ),
-    )
-    .await?;
-    let strs = |b: &RecordBatch, i: usize| -> Result<StringViewArray, DataFusionError> {
-        Ok(crate::batch::string_views(b.column(i))?)
-    };
-    let cols = batches
-        .iter()
-        .map(|b| {
-            Ok((
-                [
-                    ints(b.column(0))?,
-                    ints(b.column(1))?,
-                    ints(b.column(2))?,
-                    ints(b.column(3))?,
-                ],
-                [strs(b, 4)?, strs(b, 5)?, strs(b, 6)?, strs(b, 7)?],
-                ints(b.column(8))?,
-            ))
-        })
-        .collect::<Result<Vec<_>, DataFusionError>>()?;
-    let span = |m: &mut HashMap<i64, (i64, i64)>, id: i64, t: i64| {
-        let e = m.entry(id).or_insert((t, t));
-        e.0 = e.0.min(t);
-        e.1 = e.1.max(t);
-    };
-    let (mut user_span, mut video_span, mut creator_span) =
-        (HashMap::new(), HashMap::new(), HashMap::new());
-    let mut device: HashMap<i64, Option<Latest<Device>>> = HashMap::new();
-    let mut video: HashMap<i64, (Option<Latest<i64>>, Option<i64>)> = HashMap::new();
-    let mut videos_of: HashMap<i64, foldhash::HashSet<i64>> = HashMap::new();
-    let opt_i = |a: &Int64Array, i: usize| a.is_valid(i).then(|| a.value(i));
-    for ([user, vid, creator, time], [event_id, country, os, app], duration) in &cols {
+///
+/// It holds a few values per id, never the events.
+#[derive(Default)]
+pub(crate) struct EventFacts {
+    user_span: HashMap<i64, (i64, i64)>,
+    video_span: HashMap<i64, (i64, i64)>,
+    creator_span: HashMap<i64, (i64, i64)>,
+    device: HashMap<i64, Option<Latest<Device>>>,
+    video: HashMap<i64, (Option<Latest<i64>>, Option<i64>)>,
+    videos_of: HashMap<i64, foldhash::HashSet<i64>>,
+}
+
+/// The columns [`EventFacts::add`] reads.
+pub(crate) const FACT_COLUMNS: &str = "user_id, video_id, creator_id, event_time, event_id, \
+  device_country, device_os, device_app_version, video_duration_ms";
+
+impl EventFacts {
+    /// Folds the events of `b` (with [`FACT_COLUMNS`], any integer and string encodings).
+    pub(crate) fn add(&mut self, b: &RecordBatch) -> Result<(), DataFusionError> {
+        fn opt_s(a: &StringViewArray, i: usize) -> Option<&str> {
+            a.is_valid(i).then(|| a.value(i))
+        }
+        let col = |n: &str| -> Result<&ArrayRef, DataFusionError> {
+            Ok(crate::batch::column(b, n)?)
+        };
+        let strs = |n: &str| -> Result<StringViewArray, DataFusionError> {
+            Ok(crate::batch::string_views(col(n)?)?)
+        };
+        let [user, vid, creator, time] = [
+            ints(col("user_id")?)?,
+            ints(col("video_id")?)?,
+            ints(col("creator_id")?)?,
+            ints(col("event_time")?)?,
+        ];
+        let [event_id, country, os, app] = [
+            strs("event_id")?,
+            strs("device_country")?,
+            strs("device_os")?,
+            strs("device_app_version")?,
+        ];
+        let duration = ints(col("video_duration_ms")?)?;
+        let span = |m: &mut HashMap<i64, (i64, i64)>, id: i64, t: i64| {
+            let e = m.entry(id).or_insert((t, t));
+            e.0 = e.0.min(t);
+            e.1 = e.1.max(t);
+        };
+        let opt_i = |a: &Int64Array, i: usize| a.is_valid(i).then(|| a.value(i));
         for i in 0..user.len() {
             let t = time.value(i);
             let at = (t, event_id.value(i));
-            let (v, c) = (opt_i(vid, i), opt_i(creator, i));
-            if let Some(u) = opt_i(user, i) {
-                span(&mut user_span, u, t);
-                let d = [opt_s(country, i), opt_s(os, i), opt_s(app, i)];
-                let slot = device.entry(u).or_default();
+            let (v, c) = (opt_i(&vid, i), opt_i(&creator, i));
+            if let Some(u) = opt_i(&user, i) {
+                span(&mut self.user_span, u, t);
+                let d = [opt_s(&country, i), opt_s(&os, i), opt_s(&app, i)];
+                let slot = self.device.entry(u).or_default();
                 if d.iter().any(Option::is_some) {
-                    keep_latest(slot, at, d);
+                    keep_latest(
+                        slot,
+                        at,
+                        d,
+                        |d| d.map(|s| s.map(Box::from)),
+                        |held, d| {
+                            for (h, s) in held.iter_mut().zip(d) {
+                                if h.as_deref() != s {
+                                    *h = s.map(Box::from);
+                                }
+                            }
+                        },
+                    );
                 }
             }
             if let Some(v) = v {
-                span(&mut video_span, v, t);
-                let e = video.entry(v).or_default();
+                span(&mut self.video_span, v, t);
+                let e = self.video.entry(v).or_default();
                 if let Some(c) = c {
-                    keep_latest(&mut e.0, at, c);
+                    keep_latest(&mut e.0, at, c, |c| c, |held, c| *held = c);
                 }
-                if let Some(d) = opt_i(duration, i) {
+                if let Some(d) = opt_i(&duration, i) {
                     e.1 = Some(e.1.map_or(d, |x: i64| x.max(d)));
                 }
             }
             if let Some(c) = c {
-                span(&mut creator_span, c, t);
-                let set = videos_of.entry(c).or_default();
+                span(&mut self.creator_span, c, t);
+                let set = self.videos_of.entry(c).or_default();
                 if let Some(v) = v {
                     set.insert(v);
                 }
             }
         }
+        Ok(())
     }
-    let text = |s: Option<&str>| s.map_or(Value::Null, Value::from);
-    let int = |x: Option<i64>| x.map_or(Value::Null, Value::from);
-    let facts = |span: HashMap<i64, (i64, i64)>, cols: &dyn Fn(i64) -> Vec<Value>| {
-        span.into_iter()
-            .map(|(id, (f, l))| {
-                let facts = Facts {
-                    first_us: f,
-                    last_us: l,
-                    cols: cols(id),
-                };
-                (id, facts)
-            })
-            .collect::<BTreeMap<_, _>>()
-    };
-    let mut out = HashMap::new();
-    out.insert(
-        "users",
-        facts(user_span, &|id| {
-            let d = device.get(&id).copied().flatten().map(|l| l.value);
-            let d = d.unwrap_or_default();
-            d.iter().map(|s| text(*s)).collect()
-        }),
-    );
-    out.insert(
-        "videos",
-        facts(video_span, &|id| {
-            let (c, d) = video.get(&id).copied().unwrap_or_default();
-            vec![int(c.map(|l| l.value)), int(d)]
-        }),
-    );
-    out.insert(
-        "creators",
-        facts(creator_span, &|id| {
-            vec![Value::from(videos_of.get(&id).map_or(0, |s| s.len()) as i64)]
-        }),
-    );
-    Ok(out)
+
+    /// Folds every row of the table `events` registered in `ctx`, batch by batch.
+    async fn of_table(ctx: &SessionContext, events: &str) -> Result<EventFacts, DataFusionError> {
+        use futures::StreamExt;
+        let mut facts = EventFacts::default();
+        let mut stream = ctx
+            .sql(&format!("SELECT {FACT_COLUMNS} FROM {events}"))
+            .await?
+            .execute_stream()
+            .await?;
+        while let Some(b) = stream.next().await {
+            facts.add(&b?)?;
+        }
+        Ok(facts)
+    }
+
+    /// The facts of each id, by kind.
+    fn finish(self) -> HashMap<&'static str, BTreeMap<i64, Facts>> {
+        let EventFacts {
+            user_span,
+            video_span,
+            creator_span,
+            device,
+            video,
+            videos_of,
+        } = self;
+        let text = |s: Option<&str>| s.map_or(Value::Null, Value::from);
+        let int = |x: Option<i64>| x.map_or(Value::Null, Value::from);
+        let facts = |span: HashMap<i64, (i64, i64)>, cols: &dyn Fn(i64) -> Vec<Value>| {
+            span.into_iter()
+                .map(|(id, (f, l))| {
+                    let facts = Facts {
+                        first_us: f,
+                        last_us: l,
+                        cols: cols(id),
+                    };
+                    (id, facts)
+                })
+                .collect::<BTreeMap<_, _>>()
+        };
+        let mut out = HashMap::new();
+        out.insert(
+            "users",
+            facts(user_span, &|id| match device.get(&id) {
+                Some(Some(l)) => l.value.iter().map(|s| text(s.as_deref())).collect(),
+                _ => vec![Value::Null; 3],
+            }),
+        );
+        out.insert(
+            "videos",
+            facts(video_span, &|id| {
+                let (c, d) = video
+                    .get(&id)
+                    .map_or((None, None), |(c, d)| (c.as_ref().map(|l| l.value), *d));
+                vec![int(c), int(d)]
+            }),
+        );
+        out.insert(
+            "creators",
+            facts(creator_span, &|id| {
+                vec![Value::from(videos_of.get(&id).map_or(0, |s| s.len()) as i64)]
+            }),
+        );
+        out
+    }
 }
 
 /// Builds `dim_user`, `dim_video`, `dim_creator` and `dim_date` from the table `events`
@@ -378,6 +443,16 @@ async fn event_facts(
 pub(crate) async fn batches(
     ctx: &SessionContext,
     events: &str,
+) -> Result<Vec<(&'static str, RecordBatch)>, DataFusionError> {
+    let facts = EventFacts::of_table(ctx, events).await?;
+    batches_with(ctx, events, facts).await
+}
+
+/// [`batches`] with what events say already folded (`facts`, over every row of `events`).
+pub(crate) async fn batches_with(
+    ctx: &SessionContext,
+    events: &str,
+    facts: EventFacts,
 ) -> Result<Vec<(&'static str, RecordBatch)>, DataFusionError> {
     let mut updates: HashMap<&'static str, BTreeMap<i64, Vec<Upsert>>> = HashMap::new();
     if ctx.table_exist(UPDATES_TABLE)? {
@@ -415,7 +490,7 @@ pub(crate) async fn batches(
             }
         }
     }
-    let mut facts_of = event_facts(ctx, events).await?;
+    let mut facts_of = facts.finish();
     let mut out = Vec::new();
     for kind in [DimKind::Users, DimKind::Videos, DimKind::Creators] {
         let facts = facts_of.remove(&kind.as_str()).unwrap_or_default();

@@ -107,6 +107,71 @@ pub fn agg_video_hourly(
     like_transitions: &[RecordBatch],
     ev: &[RecordBatch],
 ) -> Result<RecordBatch, ArrowError> {
+    let (keys, counts) = rows(views, like_transitions, ev)?;
+    batch(&keys, &counts)
+}
+
+impl Counts {
+    /// Adds the counters of `o` (the row of the same key from another part of the input).
+    fn add(&mut self, o: &Counts) {
+        self.views += o.views;
+        self.unique_viewers += o.unique_viewers;
+        self.watch_time_ms = self.watch_time_ms.wrapping_add(o.watch_time_ms);
+        self.completions += o.completions;
+        self.likes_net += o.likes_net;
+        self.shares += o.shares;
+        self.comments += o.comments;
+    }
+}
+
+/// `agg_video_hourly` summed over parts of the input that share no user (see
+/// [`crate::creator::CreatorDaily`], which this follows: shares are counted over every
+/// share event at once, by [`VideoHourly::add_shares`]).
+#[derive(Default)]
+pub(crate) struct VideoHourly {
+    rows: foldhash::HashMap<Key, Counts>,
+}
+
+impl VideoHourly {
+    /// Adds one part: its views, like transitions and events (shares left out).
+    pub(crate) fn add(
+        &mut self,
+        views: &[RecordBatch],
+        like_transitions: &[RecordBatch],
+        ev: &[RecordBatch],
+    ) -> Result<(), ArrowError> {
+        let (keys, counts) = rows(views, like_transitions, ev)?;
+        for (key, mut c) in keys.into_iter().zip(counts) {
+            c.shares = 0;
+            self.rows.entry(key).or_default().add(&c);
+        }
+        Ok(())
+    }
+
+    /// Counts the shares of every share event of the input (`ev` rows).
+    pub(crate) fn add_shares(&mut self, shares: &[RecordBatch]) -> Result<(), ArrowError> {
+        let (keys, counts) = rows(&[], &[], shares)?;
+        for (key, c) in keys.into_iter().zip(counts) {
+            self.rows.entry(key).or_default().shares += c.shares;
+        }
+        Ok(())
+    }
+
+    /// The table's rows, sorted by hour, then video.
+    pub(crate) fn finish(self) -> Result<RecordBatch, ArrowError> {
+        let mut rows: Vec<(Key, Counts)> = self.rows.into_iter().collect();
+        rows.sort_unstable_by_key(|r| r.0);
+        let (keys, counts): (Vec<Key>, Vec<Counts>) = rows.into_iter().unzip();
+        batch(&keys, &counts)
+    }
+}
+
+/// The rows of `agg_video_hourly` as keys and counters, sorted by key.
+fn rows(
+    views: &[RecordBatch],
+    like_transitions: &[RecordBatch],
+    ev: &[RecordBatch],
+) -> Result<(Vec<Key>, Vec<Counts>), ArrowError> {
     // (key, user, watch, completed) per view.
     let capacity = views.iter().map(|b| b.num_rows()).sum::<usize>();
     let mut seen: Vec<(Key, Option<i64>, i64, bool)> = Vec::with_capacity(capacity);
@@ -197,7 +262,11 @@ pub fn agg_video_hourly(
         keys.push(key);
         counts.push(c);
     }
-    drop((seen, other));
+    Ok((keys, counts))
+}
+
+/// The table's batch from its rows.
+fn batch(keys: &[Key], counts: &[Counts]) -> Result<RecordBatch, ArrowError> {
     let key = |f: fn(&Key) -> Option<i64>| keys.iter().map(f).collect::<Vec<_>>();
     let count = |f: fn(&Counts) -> i64| -> ArrayRef {
         Arc::new(counts.iter().map(f).collect::<Int64Array>())

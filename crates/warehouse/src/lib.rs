@@ -25,6 +25,7 @@
 use std::collections::HashMap;
 
 mod batch;
+mod bucketed;
 pub mod cascade;
 pub mod creator;
 pub mod dims;
@@ -36,6 +37,7 @@ pub mod sessions;
 pub mod transitions;
 pub mod views;
 
+pub use bucketed::DEFAULT_BUCKET_EVENTS;
 use parallel::{joined, spawn_cascades, spawn_timed, Ahead, CascadeBatches, Computed, Writes};
 use std::time::Instant;
 
@@ -531,6 +533,11 @@ const CASCADE_TABLES: [(&str, &[&str]); 2] =
 pub struct Report {
     /// `full` (every date) or `incremental` (only `dates`).
     pub mode: &'static str,
+    /// The user buckets a full rebuild ran in (see [`bucketed`]: with one more for the
+    /// users whose ids were found in several buckets, when there are such); absent when it
+    /// ran in memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<usize>,
     /// The dates whose rows were recomputed in an incremental rebuild (`YYYY-MM-DD`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dates: Option<Vec<String>>,
@@ -583,6 +590,10 @@ pub struct Inputs {
     /// Dates (days since epoch) that received events since the last rebuild: rebuild only the
     /// dates they affect (see [`incremental_dates`]). `None`: rebuild everything.
     pub dirty: Option<Vec<i32>>,
+    /// A full rebuild of more events than this runs in user buckets of about this many
+    /// events each, so that its memory does not grow with the events stored (0: the default,
+    /// [`DEFAULT_BUCKET_EVENTS`]; see [`bucketed`]).
+    pub bucket_events: usize,
 }
 
 /// The date column of a model whose rows carry over across raw-event retention, and whether it
@@ -811,6 +822,13 @@ pub async fn materialize(
     current: &HashMap<String, DeltaTable>,
     inputs: &Inputs,
 ) -> Result<(Report, Vec<(String, DeltaTable)>)> {
+    if let Some(buckets) = full_rebuild_buckets(catalog, inputs).await? {
+        if let Some(done) =
+            bucketed::materialize_in_buckets(catalog, lake, current, inputs, buckets).await?
+        {
+            return Ok(done);
+        }
+    }
     let start = Instant::now();
     let ctx = catalog.context();
     let mut report = Report::default();
@@ -1022,6 +1040,42 @@ pub async fn materialize(
     report.tables.sort_by_key(|t| table_rank(&t.table));
     report.elapsed_ms = start.elapsed().as_millis() as u64;
     Ok((report, handles))
+}
+
+/// How many user buckets a rebuild runs in ([`bucketed`]), or `None` to run in memory: an
+/// incremental rebuild, one after raw-event retention (its expired dates keep their rows),
+/// or one of at most [`Inputs::bucket_events`] events.
+async fn full_rebuild_buckets(catalog: &Catalog, inputs: &Inputs) -> Result<Option<usize>> {
+    if inputs.dirty.is_some() || inputs.frozen_before.is_some() {
+        return Ok(None);
+    }
+    let per = match inputs.bucket_events {
+        0 => DEFAULT_BUCKET_EVENTS,
+        n => n,
+    };
+    let n = catalog.query("SELECT count(*) FROM events").await?;
+    let events = first_count(&n);
+    Ok(Some(events.div_ceil(per as u64) as usize).filter(|b| *b > 1))
+}
+
+/// The first value of the first column of `batches` as a count (0 when none).
+fn first_count(batches: &[RecordBatch]) -> u64 {
+    use reelhouse_lake::deltalake::arrow::array::{Array, AsArray};
+    use reelhouse_lake::deltalake::arrow::datatypes::{DataType, UInt64Type};
+    batches
+        .iter()
+        .find(|b| b.num_rows() > 0)
+        .and_then(|b| {
+            reelhouse_lake::deltalake::arrow::compute::cast(b.column(0), &DataType::UInt64).ok()
+        })
+        .map_or(0, |c| {
+            let c = c.as_primitive::<UInt64Type>();
+            if c.is_valid(0) {
+                c.value(0)
+            } else {
+                0
+            }
+        })
 }
 
 /// The order a full rebuild takes the models in: first those that do not read

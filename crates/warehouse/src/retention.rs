@@ -47,7 +47,30 @@ pub fn schema() -> SchemaRef {
 
 /// `video_retention` from the batches of `fact_video_view` (every date).
 pub fn video_retention(views: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
-    let mut rows: Rows<Option<i64>, Curve> = Rows::default();
+    let mut r = VideoRetention::default();
+    r.add(views)?;
+    r.finish()
+}
+
+/// `video_retention` over views that come in parts: the counters of every part add up.
+#[derive(Default)]
+pub(crate) struct VideoRetention {
+    rows: Rows<Option<i64>, Curve>,
+}
+
+impl VideoRetention {
+    /// Counts the views of `views` (batches of `fact_video_view`).
+    pub(crate) fn add(&mut self, views: &[RecordBatch]) -> Result<(), ArrowError> {
+        curves(&mut self.rows, views)
+    }
+
+    /// The table's rows.
+    pub(crate) fn finish(self) -> Result<RecordBatch, ArrowError> {
+        batch(&self.rows)
+    }
+}
+
+fn curves(rows: &mut Rows<Option<i64>, Curve>, views: &[RecordBatch]) -> Result<(), ArrowError> {
     for b in views {
         let (video, watch) = (ints(b, "video_id")?, ints(b, "watch_ms")?);
         let (duration, has_end) = (ints(b, "video_duration_ms")?, bools(b, "has_end")?);
@@ -72,6 +95,10 @@ pub fn video_retention(views: &[RecordBatch]) -> Result<RecordBatch, ArrowError>
             }
         }
     }
+    Ok(())
+}
+
+fn batch(rows: &Rows<Option<i64>, Curve>) -> Result<RecordBatch, ArrowError> {
     let n = rows.keys.len() * POINTS;
     let mut video = Vec::with_capacity(n);
     let mut p = Vec::with_capacity(n);

@@ -374,7 +374,9 @@ pub fn generate(cfg: &WorkloadConfig) -> Workload {
         video_creator,
         video_duration,
         share_pool: Vec::new(),
-        next_id: cfg.seed.wrapping_mul(1_000_003),
+        // Each seed numbers from its own range (2^40 ids apart), so that files generated with
+        // different seeds (a day and its late trickle) share no event, view or session id.
+        next_id: cfg.seed.wrapping_shl(40),
         ooo: cfg.out_of_order_fraction.clamp(0.0, 1.0),
     };
 

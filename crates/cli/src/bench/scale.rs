@@ -224,15 +224,17 @@ pub(crate) async fn scale(b: ScaleBench) -> Result<()> {
     };
     let mut results = Vec::new();
     let mut table = vec![format!(
-        "{:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7}",
+        "{:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>7}",
         "events",
         "ingest/s",
         "full s",
+        "mem s",
         "duck s",
         "trickle s",
         "late s",
         "open s",
         "full GB",
+        "mem GB",
         "trick GB",
         "B/event"
     )];
@@ -309,6 +311,21 @@ pub(crate) async fn scale(b: ScaleBench) -> Result<()> {
         let s_ingest = ingest("ingest", &day)()?;
         eprintln!("[{n} events] full rebuild…");
         let s_full = mat("materialize-full", true)()?;
+        // The same full rebuild in memory (one bucket), beside it: the rate and memory the
+        // buckets trade.
+        eprintln!("[{n} events] full rebuild in memory…");
+        let s_full_memory = run_step(
+            &work,
+            "materialize-full-in-memory",
+            &[
+                "materialize",
+                "--data-dir",
+                data_s.as_str(),
+                "--full",
+                "--rebuild-bucket-events",
+                "1000000000000",
+            ],
+        )?;
         let duck = if b.no_duckdb {
             None
         } else {
@@ -332,15 +349,17 @@ pub(crate) async fn scale(b: ScaleBench) -> Result<()> {
             .and_then(|d| d["agg_s"].as_f64())
             .unwrap_or(f64::NAN);
         table.push(format!(
-            "{:>10} {:>9.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>7.1}",
+            "{:>10} {:>9.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>7.1}",
             n,
             n as f64 / s_ingest.seconds,
             s_full.seconds,
+            s_full_memory.seconds,
             duck_s,
             s_trickle.seconds,
             s_late.seconds,
             s_trickle_ingest.seconds,
             gb(&s_full),
+            gb(&s_full_memory),
             gb(&s_trickle),
             bytes as f64 / rows.max(1) as f64,
         ));
@@ -354,6 +373,8 @@ pub(crate) async fn scale(b: ScaleBench) -> Result<()> {
             "ingest_events_per_s": n as f64 / s_ingest.seconds,
             "materialize_full": step_json(&s_full),
             "materialize_full_output": s_full.stdout.trim(),
+            "materialize_full_in_memory": step_json(&s_full_memory),
+            "materialize_full_in_memory_output": s_full_memory.stdout.trim(),
             "duckdb_agg_creator_daily": duck,
             "trickle_events": b.trickle,
             "ingest_trickle": step_json(&s_trickle_ingest),

@@ -24,8 +24,15 @@ pub async fn start(dir: &Path, flush_rows: usize) -> RunningServer {
 
 /// Starts an in-process server whose clock stands still at `now` (no background rebuilds).
 pub async fn start_at(dir: &Path, now: i64) -> RunningServer {
+    start_at_with(dir, now, 0).await
+}
+
+/// [`start_at`] whose full rebuilds of more than `bucket_events` events run in user buckets
+/// (0: the default size).
+pub async fn start_at_with(dir: &Path, now: i64, bucket_events: usize) -> RunningServer {
     let mut ingest = EngineConfig::new(dir, Arc::new(reelhouse_event::FixedClock(now)));
     ingest.flush_rows = 4_000;
+    ingest.rebuild_bucket_events = bucket_events;
     let mut config = ServerConfig::new(ingest, "127.0.0.1:0".parse::<SocketAddr>().unwrap());
     config.materialize_interval = None;
     reelhouse_server::start(config)
