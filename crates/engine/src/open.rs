@@ -92,6 +92,12 @@ impl Engine {
             if lock.try_lock().is_err() {
                 return Err(Error::Locked(lake.root().to_path_buf()));
             }
+            // A rebuild that did not end (a crash) leaves its scratch files of events: they
+            // must not outlive an erasure (docs/privacy.md).
+            let scratch = lake.root().join(reelhouse_warehouse::SCRATCH_DIR);
+            if scratch.exists() {
+                std::fs::remove_dir_all(&scratch)?;
+            }
             Some(lock)
         } else {
             None

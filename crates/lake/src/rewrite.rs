@@ -649,8 +649,8 @@ impl Streamed {
             match &self.partition {
                 Some(col) => {
                     let dates = part.column_by_name(col).expect("checked by fits");
-                    let value = ScalarExt::from_array(dates.as_ref(), 0)
-                        .expect("a Date32 value or null");
+                    let value =
+                        ScalarExt::from_array(dates.as_ref(), 0).expect("a Date32 value or null");
                     let values = [(col.clone(), value)].into_iter().collect();
                     self.writer
                         .write_partition(part, &values, WriteMode::Default)

@@ -47,6 +47,10 @@ use crate::retention::VideoRetention;
 /// ([`Inputs::bucket_events`]); a rebuild of fewer events runs in memory, as one bucket.
 pub const DEFAULT_BUCKET_EVENTS: usize = 1 << 19;
 
+/// The directory under the data directory where a rebuild in buckets keeps its bucket files
+/// while it runs (the engine removes what a crash left behind when it opens).
+pub const SCRATCH_DIR: &str = "_tmp";
+
 /// The name a bucket's events are registered under, before the date closures.
 const BUCKET_EVENTS: &str = "__bucket_events";
 
@@ -94,7 +98,7 @@ impl Scratch {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let dir = root
-            .join("_tmp")
+            .join(SCRATCH_DIR)
             .join(format!("rebuild-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         Ok(Scratch(dir))
@@ -167,16 +171,18 @@ impl BucketIds {
 /// without a session, the group of views without one (numbered together). Seeded by kind;
 /// a 64-bit collision only moves more users to the shared bucket, which keeps the rows
 /// exact.
-fn group_ids(
-    c: &GroupCols,
-    i: usize,
-    mut each: impl FnMut(usize, u64),
-) {
+fn group_ids(c: &GroupCols, i: usize, mut each: impl FnMut(usize, u64)) {
     use xxhash_rust::xxh3::xxh3_64_with_seed;
-    fn text(a: &reelhouse_lake::deltalake::arrow::array::StringViewArray, i: usize) -> Option<&str> {
+    fn text(
+        a: &reelhouse_lake::deltalake::arrow::array::StringViewArray,
+        i: usize,
+    ) -> Option<&str> {
         a.is_valid(i).then(|| a.value(i))
     }
-    each(0, text(&c.event, i).map_or(0, |e| xxh3_64_with_seed(e.as_bytes(), 1)));
+    each(
+        0,
+        text(&c.event, i).map_or(0, |e| xxh3_64_with_seed(e.as_bytes(), 1)),
+    );
     let session = text(&c.session, i);
     if let Some(s) = session {
         each(1, xxh3_64_with_seed(s.as_bytes(), 2));
@@ -461,8 +467,8 @@ fn read_bucket(scratch: &Scratch, b: usize) -> Result<Vec<RecordBatch>> {
         return Ok(Vec::new());
     }
     let f = File::open(path).map_err(io_err("ev"))?;
-    let r = FileReader::try_new(BufReader::with_capacity(1 << 20, f), None)
-        .map_err(arrow_err("ev"))?;
+    let r =
+        FileReader::try_new(BufReader::with_capacity(1 << 20, f), None).map_err(arrow_err("ev"))?;
     r.collect::<std::result::Result<Vec<_>, _>>()
         .map_err(arrow_err("ev"))
 }
@@ -556,7 +562,12 @@ pub(crate) async fn materialize_in_buckets(
             let go: Vec<RecordBatch> = go.into_iter().filter(|g| g.num_rows() > 0).collect();
             if let (false, Some(s)) = (go.is_empty(), &scanned.schema) {
                 let rows = go.iter().map(|g| g.num_rows()).sum();
-                spill(&mut shared_writer, &mut (go, rows), scratch.bucket(buckets), s)?;
+                spill(
+                    &mut shared_writer,
+                    &mut (go, rows),
+                    scratch.bucket(buckets),
+                    s,
+                )?;
             }
             stay
         } else {
@@ -593,7 +604,8 @@ pub(crate) async fn materialize_in_buckets(
             ahead.start_ready(models.iter().copied(), &prior, inputs);
             let (_, batches) =
                 run_model(&bctx, m, &ev, inputs, &closed_at, &mut prior, &mut ahead).await?;
-            *model_rows.entry(m.name).or_default() += batches.iter().map(|b| b.num_rows()).sum::<usize>();
+            *model_rows.entry(m.name).or_default() +=
+                batches.iter().map(|b| b.num_rows()).sum::<usize>();
             *model_took.entry(m.name).or_default() += took.elapsed();
         }
         // The aggregates add the bucket's counters beside the next bucket's models.
@@ -602,11 +614,16 @@ pub(crate) async fn materialize_in_buckets(
             None => Sums::default(),
         };
         let inputs_of = Prior(
-            ["ev", "fact_video_view", "like_transitions", "follow_transitions"]
-                .into_iter()
-                .filter_map(|n| prior.0.get_key_value(n))
-                .map(|(k, v)| (*k, v.clone()))
-                .collect(),
+            [
+                "ev",
+                "fact_video_view",
+                "like_transitions",
+                "follow_transitions",
+            ]
+            .into_iter()
+            .filter_map(|n| prior.0.get_key_value(n))
+            .map(|(k, v)| (*k, v.clone()))
+            .collect(),
         );
         summing = Some(spawn_timed(async move {
             sums.add(&inputs_of).map_err(DataFusionError::from)?;
@@ -778,7 +795,13 @@ pub(crate) async fn materialize_in_buckets(
         })?;
     let took = dims_start.elapsed();
     for (name, batch) in dims {
-        write_whole(&mut writes, &mut report, lake, current, (name, &[], batch, took));
+        write_whole(
+            &mut writes,
+            &mut report,
+            lake,
+            current,
+            (name, &[], batch, took),
+        );
     }
     writes.finish(&mut report, &mut handles).await?;
     report.tables.sort_by_key(|t| table_rank(&t.table));

@@ -301,9 +301,8 @@ impl EventFacts {
         fn opt_s(a: &StringViewArray, i: usize) -> Option<&str> {
             a.is_valid(i).then(|| a.value(i))
         }
-        let col = |n: &str| -> Result<&ArrayRef, DataFusionError> {
-            Ok(crate::batch::column(b, n)?)
-        };
+        let col =
+            |n: &str| -> Result<&ArrayRef, DataFusionError> { Ok(crate::batch::column(b, n)?) };
         let strs = |n: &str| -> Result<StringViewArray, DataFusionError> {
             Ok(crate::batch::string_views(col(n)?)?)
         };

@@ -37,7 +37,7 @@ pub mod sessions;
 pub mod transitions;
 pub mod views;
 
-pub use bucketed::DEFAULT_BUCKET_EVENTS;
+pub use bucketed::{DEFAULT_BUCKET_EVENTS, SCRATCH_DIR};
 use parallel::{joined, spawn_cascades, spawn_timed, Ahead, CascadeBatches, Computed, Writes};
 use std::time::Instant;
 
