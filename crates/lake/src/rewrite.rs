@@ -620,7 +620,6 @@ pub struct Streamed {
     writer: RecordBatchWriter,
     open_rows: usize,
     actions: Vec<Action>,
-    rows: usize,
 }
 
 impl Streamed {
@@ -637,7 +636,6 @@ impl Streamed {
             writer,
             open_rows: 0,
             actions: Vec::new(),
-            rows: 0,
         })
     }
 
@@ -659,17 +657,11 @@ impl Streamed {
                 None => self.writer.write(part).await?,
             }
             self.open_rows += n;
-            self.rows += n;
         }
         if self.open_rows >= FILE_ROWS {
             self.close_files().await?;
         }
         Ok(())
-    }
-
-    /// Rows written so far.
-    pub fn rows(&self) -> usize {
-        self.rows
     }
 
     async fn close_files(&mut self) -> Result<()> {

@@ -515,6 +515,22 @@ impl Sums {
     }
 }
 
+/// The sums once the task adding a bucket to them is done (empty ones before the first).
+async fn sums_after(task: Option<Computed<Sums>>) -> Result<Sums> {
+    match task {
+        Some(task) => Ok(joined(task, "agg_creator_daily").await?.0),
+        None => Ok(Sums::default()),
+    }
+}
+
+/// The outputs back from the task that wrote a bucket's rows into them.
+async fn written(task: tokio::task::JoinHandle<Result<Vec<Output>>>) -> Result<Vec<Output>> {
+    task.await.map_err(|join| Error::Model {
+        model: "write",
+        source: DataFusionError::External(Box::new(join)),
+    })?
+}
+
 /// Rebuilds every model from `events` in `buckets` user buckets and writes each table as
 /// one Delta commit, as [`materialize`] does in a full rebuild; `None` when the events do
 /// not split by user (see the module's documentation), with nothing committed.
@@ -609,10 +625,7 @@ pub(crate) async fn materialize_in_buckets(
             *model_took.entry(m.name).or_default() += took.elapsed();
         }
         // The aggregates add the bucket's counters beside the next bucket's models.
-        let mut sums = match summing.take() {
-            Some(task) => joined(task, "agg_creator_daily").await?.0,
-            None => Sums::default(),
-        };
+        let mut sums = sums_after(summing.take()).await?;
         let inputs_of = Prior(
             [
                 "ev",
@@ -630,10 +643,7 @@ pub(crate) async fn materialize_in_buckets(
             Ok(sums)
         }));
         if let Some(task) = writing.take() {
-            outputs = task.await.map_err(|join| Error::Model {
-                model: "write",
-                source: DataFusionError::External(Box::new(join)),
-            })??;
+            outputs = written(task).await?;
         }
         let batches: Vec<Vec<RecordBatch>> = outputs
             .iter()
@@ -669,15 +679,8 @@ pub(crate) async fn materialize_in_buckets(
         }));
     }
     if let Some(task) = writing.take() {
-        outputs = task.await.map_err(|join| Error::Model {
-            model: "write",
-            source: DataFusionError::External(Box::new(join)),
-        })??;
+        outputs = written(task).await?;
     }
-    let sums = match summing.take() {
-        Some(task) => joined(task, "agg_creator_daily").await?.0,
-        None => Sums::default(),
-    };
     let Sums {
         mut creator,
         mut hourly,
@@ -685,7 +688,7 @@ pub(crate) async fn materialize_in_buckets(
         share_events,
         share_views,
         took: sums_took,
-    } = sums;
+    } = sums_after(summing.take()).await?;
     drop(scratch);
 
     let mut report = Report {
@@ -700,8 +703,11 @@ pub(crate) async fn materialize_in_buckets(
             table: o.name.to_string(),
             rows: o.rows,
             version: None,
-            elapsed_ms: model_took.get(o.name).map_or(0, |d| d.as_millis() as u64),
-            write_ms: o.write.as_millis() as u64,
+            // Computing it, and encoding its rows into the files as the buckets came; the
+            // commit's time is added as `write_ms`.
+            elapsed_ms: (model_took.get(o.name).copied().unwrap_or_default() + o.write).as_millis()
+                as u64,
+            write_ms: 0,
         };
         match o.writer {
             Some(w) => writes.spawn(&mut report, entry, w.commit()),
