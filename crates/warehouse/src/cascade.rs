@@ -26,9 +26,7 @@ use reelhouse_lake::deltalake::arrow::array::{
     StringViewArray, TimestampMicrosecondArray,
 };
 use reelhouse_lake::deltalake::arrow::compute::cast;
-use reelhouse_lake::deltalake::arrow::datatypes::{
-    DataType, Field, Int32Type, Int64Type, Schema, TimeUnit,
-};
+use reelhouse_lake::deltalake::arrow::datatypes::{DataType, Field, Int32Type, Schema, TimeUnit};
 use reelhouse_lake::deltalake::arrow::error::ArrowError;
 use reelhouse_lake::deltalake::datafusion::error::DataFusionError;
 
@@ -326,29 +324,18 @@ pub(crate) async fn batches(
     let shares = shares_of(ev)?;
     let view_rows = ctx
         .sql(
-            "SELECT via_share_id, user_id FROM fact_video_view \
+            "SELECT source, via_share_id, user_id FROM fact_video_view \
              WHERE source = 'share' AND via_share_id IS NOT NULL",
         )
         .await?
         .collect()
         .await?;
-    let mut views = Vec::new();
-    for b in &view_rows {
-        let via = cast(b.column(0), &DataType::Utf8)?
-            .as_string::<i32>()
-            .clone();
-        let user = cast(b.column(1), &DataType::Int64)?
-            .as_primitive::<Int64Type>()
-            .clone();
-        for i in 0..b.num_rows() {
-            views.push((via.value(i).to_string(), user.value(i)));
-        }
-    }
+    let views = share_views(&view_rows)?;
     batches_of(shares, &views)
 }
 
 /// The `(via_share_id, user_id)` of the share views among `views` (batches of
-/// `fact_video_view` in memory), as [`batches`] reads them from the table.
+/// `fact_video_view`, or of its columns `source`, `via_share_id` and `user_id`).
 pub(crate) fn share_views(views: &[RecordBatch]) -> Result<Vec<(String, i64)>, ArrowError> {
     use crate::batch::{column, int64s, string_views};
     let mut out = Vec::new();
@@ -488,6 +475,7 @@ pub(crate) fn batches_of(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use reelhouse_lake::deltalake::arrow::datatypes::Int64Type;
 
     fn share(id: usize, parent: Option<usize>, t: i64) -> Share {
         Share {
